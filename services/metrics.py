@@ -1,0 +1,298 @@
+"""Prometheus metrics for the triage service, and the small HTTP server that exposes them.
+
+Nothing runs at import: build a `ServiceMetrics` (it owns its own `CollectorRegistry`, so tests
+can build several) and serve it explicitly::
+
+    metrics = ServiceMetrics()
+    async with serve_metrics(metrics, "0.0.0.0", settings.metrics_port, metrics.readiness) as port:
+        metrics.set_ready(True)          # once the engine is up and the consumer has joined
+        ...                              # consume; call the helpers below from the handlers
+        metrics.set_ready(False, "shutting down")
+
+Endpoints: `GET /metrics` (Prometheus text format 0.0.4), `GET /healthz` (200 while the event
+loop answers: a blocked loop fails the liveness probe), `GET /readyz` (200 when
+`readiness()` returns `(True, ...)`, else 503 with the reason). The metric names below are a
+contract with deploy/grafana/triage-dashboard.json (tests/unit/test_deploy.py checks it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Literal, get_args
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+log = logging.getLogger(__name__)
+
+Route = Literal["student", "teacher", "unverified"]
+TeacherOutcome = Literal["ok", "error", "timeout", "rate_limited", "circuit_open", "over_budget"]
+TokenKind = Literal["prompt", "completion"]
+ROUTES: tuple[str, ...] = get_args(Route)
+TEACHER_OUTCOMES: tuple[str, ...] = get_args(TeacherOutcome)
+TOKEN_KINDS: tuple[str, ...] = get_args(TokenKind)
+
+# What `generate_latest` writes (prometheus_client's own default for it).
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+BASE_ADAPTER = "base"
+
+# Consume -> result acked: 5 ms .. 60 s.
+E2E_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0)
+# One engine batch: a 128-ticket batch takes ~20 s on 2 CPU cores, well under 1 s on a GPU.
+ENGINE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
+BATCH_BUCKETS = tuple(float(2**i) for i in range(11))  # 1, 2, 4, ..., 1024
+CONFIDENCE_BUCKETS = tuple(round(0.05 * i, 2) for i in range(21))  # 0.0, 0.05, ..., 1.0
+TEACHER_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 40.0, 80.0)
+
+
+def _check(value: str, allowed: tuple[str, ...], what: str) -> str:
+    """The canonical plain string (a `str` Enum member becomes its value, not 'Route.x')."""
+    for name in allowed:
+        if value == name:
+            return name
+    raise ValueError(f"unknown {what} {value!r}; expected one of {allowed}")
+
+
+class ServiceMetrics:
+    """Every triage metric, on a private registry. Metric objects are public attributes."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        counter = functools.partial(Counter, registry=self.registry)
+        gauge = functools.partial(Gauge, registry=self.registry)
+        histogram = functools.partial(Histogram, registry=self.registry)
+        # --- flow ------------------------------------------------------------------------
+        self.tickets_consumed = counter(
+            "triage_tickets_consumed_total", "Tickets read from the tickets topic.")
+        self.results = counter("triage_results_total", "Results published, by route.", ["route"])
+        self.dead_letter = counter(
+            "triage_dead_letter_total", "Messages sent to the dead-letter topic.", ["reason"])
+        self.e2e_latency = histogram(
+            "triage_end_to_end_latency_seconds", "Ticket consumed -> its result acked.",
+            buckets=E2E_BUCKETS)
+        # --- engine ----------------------------------------------------------------------
+        self.engine_latency = histogram(
+            "triage_engine_latency_seconds", "Wall time of one student engine batch.",
+            buckets=ENGINE_BUCKETS)
+        self.batch_size = histogram(
+            "triage_batch_size", "Tickets per engine batch.", buckets=BATCH_BUCKETS)
+        self.confidence = histogram(
+            "triage_confidence", "Student confidence (lowest field) per ticket.",
+            buckets=CONFIDENCE_BUCKETS)
+        # --- escalation and audit --------------------------------------------------------
+        self.escalations = counter(
+            "triage_escalations_total", "Tickets escalated to the teacher (low confidence).")
+        self.audits = counter(
+            "triage_audits_total", "Confident tickets also sent to the teacher to audit.")
+        self.escalation_rate = gauge(
+            "triage_escalation_rate", "Rolling share of tickets escalated (set by the app).")
+        self.audited_accuracy = gauge(
+            "triage_audited_accuracy", "Student accuracy on audited tickets (rolling).")
+        self.audited_samples = gauge(
+            "triage_audited_samples", "Audited tickets behind triage_audited_accuracy.")
+        # --- teacher ---------------------------------------------------------------------
+        self.teacher_requests = counter(
+            "triage_teacher_requests_total", "Teacher calls, by outcome.", ["outcome"])
+        self.teacher_tokens = counter(
+            "triage_teacher_tokens_total", "Teacher tokens, by kind.", ["kind"])
+        self.teacher_cost = counter(
+            "triage_teacher_cost_usd_total", "Teacher spend in USD (from configured prices).")
+        self.teacher_latency = histogram(
+            "triage_teacher_latency_seconds", "Wall time of one teacher call, retries included.",
+            buckets=TEACHER_BUCKETS)
+        # --- adapters, lag, training, readiness -------------------------------------------
+        self.live_adapter = gauge(
+            "triage_live_adapter_info", "1 for the LoRA adapter now serving ('base' = none).",
+            ["adapter_id"])
+        self.adapter_swaps = counter("triage_adapter_swaps_total", "Hot-swaps to a new adapter.")
+        self.consumer_lag = gauge(
+            "triage_consumer_lag", "Messages behind the log end, per assigned partition.",
+            ["topic", "partition"])
+        self.training_examples = counter(
+            "triage_training_examples_total", "Examples newly written to the training log.")
+        self.ready = gauge("triage_ready", "1 when this replica is ready to consume.")
+        self._ready, self._ready_reason = False, "starting"
+        # Known label values start at 0 so rate() and dashboards see them from the first scrape.
+        for route in ROUTES:
+            self.results.labels(route=route)
+        for outcome in TEACHER_OUTCOMES:
+            self.teacher_requests.labels(outcome=outcome)
+        for kind in TOKEN_KINDS:
+            self.teacher_tokens.labels(kind=kind)
+        self.set_live_adapter(None)
+
+    # --- helpers for call sites ------------------------------------------------------------
+    def ticket_consumed(self, n: int = 1) -> None:
+        self.tickets_consumed.inc(n)
+
+    def observe_result(
+        self, route: Route, confidence: float | None, e2e_seconds: float | None = None
+    ) -> None:
+        """One published result. `confidence` is the student's (None if it never ran)."""
+        self.results.labels(route=_check(route, ROUTES, "route")).inc()
+        if confidence is not None:
+            self.confidence.observe(confidence)
+        if e2e_seconds is not None:
+            self.e2e_latency.observe(e2e_seconds)
+
+    def dead_lettered(self, reason: str) -> None:
+        self.dead_letter.labels(reason=reason).inc()
+
+    def observe_batch(self, size: int, engine_seconds: float) -> None:
+        self.batch_size.observe(size)
+        self.engine_latency.observe(engine_seconds)
+
+    def escalated(self, n: int = 1) -> None:
+        self.escalations.inc(n)
+
+    def audited(self, n: int = 1) -> None:
+        self.audits.inc(n)
+
+    def set_escalation_rate(self, rate: float) -> None:
+        self.escalation_rate.set(rate)
+
+    def set_audit(self, accuracy: float, samples: int) -> None:
+        self.audited_accuracy.set(accuracy)
+        self.audited_samples.set(samples)
+
+    def teacher_request(
+        self,
+        outcome: TeacherOutcome,
+        latency_s: float | None = None,
+        *,
+        prompt_tokens: int = 0,
+        completion_tokens: int = 0,
+        cost_usd: float = 0.0,
+    ) -> None:
+        """One teacher call (or a call skipped by the breaker / budget: no latency then)."""
+        self.teacher_requests.labels(outcome=_check(outcome, TEACHER_OUTCOMES, "outcome")).inc()
+        if latency_s is not None:
+            self.teacher_latency.observe(latency_s)
+        if prompt_tokens:
+            self.teacher_tokens.labels(kind="prompt").inc(prompt_tokens)
+        if completion_tokens:
+            self.teacher_tokens.labels(kind="completion").inc(completion_tokens)
+        if cost_usd:
+            self.teacher_cost.inc(cost_usd)
+
+    def set_live_adapter(self, adapter_id: str | None) -> None:
+        """Mark `adapter_id` (None = base model) as live; the previous label set is removed."""
+        self.live_adapter.clear()
+        self.live_adapter.labels(adapter_id=adapter_id or BASE_ADAPTER).set(1)
+
+    def adapter_swapped(self, adapter_id: str | None) -> None:
+        """A hot-swap happened: count it and mark the new adapter live."""
+        self.adapter_swaps.inc()
+        self.set_live_adapter(adapter_id)
+
+    def set_lag(self, topic: str, partition: int, lag: int) -> None:
+        self.consumer_lag.labels(topic=topic, partition=str(partition)).set(max(lag, 0))
+
+    def remove_lag(self, topic: str, partition: int) -> None:
+        """Drop a partition's series (call on rebalance when it is revoked)."""
+        with contextlib.suppress(KeyError):
+            self.consumer_lag.remove(topic, str(partition))
+
+    def training_examples_logged(self, n: int = 1) -> None:
+        self.training_examples.inc(n)
+
+    def set_ready(self, ready: bool, reason: str = "") -> None:
+        self.ready.set(1 if ready else 0)
+        self._ready = ready
+        self._ready_reason = reason or ("ready" if ready else "not ready")
+
+    def readiness(self) -> tuple[bool, str]:
+        """Default readiness callable for `serve_metrics`: follows `set_ready`."""
+        return self._ready, self._ready_reason
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+# --- HTTP ------------------------------------------------------------------------------------
+_REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 400: "Bad Request",
+            503: "Service Unavailable"}
+_MAX_HEADER_LINES = 100
+_READ_TIMEOUT_S = 10.0
+
+
+def _response(status: int, body: bytes, content_type: str, head: bool) -> bytes:
+    header = (
+        f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\n"
+        f"Content-Type: {content_type}\r\n"
+        f"Content-Length: {len(body)}\r\n"
+        "Connection: close\r\n\r\n"
+    ).encode("ascii")
+    return header if head else header + body
+
+
+def _route(
+    metrics: ServiceMetrics, readiness: Callable[[], tuple[bool, str]], method: str, path: str
+) -> tuple[int, bytes, str]:
+    text = "text/plain; charset=utf-8"
+    if method not in ("GET", "HEAD"):
+        return 405, b"method not allowed\n", text
+    if path == "/metrics":
+        return 200, metrics.exposition(), CONTENT_TYPE
+    if path == "/healthz":
+        return 200, b"ok\n", text
+    if path == "/readyz":
+        try:
+            ok, reason = readiness()
+        except Exception as exc:  # a broken check means "not ready", never a dead server
+            ok, reason = False, f"readiness check failed: {exc!r}"
+        return (200 if ok else 503), f"{reason or ('ready' if ok else 'not ready')}\n".encode(), text
+    return 404, b"not found\n", text
+
+
+@contextlib.asynccontextmanager
+async def serve_metrics(
+    metrics: ServiceMetrics,
+    host: str = "0.0.0.0",
+    port: int = 9464,
+    readiness: Callable[[], tuple[bool, str]] | None = None,
+) -> AsyncIterator[int]:
+    """Serve /metrics, /healthz and /readyz until the block exits; yields the bound port.
+
+    Port 0 picks a free port. `readiness` defaults to `metrics.readiness` (see `set_ready`).
+    A minimal HTTP/1.1 server on asyncio streams (one request per connection), so it needs
+    no web framework and shares the service's event loop.
+    """
+    check = readiness or metrics.readiness
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await asyncio.wait_for(reader.readline(), _READ_TIMEOUT_S)
+            parts = line.decode("latin-1").split()
+            for _ in range(_MAX_HEADER_LINES):  # skip headers: nothing here depends on them
+                header = await asyncio.wait_for(reader.readline(), _READ_TIMEOUT_S)
+                if header in (b"\r\n", b"\n", b""):
+                    break
+            if len(parts) != 3:
+                writer.write(_response(400, b"bad request\n", "text/plain", head=False))
+            else:
+                method, target = parts[0].upper(), parts[1]
+                status, body, ctype = _route(metrics, check, method, target.split("?", 1)[0])
+                writer.write(_response(status, body, ctype, head=method == "HEAD"))
+            await writer.drain()
+        except (asyncio.TimeoutError, ConnectionError, asyncio.IncompleteReadError):
+            pass
+        except Exception:  # never let one bad request take the server down
+            log.exception("metrics server: request failed")
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    server = await asyncio.start_server(handle, host, port)
+    bound = server.sockets[0].getsockname()[1]
+    log.info("metrics server on %s:%d (/metrics /healthz /readyz)", host, bound)
+    try:
+        yield bound
+    finally:
+        server.close()
+        await server.wait_closed()
+        log.info("metrics server on port %d stopped", bound)
