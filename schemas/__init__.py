@@ -1,0 +1,24 @@
+"""Message contracts shared by the service, the trainer and producers.
+
+Imports nothing from services/ or trainer/: a producer can depend on this package alone.
+"""
+
+from schemas.classification import Classification, FieldPrediction, LabelScore, Route
+from schemas.dead_letter import DeadLetter
+from schemas.task import FieldSpec, FewShotExample, TaskSpec, default_task_path
+from schemas.ticket import Ticket
+from schemas.training import TrainingExample
+
+__all__ = [
+    "Classification",
+    "DeadLetter",
+    "FieldPrediction",
+    "FewShotExample",
+    "FieldSpec",
+    "LabelScore",
+    "Route",
+    "TaskSpec",
+    "Ticket",
+    "TrainingExample",
+    "default_task_path",
+]

@@ -1,0 +1,1 @@
+"""triage service: Kafka in, vLLM student (+ teacher) in the middle, Kafka out."""

@@ -1,0 +1,126 @@
+"""The one prompt builder, shared by the serving engine and the trainer.
+
+Each categorical field is answered by ONE output token: every label gets a short code that
+is a single token in the student's vocabulary. Serving restricts the next token to the
+field's codes (`allowed_token_ids`) and reads the whole label distribution from one decode
+step, which is ~5x faster on CPU than decoding label strings under a grammar (see README).
+
+Two prompt styles:
+- "instruct": instructions + the code table, for a base model that was never trained on the
+  task (zero-shot). Long, but the shared prefix is served from vLLM's prefix cache.
+- "compact": ticket text + field name only, for a distilled adapter that learnt the codes.
+  Short prompts make training cheap; the adapter's metadata records which style it expects.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import string
+from dataclasses import dataclass
+from enum import Enum
+from typing import Protocol, Sequence
+
+from schemas.task import FieldSpec, TaskSpec
+
+
+class PromptStyle(str, Enum):
+    instruct = "instruct"
+    compact = "compact"
+
+
+class TokenizerLike(Protocol):
+    def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]: ...
+
+
+@dataclass(frozen=True)
+class LabelCodes:
+    """Bijection label <-> single-token code for one field."""
+
+    field: str
+    labels: tuple[str, ...]
+    codes: tuple[str, ...]
+    token_ids: tuple[int, ...]
+
+    def label_for_token(self, token_id: int) -> str:
+        return self.labels[self.token_ids.index(token_id)]
+
+    def token_for_label(self, label: str) -> int:
+        return self.token_ids[self.labels.index(label)]
+
+    def code_for_label(self, label: str) -> str:
+        return self.codes[self.labels.index(label)]
+
+
+def _candidate_codes(label: str) -> list[str]:
+    """Preferred codes first: initials of the label's words, so codes read as hints."""
+    words = [w for w in label.replace("-", "_").split("_") if w]
+    initials = "".join(w[0] for w in words).upper()
+    preferred = [initials[:2], initials[:1], (words[0][:2] if words else "").upper()]
+    return [c for c in preferred if c and c.isascii() and c.isalpha()]
+
+
+def _fallback_pool() -> list[str]:
+    letters = string.ascii_uppercase
+    return list(letters) + [a + b for a in letters for b in letters]
+
+
+def build_label_codes(field: FieldSpec, tokenizer: TokenizerLike) -> LabelCodes:
+    """Deterministic codes: same labels + same tokenizer give the same codes everywhere."""
+
+    def single_token(code: str) -> int | None:
+        ids = tokenizer.encode(code, add_special_tokens=False)
+        return ids[0] if len(ids) == 1 else None
+
+    taken: set[str] = set()
+    codes: list[str] = []
+    token_ids: list[int] = []
+    pool = _fallback_pool()
+    for label in field.labels:
+        chosen = None
+        for code in _candidate_codes(label) + pool:
+            if code in taken:
+                continue
+            token = single_token(code)
+            if token is not None and token not in token_ids:
+                chosen = (code, token)
+                break
+        if chosen is None:
+            raise ValueError(f"no single-token code left for label {label!r}")
+        taken.add(chosen[0])
+        codes.append(chosen[0])
+        token_ids.append(chosen[1])
+    return LabelCodes(field.name, tuple(field.labels), tuple(codes), tuple(token_ids))
+
+
+def build_all_codes(task: TaskSpec, tokenizer: TokenizerLike) -> dict[str, LabelCodes]:
+    return {f.name: build_label_codes(f, tokenizer) for f in task.fields}
+
+
+def normalise_text(text: str, max_chars: int = 2000) -> str:
+    """Collapse whitespace so training and serving see identical token streams."""
+    return " ".join(text.split())[:max_chars]
+
+
+def render_prompt(
+    task: TaskSpec, field: str, text: str, style: PromptStyle, codes: LabelCodes
+) -> str:
+    """The prompt whose next token is the field's code."""
+    body = normalise_text(text)
+    if PromptStyle(style) is PromptStyle.compact:
+        # No instructions: the adapter learnt the task. The field name keeps fields apart.
+        return f"<|ticket|>{body}\n<|{field}|>"
+    spec = task.field(field)
+    table = "\n".join(f"{c} = {label}" for c, label in zip(codes.codes, codes.labels))
+    # Shared prefix first (instructions + table), ticket last: maximises prefix-cache hits.
+    return (
+        f"<|im_start|>system\n{task.instructions}\nField: {spec.name} ({spec.description}).\n"
+        f"Reply with the code of the best label, nothing else.\nCodes:\n{table}<|im_end|>\n"
+        f"<|im_start|>user\n{body}<|im_end|>\n<|im_start|>assistant\n"
+    )
+
+
+def prompt_fingerprint(task: TaskSpec, style: PromptStyle, codes: Sequence[LabelCodes]) -> str:
+    """Hash of everything that shapes the prompt: stored with adapters and training rows."""
+    material = task.model_dump_json() + str(PromptStyle(style).value)
+    material += "".join(f"{c.field}:{','.join(c.codes)}" for c in codes)
+    return hashlib.sha256(material.encode()).hexdigest()[:16]

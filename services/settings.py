@@ -1,0 +1,125 @@
+"""All process settings, read once from the environment (prefix TRIAGE_) or a .env file.
+
+Inner components take explicit arguments; only the CLI / app factory reads Settings.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from schemas.task import default_task_path
+from services.model_store import default_cache_dir, default_model_dir
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="TRIAGE_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
+    )
+
+    # --- Kafka -------------------------------------------------------------------------
+    # Comma-separated bootstrap servers. Empty = start the embedded Tansu broker (dev only).
+    bootstrap_servers: str = ""
+    # Topics: input tickets, published results, rejected input, adapter hot-swap commands.
+    tickets_topic: str = "triage.tickets"
+    results_topic: str = "triage.results"
+    dead_letter_topic: str = "triage.dead-letter"
+    control_topic: str = "triage.control"
+    # Consumer group shared by all replicas; partitions are split between them.
+    consumer_group: str = "triage"
+    # Tansu joins a group in ~session_timeout/2, so dev uses 3000; real Kafka wants >= 6000.
+    session_timeout_ms: int = Field(default=10_000, ge=1_000)
+    heartbeat_interval_ms: int = Field(default=1_000, ge=100)
+    # Largest batch handed to the engine at once, and how long to wait to fill it.
+    max_batch: int = Field(default=128, ge=1, le=4096)
+    batch_timeout_ms: int = Field(default=50, ge=0)
+    # Partitions created for the topics when we create them (embedded broker, demo).
+    topic_partitions: int = Field(default=4, ge=1)
+
+    # --- Input validation --------------------------------------------------------------
+    # Tickets longer than this (characters) are dead-lettered, not truncated silently.
+    max_text_chars: int = Field(default=4_000, ge=1)
+    # Raw message size limit (bytes), checked before JSON parsing.
+    max_message_bytes: int = Field(default=64_000, ge=1)
+
+    # --- Student engine (vLLM) ----------------------------------------------------------
+    # HF model folder of the student. Default: SmolLM2-135M converted from the packaged GGUF.
+    model_path: Path = Field(default_factory=default_model_dir)
+    # Task definition (fields, labels, instructions, teacher few-shot examples).
+    task_path: Path = Field(default_factory=default_task_path)
+    # float32 on CPU (bf16 is ~6x slower on AVX2); bfloat16 on GPU.
+    dtype: str = "float32"
+    # 32 lets short shared prompt prefixes hit the prefix cache (128 never does on CPU).
+    block_size: int = 32
+    # Skips torch.compile / CUDA graphs: faster start, slower steady state. Off in production.
+    enforce_eager: bool = True
+    max_model_len: int = 2048
+    max_num_seqs: int = 256
+    max_lora_rank: int = 32
+    # GPU memory share for vLLM (ignored on CPU, where VLLM_CPU_KVCACHE_SPACE applies).
+    gpu_memory_utilization: float = Field(default=0.85, gt=0.0, le=1.0)
+    # KV cache size on CPU in GiB (sets VLLM_CPU_KVCACHE_SPACE if unset).
+    cpu_kv_cache_gib: int = Field(default=1, ge=1)
+    seed: int = 0
+
+    # --- Adapters ----------------------------------------------------------------------
+    # Adapter registry (content-hashed adapters + `current` pointer); trainer promotes here.
+    registry_dir: Path = Field(default_factory=lambda: default_cache_dir() / "registry")
+    # Poll interval for registry changes (hot-swap also listens on control_topic).
+    registry_poll_s: float = Field(default=5.0, gt=0)
+
+    # --- Escalation --------------------------------------------------------------------
+    # Escalate when any field's confidence is below this. None = the live adapter's own
+    # calibrated threshold (stored with it), falling back to 0.5 for the base model.
+    confidence_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
+    # Fraction of confident tickets also sent to the teacher to estimate live accuracy.
+    audit_rate: float = Field(default=0.05, ge=0.0, le=1.0)
+
+    # --- Teacher (any OpenAI-compatible endpoint) ---------------------------------------
+    # Empty = no teacher: low-confidence answers are published as `unverified`.
+    teacher_base_url: str = ""
+    teacher_model: str = "gold-label-standin"
+    teacher_api_key: SecretStr = SecretStr("")
+    teacher_timeout_s: float = Field(default=20.0, gt=0)
+    teacher_max_retries: int = Field(default=4, ge=0)
+    teacher_concurrency: int = Field(default=16, ge=1)
+    # USD per 1M tokens, for cost accounting.
+    teacher_input_price_per_mtok: float = Field(default=0.15, ge=0)
+    teacher_output_price_per_mtok: float = Field(default=0.60, ge=0)
+    # Optional spend caps in USD; over a cap the teacher is skipped (tickets kept for later).
+    teacher_budget_per_hour_usd: float | None = Field(default=None, ge=0)
+    teacher_budget_per_day_usd: float | None = Field(default=None, ge=0)
+    # Circuit breaker: open after this many consecutive failures, probe again after reset_s.
+    teacher_breaker_failures: int = Field(default=5, ge=1)
+    teacher_breaker_reset_s: float = Field(default=15.0, gt=0)
+    # Few-shot examples put in the teacher prompt.
+    teacher_few_shot: int = Field(default=8, ge=0)
+
+    # --- Training log ------------------------------------------------------------------
+    data_dir: Path = Field(default_factory=lambda: default_cache_dir() / "data")
+
+    # --- Observability -----------------------------------------------------------------
+    # Port for /metrics, /healthz, /readyz. 0 = disabled.
+    metrics_port: int = Field(default=9464, ge=0, le=65535)
+    log_level: str = "INFO"
+
+    @field_validator("log_level")
+    @classmethod
+    def _upper(cls, value: str) -> str:
+        return value.upper()
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.heartbeat_interval_ms * 3 > self.session_timeout_ms:
+            raise ValueError("heartbeat_interval_ms must be <= session_timeout_ms / 3")
+        return self
+
+    @property
+    def embedded_broker(self) -> bool:
+        return not self.bootstrap_servers.strip()
+
+    @property
+    def training_log_path(self) -> Path:
+        return self.data_dir / "training_log.sqlite3"
