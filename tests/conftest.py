@@ -1,0 +1,87 @@
+"""Shared fixtures: a real Tansu broker, the real student engine (one per session), settings.
+
+Integration tests share ONE vLLM engine: it takes ~50 s to start on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap():
+    from services.broker import EmbeddedBroker
+
+    with EmbeddedBroker() as broker:
+        yield broker.bootstrap_servers
+
+
+@pytest.fixture(scope="session")
+def student_model_path() -> Path:
+    from services.model_store import ensure_student_model
+
+    return ensure_student_model()
+
+
+@pytest.fixture(scope="session")
+def task():
+    from schemas.task import TaskSpec, default_task_path
+
+    return TaskSpec.from_file(default_task_path())
+
+
+@pytest.fixture(scope="session")
+async def student(student_model_path, task):
+    """The real vLLM engine on SmolLM2-135M, base model (no adapter)."""
+    from services.engine import EngineConfig, VllmClassifier
+
+    config = EngineConfig(model_path=student_model_path, max_num_seqs=128)
+    async with VllmClassifier.started(config, task) as classifier:
+        yield classifier
+
+
+@pytest.fixture
+def make_settings(kafka_bootstrap, tmp_path, student_model_path):
+    """Settings isolated per test: own topics, group, registry and data dirs."""
+    from services.settings import Settings
+
+    def factory(**overrides):
+        suffix = uuid.uuid4().hex[:8]
+        values = dict(
+            bootstrap_servers=kafka_bootstrap,
+            tickets_topic=f"tickets-{suffix}",
+            results_topic=f"results-{suffix}",
+            dead_letter_topic=f"dlq-{suffix}",
+            control_topic=f"control-{suffix}",
+            consumer_group=f"triage-{suffix}",
+            session_timeout_ms=3000,
+            heartbeat_interval_ms=500,
+            topic_partitions=2,
+            metrics_port=0,
+            model_path=student_model_path,
+            registry_dir=tmp_path / "registry",
+            data_dir=tmp_path / "data",
+            registry_poll_s=0.5,
+        )
+        values.update(overrides)
+        return Settings(_env_file=None, **values)
+
+    return factory
+
+
+async def create_topics(settings) -> None:
+    from services.broker import ensure_topics
+
+    await ensure_topics(
+        settings.bootstrap_servers,
+        [settings.tickets_topic, settings.results_topic, settings.dead_letter_topic, settings.control_topic],
+        settings.topic_partitions,
+    )
