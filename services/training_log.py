@@ -1,0 +1,237 @@
+"""The training log: every teacher answer, durable and deduplicated, in one SQLite file.
+
+- `examples`: one row per distinct text (UNIQUE `content_hash`). `version` is an
+  AUTOINCREMENT rowid, so it only grows and is never reused: the trainer records the version
+  it trained up to and `examples(up_to_version=v)` reproduces that data set exactly.
+  A second answer for a known text keeps the first; a different label is counted in
+  `conflicts` (the teacher disagreeing with itself is worth watching).
+- `pending`: tickets the teacher could not label (down, over budget); drained later.
+
+Durability: WAL journal, one transaction per call. `synchronous=FULL` by default: in WAL mode
+that is one fsync per commit, and a commit here follows a paid teacher call (~1 s), so the
+fsync is noise while NORMAL could lose the last paid answers on power loss (NORMAL already
+survives a killed process). Pass `synchronous="NORMAL"` for bulk loads.
+
+Thread-safe: one connection guarded by a lock; calls are short, so asyncio code may call them
+directly or through `asyncio.to_thread`.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from datetime import datetime
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from schemas.training import TrainingExample, content_hash
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS examples (
+    version       INTEGER PRIMARY KEY AUTOINCREMENT,
+    content_hash  TEXT NOT NULL UNIQUE,
+    text          TEXT NOT NULL,
+    labels        TEXT NOT NULL,
+    teacher_model TEXT NOT NULL,
+    prompt_hash   TEXT NOT NULL,
+    source        TEXT NOT NULL,
+    ticket_id     TEXT,
+    created_at    TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS conflicts (
+    id            INTEGER PRIMARY KEY AUTOINCREMENT,
+    content_hash  TEXT NOT NULL,
+    labels        TEXT NOT NULL,
+    teacher_model TEXT NOT NULL,
+    source        TEXT NOT NULL,
+    created_at    TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS pending (
+    ticket_id  TEXT PRIMARY KEY,
+    text       TEXT NOT NULL,
+    reason     TEXT NOT NULL,
+    attempts   INTEGER NOT NULL DEFAULT 1,
+    first_seen TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
+    last_seen  TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+);
+"""
+
+_COLUMNS = "text, labels, teacher_model, prompt_hash, source, ticket_id, created_at"
+_CHUNK = 500  # stays far below SQLite's bound-parameter limit
+
+
+def _labels_json(labels: dict[str, str]) -> str:
+    return json.dumps(labels, sort_keys=True, ensure_ascii=False)
+
+
+class TrainingLog:
+    def __init__(self, path: str | Path, *, synchronous: str = "FULL") -> None:
+        if synchronous.upper() not in {"NORMAL", "FULL", "EXTRA"}:
+            raise ValueError("synchronous must be NORMAL, FULL or EXTRA")
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._conn = sqlite3.connect(
+            self.path, isolation_level=None, check_same_thread=False, timeout=30.0
+        )
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute(f"PRAGMA synchronous={synchronous.upper()}")
+        self._conn.execute("PRAGMA busy_timeout=30000")
+        self._conn.executescript(_SCHEMA)
+
+    def __repr__(self) -> str:
+        return f"TrainingLog({str(self.path)!r})"
+
+    # --- lifecycle ---------------------------------------------------------------------
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self) -> TrainingLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _write(self, fn):  # one IMMEDIATE transaction, rolled back on error
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = fn(self._conn)
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+            return result
+
+    def _read(self, sql: str, params: Sequence[object] = ()) -> list[tuple]:
+        with self._lock:
+            return self._conn.execute(sql, params).fetchall()
+
+    # --- examples ----------------------------------------------------------------------
+    def append(self, examples: Iterable[TrainingExample]) -> int:
+        """Insert new texts; returns how many were new. Duplicates keep the first answer."""
+        rows = list(examples)
+        if not rows:
+            return 0
+
+        def insert(conn: sqlite3.Connection) -> int:
+            inserted = 0
+            for ex in rows:
+                labels = _labels_json(ex.labels)
+                created = ex.created_at.isoformat()
+                # Look before inserting (the IMMEDIATE transaction makes this race-free):
+                # INSERT OR IGNORE would burn an AUTOINCREMENT number per duplicate.
+                kept = conn.execute(
+                    "SELECT labels FROM examples WHERE content_hash = ?", (ex.content_hash,)
+                ).fetchone()
+                if kept is None:
+                    conn.execute(
+                        "INSERT INTO examples (content_hash, " + _COLUMNS + ")"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        (ex.content_hash, ex.text, labels, ex.teacher_model, ex.prompt_hash,
+                         ex.source, ex.ticket_id, created),
+                    )
+                    inserted += 1
+                elif kept[0] != labels:
+                    conn.execute(
+                        "INSERT INTO conflicts (content_hash, labels, teacher_model, source,"
+                        " created_at) VALUES (?, ?, ?, ?, ?)",
+                        (ex.content_hash, labels, ex.teacher_model, ex.source, created),
+                    )
+            return inserted
+
+        return self._write(insert)
+
+    def version(self) -> int:
+        """Version of the last inserted example (0 when empty). Never decreases."""
+        rows = self._read("SELECT seq FROM sqlite_sequence WHERE name = 'examples'")
+        return int(rows[0][0]) if rows else 0
+
+    def examples(
+        self, up_to_version: int | None = None, *, after_version: int = 0
+    ) -> list[TrainingExample]:
+        """Examples with after_version < version <= up_to_version, in version order."""
+        upper = up_to_version if up_to_version is not None else 2**63 - 1
+        rows = self._read(
+            f"SELECT {_COLUMNS} FROM examples WHERE version > ? AND version <= ?"
+            " ORDER BY version",
+            (after_version, upper),
+        )
+        return [
+            TrainingExample(
+                text=text, labels=json.loads(labels), teacher_model=model,
+                prompt_hash=prompt_hash, source=source, ticket_id=ticket_id,
+                created_at=datetime.fromisoformat(created),
+            )
+            for text, labels, model, prompt_hash, source, ticket_id, created in rows
+        ]
+
+    def count(self) -> int:
+        return int(self._read("SELECT COUNT(*) FROM examples")[0][0])
+
+    def contains(self, text: str) -> bool:
+        return bool(self.existing_hashes([content_hash(text)]))
+
+    def existing_hashes(self, hashes: Iterable[str]) -> set[str]:
+        """The subset of `hashes` (see schemas.training.content_hash) already in the log."""
+        wanted = list(dict.fromkeys(hashes))
+        found: set[str] = set()
+        for i in range(0, len(wanted), _CHUNK):
+            chunk = wanted[i : i + _CHUNK]
+            marks = ",".join("?" * len(chunk))
+            rows = self._read(
+                f"SELECT content_hash FROM examples WHERE content_hash IN ({marks})", chunk
+            )
+            found.update(r[0] for r in rows)
+        return found
+
+    def stats(self) -> dict[str, object]:
+        by_source = dict(self._read("SELECT source, COUNT(*) FROM examples GROUP BY source"))
+        return {
+            "path": str(self.path),
+            "examples": self.count(),
+            "version": self.version(),
+            "by_source": by_source,
+            "conflicts": int(self._read("SELECT COUNT(*) FROM conflicts")[0][0]),
+            "pending": self.pending_count(),
+        }
+
+    # --- backlog of tickets the teacher could not label --------------------------------
+    def add_pending(self, ticket_id: str, text: str, reason: str) -> None:
+        """Queue a ticket for a later teacher pass; re-adding bumps `attempts`."""
+        self._write(
+            lambda conn: conn.execute(
+                "INSERT INTO pending (ticket_id, text, reason) VALUES (?, ?, ?)"
+                " ON CONFLICT(ticket_id) DO UPDATE SET reason = excluded.reason,"
+                " attempts = attempts + 1, last_seen = excluded.last_seen",
+                (ticket_id, text, reason),
+            )
+        )
+
+    def pending(self, limit: int = 100) -> list[tuple[str, str]]:
+        """Oldest first: [(ticket_id, text), ...]."""
+        rows = self._read(
+            "SELECT ticket_id, text FROM pending ORDER BY first_seen, rowid LIMIT ?", (limit,)
+        )
+        return [(r[0], r[1]) for r in rows]
+
+    def resolve_pending(self, ticket_ids: Iterable[str]) -> int:
+        """Drop tickets from the backlog; returns how many were there."""
+        ids = list(ticket_ids)
+
+        def delete(conn: sqlite3.Connection) -> int:
+            removed = 0
+            for i in range(0, len(ids), _CHUNK):
+                chunk = ids[i : i + _CHUNK]
+                marks = ",".join("?" * len(chunk))
+                removed += conn.execute(
+                    f"DELETE FROM pending WHERE ticket_id IN ({marks})", chunk
+                ).rowcount
+            return removed
+
+        return self._write(delete) if ids else 0
+
+    def pending_count(self) -> int:
+        return int(self._read("SELECT COUNT(*) FROM pending")[0][0])

@@ -1,0 +1,142 @@
+import sqlite3
+import threading
+from datetime import datetime, timezone
+
+import pytest
+
+from schemas.training import TrainingExample
+from services.training_log import TrainingLog
+
+
+def ex(text: str, label: str = "a", **kw) -> TrainingExample:
+    return TrainingExample(text=text, labels={"intent": label}, teacher_model="t",
+                           prompt_hash="p", **kw)
+
+
+@pytest.fixture
+def log(tmp_path):
+    with TrainingLog(tmp_path / "log.sqlite3") as training_log:
+        yield training_log
+
+
+def test_wal_mode(log):
+    conn = sqlite3.connect(log.path)
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    conn.close()
+
+
+def test_append_counts_new_and_dedups_normalised_text(log):
+    assert log.append([ex("Hello world"), ex("second")]) == 2
+    assert log.append([ex("  hello   WORLD "), ex("third")]) == 1
+    assert log.append([]) == 0
+    assert log.count() == 3
+    assert [e.text for e in log.examples()] == ["Hello world", "second", "third"]
+
+
+def test_duplicate_within_one_batch(log):
+    assert log.append([ex("same"), ex("same")]) == 1
+    assert log.count() == 1
+
+
+def test_conflicting_duplicate_keeps_first_and_counts(log):
+    log.append([ex("card lost", "lost_or_stolen_card")])
+    assert log.append([ex("card lost", "card_arrival")]) == 0
+    assert log.append([ex("card lost", "lost_or_stolen_card")]) == 0  # same label: no conflict
+    assert log.examples()[0].labels == {"intent": "lost_or_stolen_card"}
+    assert log.stats()["conflicts"] == 1
+
+
+def test_versions_monotonic_and_up_to_version(log):
+    assert log.version() == 0
+    log.append([ex("one"), ex("two")])
+    v2 = log.version()
+    assert v2 == 2
+    log.append([ex("one")])  # duplicate: version unchanged
+    assert log.version() == v2
+    log.append([ex("three")])
+    assert log.version() == 3
+    assert [e.text for e in log.examples(up_to_version=v2)] == ["one", "two"]
+    assert [e.text for e in log.examples(up_to_version=0)] == []
+    assert [e.text for e in log.examples(after_version=v2)] == ["three"]
+    assert [e.text for e in log.examples()] == ["one", "two", "three"]
+
+
+def test_round_trip_fields(log):
+    created = datetime(2025, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+    original = TrainingExample(text="t", labels={"intent": "x", "priority": "high"},
+                               teacher_model="gpt", prompt_hash="abc", source="audit",
+                               ticket_id="T-1", created_at=created)
+    log.append([original])
+    assert log.examples() == [original]
+
+
+def test_reopen_after_close_keeps_data(tmp_path):
+    path = tmp_path / "sub" / "log.sqlite3"
+    with TrainingLog(path) as first:
+        first.append([ex("one"), ex("two")])
+        first.add_pending("T-9", "later", "timeout")
+    with TrainingLog(path) as second:
+        assert second.count() == 2 and second.version() == 2
+        assert second.pending(10) == [("T-9", "later")]
+        second.append([ex("three"), ex("one")])
+        assert second.version() == 3
+
+
+def test_contains_and_existing_hashes(log):
+    log.append([ex("Known text")])
+    assert log.contains("known   text")
+    assert not log.contains("unknown")
+    hashes = [ex(f"t{i}").content_hash for i in range(1200)]  # more than one SQL chunk
+    log.append([ex(f"t{i}") for i in range(0, 1200, 2)])
+    assert log.existing_hashes(hashes) == set(hashes[::2])
+
+
+def test_concurrent_appends_from_threads_and_connections(tmp_path):
+    path = tmp_path / "log.sqlite3"
+    logs = [TrainingLog(path), TrainingLog(path)]  # two connections, like two processes
+    inserted = []
+    errors = []
+
+    def writer(worker: int) -> None:
+        try:
+            total = 0
+            for i in range(40):
+                # overlapping texts across workers: every text written by two workers
+                total += logs[worker % 2].append([ex(f"text {(worker // 2) * 40 + i}")])
+            inserted.append(total)
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(w,)) for w in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert sum(inserted) == 160
+    assert logs[0].count() == 160 == logs[1].count()
+    assert len({e.text for e in logs[0].examples()}) == 160
+    assert logs[0].version() == 160  # duplicates burn no version numbers
+    for training_log in logs:
+        training_log.close()
+
+
+def test_pending_backlog(log):
+    log.add_pending("T-1", "first", "timeout")
+    log.add_pending("T-2", "second", "circuit_open")
+    log.add_pending("T-1", "first", "over_budget")  # re-added: not duplicated
+    assert log.pending_count() == 2
+    assert log.pending(10) == [("T-1", "first"), ("T-2", "second")]
+    assert log.pending(1) == [("T-1", "first")]
+    assert log.resolve_pending(["T-1", "nope"]) == 1
+    assert log.pending(10) == [("T-2", "second")]
+    assert log.resolve_pending([]) == 0
+    assert log.pending_count() == 1
+
+
+def test_stats(log):
+    log.append([ex("a", source="bootstrap"), ex("b"), ex("c", source="bootstrap")])
+    stats = log.stats()
+    assert stats["examples"] == 3 and stats["version"] == 3
+    assert stats["by_source"] == {"bootstrap": 2, "live": 1}
+    assert stats["pending"] == 0 and stats["conflicts"] == 0
