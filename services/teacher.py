@@ -1,0 +1,406 @@
+"""The teacher: an OpenAI-compatible chat endpoint that labels tickets the student is unsure of.
+
+`Teacher` is the port (one method); `OpenAITeacher` the adapter. The adapter owns its failure
+policy so callers see one exception type, `TeacherUnavailable(reason)`:
+
+- retries (exponential backoff, full jitter; Retry-After honoured) on timeouts, connection
+  errors, 429 and 5xx, and on answers that fail validation; never on other 4xx;
+- bounded concurrency (a semaphore);
+- a circuit breaker over *calls* (after retries): N consecutive failed calls open it, calls
+  then fail fast with "circuit_open" until `breaker_reset_s` passes and one probe is let
+  through (half-open); the probe's outcome closes or re-opens it;
+- rolling spend caps (last hour / last 24 h); over a cap, "over_budget" without a request.
+
+The API key is held by the openai client only; it never appears in repr, logs or errors.
+The prompt builders are pure functions, shared with tests and the trainer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import random
+import time
+from collections import Counter, deque
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from typing import Any, Callable, Protocol
+
+from pydantic import SecretStr
+
+from schemas.task import TaskSpec
+
+log = logging.getLogger(__name__)
+
+REASONS = ("circuit_open", "over_budget", "error", "timeout", "rate_limited", "invalid_answer")
+OnRequest = Callable[[str, float, int, int, float], None]
+
+
+@dataclass(frozen=True)
+class TeacherAnswer:
+    labels: dict[str, str]
+    model: str
+    prompt_hash: str
+    prompt_tokens: int
+    completion_tokens: int
+    cost_usd: float
+    latency_s: float
+
+
+class TeacherUnavailable(Exception):
+    """The teacher gave no usable answer. `reason` is one of REASONS; `detail` is key-free."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"teacher unavailable: {reason}" + (f" ({detail})" if detail else ""))
+
+
+class Teacher(Protocol):
+    model: str
+
+    async def label(self, text: str) -> TeacherAnswer: ...
+
+
+# --- prompt (pure) -------------------------------------------------------------------------
+def build_system_prompt(task: TaskSpec) -> str:
+    lines = [task.instructions.strip(), "", "Answer with a JSON object with exactly these keys:"]
+    for spec in task.fields:
+        lines.append(f'- "{spec.name}": {spec.description}')
+        lines.append("  one of: " + ", ".join(spec.labels))
+    lines.append("Use the labels exactly as written. Output the JSON object only.")
+    return "\n".join(lines)
+
+
+def build_teacher_messages(task: TaskSpec, text: str, few_shot: int) -> list[dict[str, str]]:
+    """System prompt, up to `few_shot` example pairs (user text / JSON answer), then the ticket.
+
+    Only examples that label every field are used, so each shown answer fits the schema.
+    """
+    names = [f.name for f in task.fields]
+    messages = [{"role": "system", "content": build_system_prompt(task)}]
+    complete = [ex for ex in task.examples if all(n in ex.labels for n in names)]
+    for ex in complete[: max(0, few_shot)]:
+        answer = json.dumps({n: ex.labels[n] for n in names}, ensure_ascii=False)
+        messages.append({"role": "user", "content": ex.text})
+        messages.append({"role": "assistant", "content": answer})
+    messages.append({"role": "user", "content": text})
+    return messages
+
+
+def build_response_schema(task: TaskSpec) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "properties": {
+            f.name: {"type": "string", "description": f.description, "enum": list(f.labels)}
+            for f in task.fields
+        },
+        "required": [f.name for f in task.fields],
+        "additionalProperties": False,
+    }
+
+
+def response_format(task: TaskSpec) -> dict[str, Any]:
+    name = "".join(c if c.isalnum() or c in "_-" else "_" for c in task.name)[:64] or "answer"
+    schema = build_response_schema(task)
+    return {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}}
+
+
+def prompt_hash(messages: list[dict[str, str]]) -> str:
+    """Hash of everything but the ticket: system prompt + few-shot turns (16 hex chars)."""
+    material = json.dumps(messages[:-1], sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(material.encode("utf-8")).hexdigest()[:16]
+
+
+def parse_answer(task: TaskSpec, content: str | None) -> dict[str, str]:
+    """Labels from the reply, or ValueError. Tolerates ``` fences and label case."""
+    body = (content or "").strip()
+    if body.startswith("```"):
+        body = body.strip("`").removeprefix("json").strip()
+    data = json.loads(body)
+    if not isinstance(data, dict):
+        raise ValueError("answer is not a JSON object")
+    labels: dict[str, str] = {}
+    for spec in task.fields:
+        value = data.get(spec.name)
+        if not isinstance(value, str):
+            raise ValueError(f"field {spec.name!r} missing")
+        if value not in spec.labels:
+            folded = [lab for lab in spec.labels if lab.lower() == value.strip().lower()]
+            if len(folded) != 1:
+                raise ValueError(f"field {spec.name!r}: unknown label")
+            value = folded[0]
+        labels[spec.name] = value
+    return labels
+
+
+# --- failure policy pieces -----------------------------------------------------------------
+class CircuitBreaker:
+    """closed -> open after `failures` consecutive failures -> half-open after `reset_s`."""
+
+    def __init__(self, failures: int, reset_s: float, clock: Callable[[], float]) -> None:
+        self.failures, self.reset_s, self._clock = max(1, failures), reset_s, clock
+        self.state = "closed"
+        self.consecutive = 0
+        self._opened_at = 0.0
+        self._probing = False
+
+    def refusing(self) -> bool:
+        """Would `acquire` refuse right now? (No state change.)"""
+        if self.state == "open":
+            return self._clock() - self._opened_at < self.reset_s
+        return self.state == "half_open" and self._probing
+
+    def acquire(self) -> bool:
+        """May a call go out? In half-open exactly one probe is let through at a time."""
+        if self.state == "open" and self._clock() - self._opened_at >= self.reset_s:
+            self.state, self._probing = "half_open", False
+        if self.state == "closed":
+            return True
+        if self.state == "half_open" and not self._probing:
+            self._probing = True
+            return True
+        return False
+
+    def success(self) -> None:
+        self.state, self.consecutive, self._probing = "closed", 0, False
+
+    def failure(self) -> None:
+        self.consecutive += 1
+        if self.state == "half_open" or self.consecutive >= self.failures:
+            if self.state != "open":
+                log.warning("teacher circuit breaker opened after %d failures", self.consecutive)
+            self.state, self._opened_at, self._probing = "open", self._clock(), False
+
+    def abandon(self) -> None:
+        """A probe was cancelled: let the next call probe instead."""
+        self._probing = False
+
+
+class SpendWindow:
+    """Spend in the last hour / day, kept in one-minute buckets (at most 1440 of them).
+
+    A bucket counts while any part of it is inside the window, so a cap errs on the safe
+    side by at most one minute of spend.
+    """
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self._buckets: deque[list[float]] = deque()  # [minute_start, usd]
+
+    def add(self, usd: float) -> None:
+        minute = self._clock() // 60 * 60
+        if self._buckets and self._buckets[-1][0] == minute:
+            self._buckets[-1][1] += usd
+        else:
+            self._buckets.append([minute, usd])
+        while self._buckets and self._buckets[0][0] <= minute - 86_400:
+            self._buckets.popleft()
+
+    def spent(self, window_s: float) -> float:
+        since = self._clock() - window_s
+        return sum(usd for start, usd in self._buckets if start + 60 > since)
+
+
+def _retry_after_s(headers: Any) -> float | None:
+    if headers is None:
+        return None
+    value = headers.get("retry-after-ms")
+    if value is not None:
+        try:
+            return max(0.0, float(value) / 1000)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        try:
+            return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+        except (TypeError, ValueError):
+            return None
+
+
+class _Attempt(Exception):
+    def __init__(self, reason: str, detail: str, retry: bool, wait_s: float | None = None):
+        super().__init__(reason)
+        self.reason, self.detail, self.retry, self.wait_s = reason, detail, retry, wait_s
+
+
+# --- the adapter ---------------------------------------------------------------------------
+class OpenAITeacher:
+    """A `Teacher` over any OpenAI-compatible `/v1/chat/completions` with json_schema output.
+
+    `on_request(outcome, latency_s, prompt_tokens, completion_tokens, cost_usd)` is called once
+    per HTTP attempt (outcome "ok" or a failure reason) and once per call refused without a
+    request ("circuit_open" / "over_budget", zeros).
+    """
+
+    def __init__(
+        self, *, base_url: str, api_key: SecretStr, model: str, task: TaskSpec, few_shot: int,
+        timeout_s: float, max_retries: int, concurrency: int, input_price_per_mtok: float,
+        output_price_per_mtok: float, budget_per_hour_usd: float | None,
+        budget_per_day_usd: float | None, breaker_failures: int, breaker_reset_s: float,
+        on_request: OnRequest | None = None, clock: Callable[[], float] = time.monotonic,
+        backoff_base_s: float = 0.5, backoff_max_s: float = 8.0, temperature: float | None = 0.0,
+        rng: random.Random | None = None,
+    ) -> None:
+        import openai  # heavy-ish; imported when a teacher is built, not at module import
+
+        self._openai = openai
+        self.model, self.task, self.few_shot = model, task, few_shot
+        self.base_url = base_url
+        self.timeout_s, self.max_retries = timeout_s, max(0, max_retries)
+        self._prices = (input_price_per_mtok / 1e6, output_price_per_mtok / 1e6)
+        self._caps = ((3600.0, budget_per_hour_usd), (86_400.0, budget_per_day_usd))
+        self._on_request, self._clock = on_request, clock
+        self._backoff = (backoff_base_s, backoff_max_s)
+        self._temperature, self._rng = temperature, rng or random.Random()
+        self._semaphore = asyncio.Semaphore(max(1, concurrency))
+        self._breaker = CircuitBreaker(breaker_failures, breaker_reset_s, clock)
+        self._spend = SpendWindow(clock)
+        self._response_format = response_format(task)
+        self._client = openai.AsyncOpenAI(
+            base_url=base_url, api_key=api_key.get_secret_value(), max_retries=0,
+            timeout=timeout_s,
+        )
+        self._calls: Counter[str] = Counter()
+        self._attempts: Counter[str] = Counter()
+        self._tokens = [0, 0]
+        self._cost = 0.0
+
+    def __repr__(self) -> str:
+        return (f"OpenAITeacher(base_url={self.base_url!r}, model={self.model!r},"
+                " api_key='**********')")
+
+    async def aclose(self) -> None:
+        await self._client.close()
+
+    def _notify(self, outcome: str, latency: float, p_tok: int, c_tok: int, cost: float) -> None:
+        self._attempts[outcome] += 1
+        if self._on_request is not None:
+            try:
+                self._on_request(outcome, latency, p_tok, c_tok, cost)
+            except Exception:  # a metrics bug must not fail a ticket
+                log.exception("teacher on_request callback failed")
+
+    def _refuse(self, reason: str) -> TeacherUnavailable:
+        self._calls[reason] += 1
+        self._notify(reason, 0.0, 0, 0, 0.0)
+        return TeacherUnavailable(reason)
+
+    def _over_budget(self) -> bool:
+        return any(cap is not None and self._spend.spent(w) >= cap for w, cap in self._caps)
+
+    async def label(self, text: str) -> TeacherAnswer:
+        if self._breaker.refusing():
+            raise self._refuse("circuit_open")
+        if self._over_budget():
+            raise self._refuse("over_budget")
+        async with self._semaphore:
+            if not self._breaker.acquire():
+                raise self._refuse("circuit_open")
+            if self._over_budget():  # spend may have moved while queued
+                self._breaker.abandon()
+                raise self._refuse("over_budget")
+            try:
+                answer = await self._with_retries(text)
+            except TeacherUnavailable as exc:
+                self._calls[exc.reason] += 1
+                if exc.reason == "circuit_open":  # another call opened it meanwhile
+                    self._breaker.abandon()
+                else:
+                    self._breaker.failure()
+                raise
+            except BaseException:
+                self._breaker.abandon()
+                raise
+            self._calls["ok"] += 1
+            self._breaker.success()
+            return answer
+
+    async def _with_retries(self, text: str) -> TeacherAnswer:
+        messages = build_teacher_messages(self.task, text, self.few_shot)
+        phash = prompt_hash(messages)
+        for attempt in range(self.max_retries + 1):
+            try:
+                return await self._attempt(messages, phash)
+            except _Attempt as failed:
+                if not failed.retry or attempt == self.max_retries:
+                    raise TeacherUnavailable(failed.reason, failed.detail) from None
+                if self._breaker.state == "open":  # opened by other calls: stop hammering
+                    raise TeacherUnavailable("circuit_open", f"after {failed.reason}") from None
+                base, cap = self._backoff
+                wait = failed.wait_s
+                if wait is None:
+                    wait = self._rng.uniform(0.0, min(cap, base * 2**attempt))
+                log.debug("teacher attempt %d failed (%s: %s); retry in %.2fs",
+                          attempt + 1, failed.reason, failed.detail, wait)
+                await asyncio.sleep(min(wait, max(cap, 60.0)))
+        raise AssertionError("unreachable")
+
+    async def _attempt(self, messages: list[dict[str, str]], phash: str) -> TeacherAnswer:
+        openai = self._openai
+        kwargs: dict[str, Any] = {"response_format": self._response_format}
+        if self._temperature is not None:
+            kwargs["temperature"] = self._temperature
+        start = time.perf_counter()
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                resp = await self._client.chat.completions.create(
+                    model=self.model, messages=messages, **kwargs
+                )
+        except (TimeoutError, openai.APITimeoutError):
+            self._notify("timeout", time.perf_counter() - start, 0, 0, 0.0)
+            raise _Attempt("timeout", f"no answer within {self.timeout_s}s", True) from None
+        except openai.APIStatusError as exc:
+            status = exc.status_code
+            reason = "rate_limited" if status == 429 else "error"
+            self._notify(reason, time.perf_counter() - start, 0, 0, 0.0)
+            retry = status == 429 or status >= 500
+            wait = _retry_after_s(exc.response.headers) if retry else None
+            raise _Attempt(reason, f"HTTP {status}", retry, wait) from None
+        except openai.APIError as exc:  # connection errors, unreadable responses
+            self._notify("error", time.perf_counter() - start, 0, 0, 0.0)
+            raise _Attempt("error", type(exc).__name__, True) from None
+        latency = time.perf_counter() - start
+        usage = getattr(resp, "usage", None)
+        p_tok = int(getattr(usage, "prompt_tokens", 0) or 0)
+        c_tok = int(getattr(usage, "completion_tokens", 0) or 0)
+        cost = p_tok * self._prices[0] + c_tok * self._prices[1]
+        self._tokens[0] += p_tok
+        self._tokens[1] += c_tok
+        self._cost += cost
+        self._spend.add(cost)
+        try:
+            content = resp.choices[0].message.content
+            labels = parse_answer(self.task, content)
+        except (ValueError, IndexError, AttributeError, TypeError) as exc:
+            self._notify("invalid_answer", latency, p_tok, c_tok, cost)
+            raise _Attempt("invalid_answer", str(exc)[:200], True) from None
+        self._notify("ok", latency, p_tok, c_tok, cost)
+        return TeacherAnswer(labels, getattr(resp, "model", None) or self.model, phash,
+                             p_tok, c_tok, cost, latency)
+
+    def stats(self) -> dict[str, Any]:
+        failed = {r: n for r, n in self._calls.items() if r != "ok"}
+        return {
+            "model": self.model,
+            "calls": sum(self._calls.values()),
+            "ok": self._calls["ok"],
+            "failed": failed,
+            "attempts": sum(n for r, n in self._attempts.items()
+                            if r not in ("circuit_open", "over_budget")),
+            "errors": {r: n for r, n in self._attempts.items() if r != "ok"},
+            "prompt_tokens": self._tokens[0],
+            "completion_tokens": self._tokens[1],
+            "cost_usd": self._cost,
+            "spent_last_hour_usd": self._spend.spent(3600.0),
+            "spent_last_day_usd": self._spend.spent(86_400.0),
+            "breaker": self._breaker.state,
+            "consecutive_failures": self._breaker.consecutive,
+        }
