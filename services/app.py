@@ -16,6 +16,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any, AsyncIterator
 
 from faststream import AckPolicy, FastStream
+from pydantic import SecretStr
 from faststream.kafka import KafkaBroker
 from faststream.kafka.annotations import KafkaMessage
 
@@ -230,9 +231,13 @@ class TriageService:
                 log.exception("backlog drain failed; will retry")
 
     async def _watch_consumer(self) -> None:
+        reported: set[Any] = set()
         while True:
             consumer = getattr(self.subscriber, "consumer", None)
-            assignment = consumer.assignment() if consumer is not None else set()
+            assignment = set(consumer.assignment()) if consumer is not None else set()
+            for tp in reported - assignment:  # revoked by a rebalance: not ours to report
+                self.metrics.remove_lag(tp.topic, tp.partition)
+            reported = assignment
             if assignment:
                 self.metrics.set_ready(True, f"engine warm; {len(assignment)} partitions assigned")
                 for tp in assignment:
@@ -263,7 +268,8 @@ def build_teacher(settings: Settings, task: TaskSpec, metrics: Any | None = None
 
     return OpenAITeacher(
         base_url=settings.teacher_base_url,
-        api_key=settings.teacher_api_key,
+        # Servers without auth (the stand-in, a local `vllm serve`) accept any token.
+        api_key=settings.teacher_api_key if settings.teacher_api_key.get_secret_value() else SecretStr("unused"),
         model=settings.teacher_model,
         task=task,
         few_shot=settings.teacher_few_shot,

@@ -29,7 +29,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BASE_THRESHOLD = 0.5  # base model without a calibrated adapter threshold
+# An uncalibrated student (base model, or an adapter without a stored threshold) is never
+# trusted on its own: everything escalates until a calibrated adapter is promoted.
+DEFAULT_UNCALIBRATED_THRESHOLD = 1.0
 
 
 @dataclass(frozen=True)
@@ -145,7 +147,7 @@ class TicketPipeline:
         live = self.classifier.live_adapter
         if live is not None and live.threshold is not None:
             return float(live.threshold)
-        return DEFAULT_BASE_THRESHOLD
+        return DEFAULT_UNCALIBRATED_THRESHOLD
 
     async def _answer(self, record: InboundRecord, ticket: Ticket, pred: StudentPrediction) -> Outcome:
         student_labels = {name: p.label for name, p in pred.fields.items()}

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from schemas.task import default_task_path
@@ -72,16 +72,22 @@ class Settings(BaseSettings):
 
     # --- Escalation --------------------------------------------------------------------
     # Escalate when any field's confidence is below this. None = the live adapter's own
-    # calibrated threshold (stored with it), falling back to 0.5 for the base model.
+    # calibrated threshold (stored with it); uncalibrated (base model) escalates everything.
     confidence_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
     # Fraction of confident tickets also sent to the teacher to estimate live accuracy.
     audit_rate: float = Field(default=0.05, ge=0.0, le=1.0)
 
     # --- Teacher (any OpenAI-compatible endpoint) ---------------------------------------
-    # Empty = no teacher: low-confidence answers are published as `unverified`.
-    teacher_base_url: str = ""
+    # Empty = no teacher: low-confidence answers are published as `unverified` (the demo and
+    # `triage bootstrap` start the gold-label stand-in instead). OPENAI_* work as fallbacks.
+    teacher_base_url: str = Field(
+        default="", validation_alias=AliasChoices("TRIAGE_TEACHER_BASE_URL", "OPENAI_BASE_URL", "teacher_base_url")
+    )
     teacher_model: str = "gold-label-standin"
-    teacher_api_key: SecretStr = SecretStr("")
+    teacher_api_key: SecretStr = Field(
+        default=SecretStr(""),
+        validation_alias=AliasChoices("TRIAGE_TEACHER_API_KEY", "OPENAI_API_KEY", "teacher_api_key"),
+    )
     teacher_timeout_s: float = Field(default=20.0, gt=0)
     teacher_max_retries: int = Field(default=4, ge=0)
     teacher_concurrency: int = Field(default=16, ge=1)
