@@ -29,7 +29,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 log = logging.getLogger(__name__)
 
 Route = Literal["student", "teacher", "unverified"]
-TeacherOutcome = Literal["ok", "error", "timeout", "rate_limited", "circuit_open", "over_budget"]
+TeacherOutcome = Literal[
+    "ok", "error", "timeout", "rate_limited", "invalid_answer", "circuit_open", "over_budget"
+]
 TokenKind = Literal["prompt", "completion"]
 ROUTES: tuple[str, ...] = get_args(Route)
 TEACHER_OUTCOMES: tuple[str, ...] = get_args(TeacherOutcome)

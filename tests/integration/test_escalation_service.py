@@ -1,0 +1,396 @@
+"""Issue #3 at service level: escalation, audits, teacher outages, the API key.
+
+Real Tansu broker, the real vLLM student (shared per session), and the gold-label teacher
+stand-in over real HTTP. TriageService builds the teacher itself from `teacher_base_url`
+(the production path), so retries, the circuit breaker and the backlog drain are the real ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import traceback
+from collections import Counter
+from typing import Callable
+
+import pytest
+
+from schemas.classification import Classification
+from services.app import TriageService
+from services.broker import free_port
+from services.datasets import LabelledText, load_split
+from services.escalation import should_audit
+from services.kafka_io import produce, read_topic, ticket_message, unique_keys
+from services.teacher_standin import load_gold, normalise, run_standin
+from tests.conftest import create_topics
+
+pytestmark = pytest.mark.integration
+
+STANDIN_MODEL = "gold-label-standin"
+KEY = "sk-triage-SVC-DISTINCTIVE-7e1d5c3b9a0f2468"
+KEY_SECRET_PART = KEY[len("sk-triage-"):]
+
+
+# --- helpers -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def gold() -> dict[str, str]:
+    return load_gold()
+
+
+@pytest.fixture(scope="module")
+def test_rows() -> list[LabelledText]:
+    return load_split("test")
+
+
+def pick(rows: list[LabelledText], gold: dict[str, str], n: int, offset: int, prefix: str):
+    """n tickets from the test split: distinct texts whose stand-in label is the test gold."""
+    seen: set[str] = set()
+    chosen: list[tuple[str, LabelledText]] = []
+    for row in rows[offset:]:
+        key = normalise(row.text)
+        if key in seen or gold.get(key) != row.label:
+            continue
+        seen.add(key)
+        chosen.append((f"{prefix}-{len(chosen)}", LabelledText(row.text.strip(), row.label)))
+        if len(chosen) == n:
+            return chosen
+    raise AssertionError("not enough distinct test rows")
+
+
+async def publish_tickets(settings, tickets) -> None:
+    await produce(settings.bootstrap_servers, settings.tickets_topic,
+                  [ticket_message(tid, row.text) for tid, row in tickets])
+
+
+async def results_for(settings, ids: set[str], timeout_s: float = 120) -> dict[str, Classification]:
+    """Read the results topic from the start until every id in `ids` has a result."""
+    wanted = {i.encode() for i in ids}
+    got = await read_topic(settings.bootstrap_servers, settings.results_topic,
+                           until=lambda r: wanted <= unique_keys(r), timeout_s=timeout_s)
+    missing = wanted - unique_keys(got)
+    assert not missing, f"no result for {sorted(missing)[:5]}"
+    return {r.key.decode(): Classification.model_validate_json(r.value)
+            for r in got if r.key in wanted}
+
+
+async def all_results(settings, expected: int, settle_s: float = 3.0) -> list:
+    """Everything on the results topic: waits for `expected` records, then `settle_s` more."""
+    got = await read_topic(settings.bootstrap_servers, settings.results_topic,
+                           until=lambda r: len(r) >= expected, timeout_s=60)
+    extra = await read_topic(settings.bootstrap_servers, settings.results_topic,
+                             until=lambda r: len(r) > expected, timeout_s=settle_s)
+    return extra if len(extra) > len(got) else got
+
+
+async def eventually(predicate: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.1)
+
+
+def split_threshold(confidences: list[float]) -> float:
+    """A threshold in the widest gap of the middle half: some escalate, some do not."""
+    c = sorted(confidences)
+    n = len(c)
+    i = max(range(n // 4, 3 * n // 4), key=lambda j: c[j + 1] - c[j])
+    assert c[i + 1] - c[i] > 1e-4, f"no usable gap in {c}"
+    return (c[i] + c[i + 1]) / 2
+
+
+def student_labels(result: Classification) -> dict[str, str]:
+    return {name: p.label for name, p in result.student.items()}
+
+
+def sample(metrics, name: str, **labels) -> float:
+    value = metrics.registry.get_sample_value(name, labels or None)
+    return 0.0 if value is None else value
+
+
+# --- 1. escalation at a threshold ------------------------------------------------------------
+async def test_tickets_below_threshold_go_to_teacher_and_training_log(
+    make_settings, student, gold, test_rows
+):
+    tickets = pick(test_rows, gold, 30, offset=300, prefix="esc")
+    text_of = {tid: row.text for tid, row in tickets}
+    gold_of = {tid: row.label for tid, row in tickets}
+    # Data-driven threshold from the same texts, so some but not all escalate.
+    predictions = await student.classify([row.text for _, row in tickets])
+    threshold = split_threshold([p.confidence for p in predictions])
+
+    async with run_standin(gold=gold) as server:
+        settings = make_settings(
+            teacher_base_url=server.base_url, teacher_api_key="test-key",
+            confidence_threshold=threshold, audit_rate=0.0, teacher_max_retries=1,
+        )
+        await create_topics(settings)
+        async with TriageService(settings, classifier=student).running() as service:
+            assert service.pipeline.teacher is not None  # built from settings, not injected
+            await publish_tickets(settings, tickets)
+            results = await results_for(settings, set(text_of))
+            examples = service.pipeline.training_log.examples()
+            pending = service.pipeline.training_log.pending_count()
+            summary = service.pipeline.summary()
+            metrics = service.metrics
+        stand_in = server.stats
+
+    escalated = {tid for tid, r in results.items() if r.student["intent"].confidence < threshold}
+    assert 0 < len(escalated) < len(tickets), (threshold, len(escalated))
+    for tid, result in results.items():
+        assert result.ticket_id == tid
+        assert result.student and result.student["intent"].label  # the student always answers
+        if tid in escalated:
+            assert result.route.value == "teacher", tid
+            assert result.teacher == {"intent": gold_of[tid]}, tid
+            assert result.fields == {"intent": gold_of[tid]}  # the teacher's answer is published
+            assert result.model == result.teacher_model == STANDIN_MODEL
+            assert result.confidence == 1.0
+        else:
+            assert result.route.value == "student", tid
+            assert result.fields == student_labels(result)
+            assert result.teacher is None and result.teacher_model is None
+            assert result.model == student.model_name
+            assert result.confidence == result.student["intent"].confidence
+        assert not result.audited
+
+    # The teacher saw exactly the escalated texts, once each.
+    assert set(stand_in["answered"]) == {normalise(text_of[t]) for t in escalated}
+    assert stand_in["chat_requests"] == len(escalated)
+    # The training log holds exactly the escalated texts, with gold labels, from "live".
+    assert {ex.text for ex in examples} == {text_of[t] for t in escalated}
+    for ex in examples:
+        assert ex.source == "live"
+        assert ex.labels == {"intent": gold_of[ex.ticket_id]}
+        assert text_of[ex.ticket_id] == ex.text
+        assert ex.teacher_model == STANDIN_MODEL
+    assert pending == 0
+    assert summary["escalations"] == len(escalated) and summary["threshold"] == threshold
+    assert summary["results"] == {"teacher": len(escalated),
+                                  "student": len(tickets) - len(escalated)}
+    assert sample(metrics, "triage_escalations_total") == len(escalated)
+    assert sample(metrics, "triage_teacher_requests_total", outcome="ok") == len(escalated)
+    assert sample(metrics, "triage_training_examples_total") == len(escalated)
+
+
+# --- 2. audit sampling -----------------------------------------------------------------------
+async def test_audits_sample_confident_tickets_and_measure_accuracy(
+    make_settings, student, gold, test_rows
+):
+    tickets = pick(test_rows, gold, 30, offset=600, prefix="aud")
+    text_of = {tid: row.text for tid, row in tickets}
+    audited = {tid for tid in text_of if should_audit(tid, 0.5)}
+    assert 0 < len(audited) < len(tickets)
+    # The zero-shot student is nearly always wrong, which would make any accuracy bug look
+    # right (0.0). So the teacher here agrees with the student on half the audited tickets.
+    predicted = await student.classify([row.text for _, row in tickets])
+    teacher_gold = dict(gold)
+    for i, ((tid, row), pred) in enumerate(zip(tickets, predicted)):
+        if tid in audited and i % 2 == 0:
+            teacher_gold[normalise(row.text)] = pred.fields["intent"].label
+    gold_of = {tid: teacher_gold[normalise(row.text)] for tid, row in tickets}
+
+    async with run_standin(gold=teacher_gold) as server:
+        settings = make_settings(
+            teacher_base_url=server.base_url, teacher_api_key="test-key",
+            confidence_threshold=0.0, audit_rate=0.5, teacher_max_retries=1,
+        )
+        await create_topics(settings)
+        async with TriageService(settings, classifier=student).running() as service:
+            await publish_tickets(settings, tickets)
+            results = await results_for(settings, set(text_of))
+            await service.pipeline.wait_for_audits()
+            summary = service.pipeline.summary()
+            examples = service.pipeline.training_log.examples()
+            metrics = service.metrics
+        stand_in = server.stats
+
+    for tid, result in results.items():
+        assert result.audited == (tid in audited), tid
+        assert result.route.value == "student"
+        assert result.fields == student_labels(result)  # audited or not: the student's answer
+        assert result.teacher is None and result.model == student.model_name
+    # The teacher was asked about exactly the audited tickets (and nothing escalated).
+    assert set(stand_in["answered"]) == {normalise(text_of[t]) for t in audited}
+    assert stand_in["chat_requests"] == len(audited)
+    assert summary["escalations"] == 0 and summary["audits"] == len(audited)
+    agree = [results[t].fields["intent"] == gold_of[t] for t in audited]
+    assert 0 < sum(agree) < len(agree), agree  # so a wrong accuracy cannot pass by luck
+    assert summary["audited_samples"] == len(audited)
+    assert summary["audited_accuracy"] == pytest.approx(sum(agree) / len(agree))
+    low, high = summary["audited_ci95"]
+    assert low <= summary["audited_accuracy"] <= high
+    assert sample(metrics, "triage_audited_samples") == len(audited)
+    assert sample(metrics, "triage_audited_accuracy") == pytest.approx(sum(agree) / len(agree))
+    assert sample(metrics, "triage_audits_total") == len(audited)
+    # Audit answers are training data too, marked as such.
+    assert {ex.ticket_id for ex in examples} == audited
+    assert all(ex.source == "audit" and ex.labels == {"intent": gold_of[ex.ticket_id]}
+               for ex in examples)
+
+
+# --- 3. teacher outage: no ticket lost, backlog drains after recovery ------------------------
+async def test_teacher_outage_publishes_unverified_then_backlog_drains(
+    make_settings, student, gold, test_rows
+):
+    per_phase = 6
+    phases = ["err", "429", "hang", "down"]
+    tickets = {p: pick(test_rows, gold, per_phase, offset=900 + 40 * i, prefix=p)
+               for i, p in enumerate(phases)}
+    text_of = {tid: row.text for batch in tickets.values() for tid, row in batch}
+    gold_of = {tid: row.label for batch in tickets.values() for tid, row in batch}
+    assert len(set(text_of.values())) == len(text_of) == per_phase * len(phases)
+
+    port = free_port()  # fixed: the base_url in settings must survive a stand-in restart
+    settings = make_settings(
+        teacher_base_url=f"http://127.0.0.1:{port}/v1", teacher_api_key="test-key",
+        confidence_threshold=1.0, audit_rate=0.0,
+        teacher_max_retries=1, teacher_timeout_s=0.5,
+        teacher_breaker_failures=4, teacher_breaker_reset_s=0.5,
+    )
+    await create_topics(settings)
+
+    async with TriageService(settings, classifier=student).running() as service:
+        pipeline = service.pipeline
+        log_ = pipeline.training_log
+        teacher = pipeline.teacher
+
+        async def outage_phase(phase: str, fault_seen: Callable[[], bool], reason: str,
+                               backlog_before: int) -> None:
+            before = Counter(pipeline.stats.teacher_failures)
+            batch = tickets[phase]
+            await publish_tickets(settings, batch)
+            results = await results_for(settings, {tid for tid, _ in batch})
+            for tid, result in results.items():
+                assert result.route.value == "unverified", (phase, tid)
+                assert result.fields == student_labels(result)  # the student's answer
+                assert result.teacher is None and result.model == student.model_name
+                assert result.confidence == result.student["intent"].confidence
+            # Every ticket of the phase failed over to the backlog, for this phase's reason
+            # (or the breaker that this phase's failures keep open).
+            failures = Counter(pipeline.stats.teacher_failures)
+            failures.subtract(before)
+            failures = +failures
+            assert sum(failures.values()) == per_phase, (phase, failures)
+            assert set(failures) <= {reason, "circuit_open"}, (phase, failures)
+            assert log_.pending_count() == backlog_before + per_phase, phase
+            assert {tid for tid, _ in batch} <= {tid for tid, _ in log_.pending(1000)}
+            # The fault really reached the teacher client during this phase.
+            await eventually(fault_seen, f"{phase}: fault observed")
+            assert log_.pending_count() == backlog_before + per_phase  # nothing drained
+
+        async with run_standin(port=port, gold=gold, hang_s=5.0) as server:
+            assert server.base_url == settings.teacher_base_url
+            status = lambda code: server.stats["by_status"].get(code, 0)  # noqa: E731
+
+            server.set_faults(error_rate=1.0)  # (a) HTTP 500
+            await outage_phase("err", lambda: status(500) > 0, "error", 0)
+            server.set_faults(error_rate=0.0, rate_limit_rate=1.0)  # (b) HTTP 429
+            base_429 = status(429)
+            await outage_phase("429", lambda: status(429) > base_429, "rate_limited", 6)
+            server.set_faults(rate_limit_rate=0.0, timeout_rate=1.0)  # (c) hangs
+            base_hangs = server.stats["hangs"]
+            await outage_phase("hang", lambda: server.stats["hangs"] > base_hangs, "timeout", 12)
+            assert status(200) == 0  # nothing was answered during the outage
+
+            server.set_faults(timeout_rate=0.0)  # recover: faults cleared
+            await eventually(lambda: log_.pending_count() == 0, "backlog drained", 60)
+            answered = server.stats["answered"]
+        recovered = [tid for p in ("err", "429", "hang") for tid, _ in tickets[p]]
+        assert set(answered) == {normalise(text_of[t]) for t in recovered}
+
+        # (d) the stand-in is gone: connection refused.
+        before_errors = teacher.stats()["errors"].get("error", 0)
+        await outage_phase("down", lambda: teacher.stats()["errors"].get("error", 0) > before_errors,
+                           "error", 0)
+        async with run_standin(port=port, gold=gold) as server:  # recover: same port
+            await eventually(lambda: log_.pending_count() == 0, "backlog drained again", 60)
+            answered = server.stats["answered"]
+        assert set(answered) == {normalise(text_of[t]) for t, _ in tickets["down"]}
+
+        examples = log_.examples()
+        summary = pipeline.summary()
+        metrics = service.metrics
+
+    # Exactly one published result per ticket: recovery labels the backlog, it republishes nothing.
+    published = await all_results(settings, len(text_of))
+    per_key = Counter(r.key.decode() for r in published)
+    assert set(per_key) == set(text_of) and set(per_key.values()) == {1}, per_key
+    assert {json.loads(r.value)["route"] for r in published} == {"unverified"}
+    # Every missed ticket is now training data with its gold label, from the backlog.
+    assert {ex.text for ex in examples} == set(text_of.values())
+    for ex in examples:
+        assert ex.source == "backlog"
+        assert ex.labels == {"intent": gold_of[ex.ticket_id]} and ex.text == text_of[ex.ticket_id]
+    assert summary["backlog_labelled"] == len(text_of)
+    assert summary["results"] == {"unverified": len(text_of)}
+    assert sample(metrics, "triage_results_total", route="unverified") == len(text_of)
+    assert teacher.stats()["breaker"] == "closed"
+
+
+# --- 4. the API key never reaches a log ------------------------------------------------------
+async def test_api_key_absent_from_all_logs(
+    make_settings, student, gold, test_rows, caplog, capfd, monkeypatch
+):
+    for name in (None, "openai", "httpx", "httpcore", "aiokafka", "faststream", "services",
+                 "aiohttp"):
+        caplog.set_level(logging.DEBUG, logger=name)
+    ok_batch = pick(test_rows, gold, 6, offset=1200, prefix="key-ok")
+    bad_batch = pick(test_rows, gold, 6, offset=1260, prefix="key-bad")
+    text_of = {tid: row.text for tid, row in ok_batch + bad_batch}
+
+    # The production path for the key: the environment, read by Settings.
+    monkeypatch.setenv("TRIAGE_TEACHER_API_KEY", KEY)
+    async with run_standin(gold=gold, api_key=KEY) as server:
+        settings = make_settings(
+            teacher_base_url=server.base_url, confidence_threshold=1.0, audit_rate=0.0,
+            teacher_max_retries=3, teacher_timeout_s=2.0,
+            teacher_breaker_failures=3, teacher_breaker_reset_s=0.5,
+        )
+        assert settings.teacher_api_key.get_secret_value() == KEY
+        await create_topics(settings)
+        async with TriageService(settings, classifier=student).running() as service:
+            log_ = service.pipeline.training_log
+            # Faulty but recoverable: 500s and 429s retried, then answered with the key.
+            server.set_faults(script=["error", "rate_limit", "error"])
+            await publish_tickets(settings, ok_batch)
+            ok = await results_for(settings, {t for t, _ in ok_batch})
+            # An outage: retries, the breaker, the backlog; then recovery drains it.
+            server.set_faults(error_rate=1.0)
+            await publish_tickets(settings, bad_batch)
+            bad = await results_for(settings, {t for t, _ in bad_batch})
+            server.set_faults(error_rate=0.0)
+            await eventually(lambda: log_.pending_count() == 0, "backlog drained", 60)
+            teacher = service.pipeline.teacher
+            blobs = [
+                repr(teacher), str(teacher.stats()), str(service.pipeline.summary()),
+                service.metrics.exposition().decode(), repr(log_.examples()),
+                repr(service.pipeline), repr(service),
+            ]
+        stand_in = server.stats
+        published = await all_results(settings, len(text_of), settle_s=0.5)
+
+    # The key was really used (the stand-in answers 401 without it) and faults really happened.
+    assert {r.route.value for r in ok.values()} == {"teacher"}
+    assert {r.route.value for r in bad.values()} == {"unverified"}
+    assert 401 not in stand_in["by_status"]
+    assert stand_in["by_status"][500] > 0 and stand_in["by_status"][429] > 0
+    # The capture saw DEBUG output of the HTTP client and the service, so absence means something.
+    names = {r.name for r in caplog.records}
+    assert any(n.startswith(("openai", "httpx", "httpcore")) for n in names), names
+    assert any(n.startswith("services") for n in names), names
+    assert any(r.levelno == logging.DEBUG for r in caplog.records)
+
+    captured = capfd.readouterr()
+    blobs += [caplog.text, captured.out, captured.err,
+              repr(settings), str(settings), settings.model_dump_json(), str(settings.model_dump()),
+              json.dumps(settings.model_dump(mode="json"))]
+    for record in caplog.records:
+        blobs.append(record.getMessage())
+        blobs.append(repr(record.args))
+        if record.exc_info:
+            blobs.append("".join(traceback.format_exception(*record.exc_info)))
+    blobs += [r.value.decode() for r in published]
+    for blob in blobs:
+        assert KEY_SECRET_PART not in blob
