@@ -177,6 +177,14 @@ class VllmClassifier:
             yield classifier
         finally:
             engine.shutdown()
+            # Drop the last reference now: AsyncLLM.__del__ at interpreter exit would call
+            # shutdown again with module globals already torn down (a noisy TypeError).
+            if "classifier" in locals():
+                classifier._engine = None
+            del engine
+            import gc
+
+            gc.collect()
 
     @property
     def live_adapter(self) -> AdapterRef | None:

@@ -212,7 +212,11 @@ class TicketPipeline:
         return answer
 
     async def _audit(self, ticket: Ticket, student_labels: dict[str, str]) -> None:
-        answer = await self._ask_teacher(ticket, source="audit")
+        try:
+            answer = await self._ask_teacher(ticket, source="audit")
+        except Exception:  # a background task: nobody else would see this
+            log.exception("audit of ticket %s failed", ticket.id)
+            return
         if answer is None:
             return
         agree = all(answer.labels.get(k) == v for k, v in student_labels.items())
@@ -237,24 +241,35 @@ class TicketPipeline:
         if self.metrics and added:
             self.metrics.training_examples_logged(added)
 
-    async def drain_backlog(self, limit: int = 64) -> int:
-        """Label tickets the teacher missed (outage, budget). Returns how many got labelled."""
+    async def drain_backlog(self, limit: int = 64, concurrency: int = 4) -> int:
+        """Label tickets the teacher missed (outage, budget). Returns how many got labelled.
+
+        Small concurrency so live escalations keep most of the teacher's slots after an
+        outage; a pass stops at the first failure instead of hammering a teacher that is
+        still down (each failure would also count against the circuit breaker).
+        """
         from services.teacher import TeacherUnavailable
 
         if self.teacher is None or self.training_log is None:
             return 0
         pending = self.training_log.pending(limit)
         done: list[str] = []
-
-        async def label(ticket_id: str, text: str) -> None:
-            try:
-                answer = await self.teacher.label(text)  # type: ignore[union-attr]
-            except TeacherUnavailable:
-                return
-            self._log_example(text, answer, source="backlog", ticket_id=ticket_id)
-            done.append(ticket_id)
-
-        await asyncio.gather(*(label(tid, text) for tid, text in pending))
+        for start in range(0, len(pending), concurrency):
+            chunk = pending[start : start + concurrency]
+            answers = await asyncio.gather(
+                *(self.teacher.label(text) for _, text in chunk), return_exceptions=True
+            )
+            failed = False
+            for (ticket_id, text), answer in zip(chunk, answers):
+                if isinstance(answer, TeacherUnavailable):
+                    failed = True
+                elif isinstance(answer, BaseException):
+                    raise answer
+                else:
+                    self._log_example(text, answer, source="backlog", ticket_id=ticket_id)
+                    done.append(ticket_id)
+            if failed:
+                break
         if done:
             self.training_log.resolve_pending(done)
             self.stats.backlog_labelled += len(done)

@@ -1,0 +1,69 @@
+"""The demo's flywheel: bootstrap -> distil -> promote -> hot-swap -> stream -> re-distil.
+
+Runs inside `triage demo` against the already running service: training happens in a
+subprocess (the service keeps its consumer alive), evaluation borrows the service's engine
+(one vLLM engine per process), and promotion moves the registry pointer, which the service
+follows without a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Awaitable, Callable
+
+from services.demo import StreamReport
+
+
+def say(message: str) -> None:
+    print(f"\n== {message}", flush=True)
+
+
+async def flywheel(
+    service: Any, settings: Any, options: Any, stage: Callable[[str, int], Awaitable[StreamReport]]
+) -> dict[str, Any]:
+    from services.bootstrap import run_bootstrap
+    from services.datasets import load_split
+    from trainer.distill import DistillConfig, run_distill_async
+
+    pipeline = service.pipeline
+    say(f"bootstrap: the teacher labels {options.bootstrap} BANKING77 *train* tickets into the training log")
+    boot = await run_bootstrap(
+        teacher=pipeline.teacher, log=pipeline.training_log,
+        texts=[row.text for row in load_split("train")[: options.bootstrap]], concurrency=16,
+    )
+    out: dict[str, Any] = {"bootstrap": boot.summary(), "distill": []}
+    config = DistillConfig(
+        registry_dir=settings.registry_dir, log_path=settings.training_log_path,
+        model_path=settings.model_path, task_path=settings.task_path,
+        work_dir=options.workdir / "distill", max_minutes=options.train_minutes,
+        report_tsv="none",  # the streamed test tickets are the report
+    )
+    for round_no in (1, 2):
+        version = pipeline.training_log.version()
+        say(f"distil #{round_no}: train (≤ {options.train_minutes:g} min) on training log v{version}, "
+            f"evaluate candidate vs live on BANKING77 dev, gate, promote")
+        summary = await run_distill_async(config, classifier=pipeline.classifier)
+        for line in summary["lines"]:
+            print(f"  {line}")
+        verdict = "PROMOTED" if summary["promoted"] else "REJECTED"
+        print(f"  {verdict}: {summary['reason']} (train {summary['train_minutes']} min, "
+              f"total {summary['total_minutes']} min)", flush=True)
+        out["distill"].append({k: summary[k] for k in (
+            "data_version", "candidate_id", "live_id", "promoted", "reason", "threshold",
+            "candidate", "live", "train_minutes", "total_minutes")})
+        if summary["promoted"]:
+            await _wait_for_swap(service, summary["current_id"])
+            print(f"  service hot-swapped to {summary['current_id']} (no restart)", flush=True)
+        await stage(f"distilled-{round_no}", options.tickets * round_no)
+    return out
+
+
+async def _wait_for_swap(service: Any, adapter_id: str, timeout_s: float = 60.0) -> None:
+    await service.reload_adapter()  # don't wait for the next registry poll
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while asyncio.get_running_loop().time() < deadline:
+        live = service.pipeline.classifier.live_adapter
+        if getattr(live, "adapter_id", None) == adapter_id:
+            return
+        await asyncio.sleep(0.2)
+    raise TimeoutError(f"service did not swap to {adapter_id}")
