@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
 import time
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any, AsyncIterator
@@ -52,6 +54,8 @@ class TriageService:
         self.metrics = metrics
         self.pipeline: TicketPipeline | None = None
         self.metrics_port: int | None = None
+        # Who answered: sent as the `triage-replica` header on every outcome (pod name in k8s).
+        self.replica_id = f"{socket.gethostname()}:{os.getpid()}"
         self._swap_lock = asyncio.Lock()
         self.broker = KafkaBroker(settings.bootstrap_servers, logger=log)
         self.subscriber = self.broker.subscriber(
@@ -174,7 +178,8 @@ class TriageService:
             pending.append(
                 await self.broker.publish(
                     outcome.payload, topic, key=outcome.key,
-                    headers={"content-type": "application/json"}, no_confirm=True,
+                    headers={"content-type": "application/json", "triage-replica": self.replica_id},
+                    no_confirm=True,
                 )
             )
         await asyncio.gather(*pending)  # broker acks for all, or raise

@@ -1,0 +1,86 @@
+"""TriageService's consumer watcher: readiness and per-partition lag follow the assignment.
+
+No broker: the subscriber's aiokafka consumer is replaced by a fake with a settable assignment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from aiokafka.structs import TopicPartition
+
+from services.app import TriageService
+from services.settings import Settings
+
+
+@dataclass
+class FakeConsumer:
+    high: dict[TopicPartition, int]
+    pos: dict[TopicPartition, int]
+    assigned: set[TopicPartition] = field(default_factory=set)
+
+    def assignment(self) -> set[TopicPartition]:
+        return set(self.assigned)
+
+    def highwater(self, tp: TopicPartition) -> int | None:
+        return self.high.get(tp)
+
+    async def position(self, tp: TopicPartition) -> int:
+        return self.pos[tp]
+
+
+@dataclass
+class FakeSubscriber:
+    consumer: FakeConsumer | None = None
+
+
+def _lag_series(service: TriageService) -> dict[int, float]:
+    out = {}
+    for metric in service.metrics.consumer_lag.collect():
+        for s in metric.samples:
+            out[int(s.labels["partition"])] = s.value
+    return out
+
+
+async def test_watcher_reports_lag_per_owned_partition_and_drops_revoked_ones(tmp_path):
+    settings = Settings(_env_file=None, bootstrap_servers="127.0.0.1:9", metrics_port=0,
+                        registry_dir=tmp_path / "registry", data_dir=tmp_path / "data")
+    service = TriageService(settings)
+    tps = [TopicPartition(settings.tickets_topic, p) for p in range(4)]
+    consumer = FakeConsumer(high={tp: 10 for tp in tps}, pos={tp: 7 for tp in tps})
+    service.subscriber = FakeSubscriber()  # not started: no consumer yet
+    watcher = asyncio.create_task(service._watch_consumer())
+    try:
+        await asyncio.sleep(0.1)
+        assert service.metrics.readiness() == (False, "waiting for partition assignment")
+
+        service.subscriber.consumer = consumer
+        consumer.assigned = set(tps)  # first member: owns everything
+        await asyncio.sleep(1.1)
+        ready, reason = service.metrics.readiness()
+        assert ready and "4 partitions assigned" in reason
+        assert _lag_series(service) == {0: 3.0, 1: 3.0, 2: 3.0, 3: 3.0}
+
+        consumer.assigned = {tps[1], tps[3]}  # a second replica joined: half revoked
+        consumer.pos[tps[1]] = 10
+        await asyncio.sleep(1.1)
+        assert _lag_series(service) == {1: 0.0, 3: 3.0}
+        assert "2 partitions assigned" in service.metrics.readiness()[1]
+
+        consumer.assigned = set()  # everything revoked (rebalance in progress)
+        await asyncio.sleep(1.1)
+        assert _lag_series(service) == {}
+        assert service.metrics.readiness()[0] is False
+    finally:
+        watcher.cancel()
+        await asyncio.gather(watcher, return_exceptions=True)
+
+
+def test_replica_id_names_host_and_process(tmp_path):
+    import os
+    import socket
+
+    settings = Settings(_env_file=None, bootstrap_servers="127.0.0.1:9", metrics_port=0,
+                        registry_dir=tmp_path / "registry", data_dir=tmp_path / "data")
+    assert TriageService(settings).replica_id == f"{socket.gethostname()}:{os.getpid()}"
