@@ -126,7 +126,7 @@ async def _bootstrap(args: argparse.Namespace) -> int:
                 concurrency=args.concurrency, progress=True,
             )
             print(f"training log: {training_log.count()} examples, version {training_log.version()}")
-    print(report.summary())
+    # (run_bootstrap already printed report.summary(); printing it again duplicated the line)
     return 0 if report.failed == 0 else 1
 
 
@@ -159,7 +159,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
         flywheel=not args.no_flywheel, malformed=args.malformed, workdir=Path(args.workdir),
     )
     report = asyncio.run(run_demo(_settings(), options))
-    print(json.dumps(report, indent=1, default=str)[:4000] if args.json else "")
+    if args.json:  # whole (a truncated report is not JSON); no stray blank line without it
+        print(json.dumps(report, indent=1, default=str))
+    lost = [s["stage"] for s in report["stages"] if not s["accounted_for"]]
+    if lost:  # a stage timed out before every ticket had an outcome: fail loudly
+        print(f"demo: tickets not accounted for in stage(s) {', '.join(lost)}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -208,8 +213,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+FORWARDING = ("distill", "standin")  # their args (--help included) belong to their own parser
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # argparse.REMAINDER does not capture a leading option (`triage distill --help` or
+    # `--max-minutes 5` were rejected as unrecognized): the options before the first
+    # positional come back as unknown; they precede REMAINDER's part, so order is kept.
+    args, unknown = parser.parse_known_args(argv)
+    if args.command in FORWARDING:
+        args.rest = unknown + args.rest
+    elif unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     _quiet_logs(args.log_level.upper())
     return args.fn(args)
 

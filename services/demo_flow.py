@@ -30,6 +30,9 @@ class DemoOptions:
     workdir: Path = Path("var/demo")
 
 
+DEMO_ENTRIES = {"registry", "data", "distill", "demo-report.json"}  # what a demo writes
+
+
 def say(message: str) -> None:
     print(f"\n== {message}", flush=True)
 
@@ -45,7 +48,11 @@ async def run_demo(base: Settings, options: DemoOptions) -> dict[str, Any]:
     from services.teacher_standin import run_standin
 
     workdir = options.workdir.resolve()
-    shutil.rmtree(workdir, ignore_errors=True)  # each demo starts from an empty log and registry
+    if workdir.is_dir() and not {p.name for p in workdir.iterdir()} <= DEMO_ENTRIES:
+        # each demo starts from an empty log and registry, but `--workdir .` (or ~) must not
+        # wipe a folder that is not a previous demo's
+        raise ValueError(f"{workdir} is not empty and not a demo workdir: pick another --workdir")
+    shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
     say("student model (SmolLM2-135M-Instruct, converted once from the packaged GGUF)")
     model_path = ensure_student_model(base.model_path)
