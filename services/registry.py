@@ -1,0 +1,225 @@
+"""Adapter registry: content-hashed LoRA adapters and an atomically moved `current` pointer.
+
+The trainer writes (add, promote, rollback); the service reads (`current()`, polled, then
+hot-swaps). Layout under `root`:
+
+    adapters/<adapter_id>/      adapter_config.json, adapter_model.safetensors, triage_adapter.json
+    current.json                {"adapter_id": ..., "stack": [previously promoted ids], ...}
+    history.jsonl               one line per promote / rollback (audit trail)
+
+- Ids are content hashes ("a-" + 16 hex of sha256 over the weight files and
+  adapter_config.json): new weights always get a new id, so vLLM's per-LoRA caches can never
+  serve stale weights (DESIGN.md #9), and adding the same folder twice is a no-op.
+- `add` copies into a temp folder inside the registry and renames it into place; a reader
+  never sees half an adapter. Nothing else is ever written into adapters/.
+- `current.json` is replaced atomically (tmp + fsync + os.replace) and carries the stack of
+  earlier promotions, so `rollback` is one atomic write too. `adapter_id: null` = base model.
+- Writers take an exclusive flock on `.lock`; readers never lock.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+from services.prompting import PromptStyle
+
+META_FILE = "triage_adapter.json"
+CONFIG_FILE = "adapter_config.json"
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+def weight_files(adapter_dir: Path) -> list[Path]:
+    return sorted(p for p in adapter_dir.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+
+
+def content_id(adapter_dir: str | Path) -> str:
+    """'a-' + first 16 hex of sha256 over (name, bytes) of the weights and adapter_config.json."""
+    adapter_dir = Path(adapter_dir)
+    files = weight_files(adapter_dir)
+    if not files or not (adapter_dir / CONFIG_FILE).is_file():
+        raise ValueError(f"{adapter_dir}: not a PEFT adapter (needs {CONFIG_FILE} + weights)")
+    digest = hashlib.sha256()
+    for path in [*files, adapter_dir / CONFIG_FILE]:
+        digest.update(path.name.encode() + b"\0")
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        digest.update(b"\0")
+    return "a-" + digest.hexdigest()[:16]
+
+
+def read_meta(adapter_dir: str | Path) -> dict[str, Any]:
+    path = Path(adapter_dir) / META_FILE
+    if not path.is_file():
+        raise ValueError(f"{adapter_dir}: missing {META_FILE}")
+    meta = json.loads(path.read_text(encoding="utf-8"))
+    for key in ("base_model", "prompt_style", "task"):
+        if key not in meta:
+            raise ValueError(f"{path}: missing {key!r}")
+    PromptStyle(meta["prompt_style"])  # fails fast on an unknown style
+    return meta
+
+
+def write_meta(adapter_dir: str | Path, meta: dict[str, Any]) -> None:
+    """Replace an adapter folder's metadata atomically (used before `add`, never after)."""
+    _atomic_write(Path(adapter_dir) / META_FILE, json.dumps(meta, indent=1))
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    adapter_id: str
+    path: Path
+    prompt_style: PromptStyle
+    threshold: float | None = None  # calibrated escalation threshold; None = not calibrated
+    meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
+
+    @classmethod
+    def from_dir(cls, adapter_dir: str | Path, adapter_id: str | None = None) -> AdapterRef:
+        """A ref to any adapter folder (e.g. a candidate not yet in the registry)."""
+        adapter_dir = Path(adapter_dir).resolve()
+        meta = read_meta(adapter_dir)
+        threshold = (meta.get("threshold") or {}).get("value")
+        return cls(
+            adapter_id=adapter_id or content_id(adapter_dir),
+            path=adapter_dir,
+            prompt_style=PromptStyle(meta["prompt_style"]),
+            threshold=None if threshold is None else float(threshold),
+            meta=meta,
+        )
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class AdapterRegistry:
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.adapters_dir = self.root / "adapters"
+        self.pointer_path = self.root / "current.json"
+        self.history_path = self.root / "history.jsonl"
+        self.adapters_dir.mkdir(parents=True, exist_ok=True)
+
+    def __repr__(self) -> str:
+        return f"AdapterRegistry({str(self.root)!r})"
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        with open(self.root / ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    # --- adapters ---------------------------------------------------------------------------
+    def add(self, adapter_dir: str | Path) -> AdapterRef:
+        """Copy an adapter folder in under its content id; adding the same weights again is a no-op."""
+        adapter_dir = Path(adapter_dir)
+        read_meta(adapter_dir)  # refuse folders the service could not use
+        adapter_id = content_id(adapter_dir)
+        final = self.adapters_dir / adapter_id
+        if not final.exists():
+            tmp = self.adapters_dir / f".tmp-{adapter_id}-{uuid.uuid4().hex[:8]}"
+            try:
+                shutil.copytree(adapter_dir, tmp)
+                if content_id(tmp) != adapter_id:  # changed while we copied
+                    raise RuntimeError(f"{adapter_dir} changed during add")
+                try:
+                    os.rename(tmp, final)  # atomic; fails if a concurrent add won the race
+                except OSError:
+                    if not final.exists():
+                        raise
+                _fsync_dir(self.adapters_dir)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        return self.get(adapter_id)
+
+    def get(self, adapter_id: str) -> AdapterRef:
+        path = self.adapters_dir / adapter_id
+        if adapter_id.startswith(".") or not path.is_dir():
+            raise KeyError(f"no adapter {adapter_id!r} in {self.root}")
+        return AdapterRef.from_dir(path, adapter_id)
+
+    def list(self) -> list[AdapterRef]:
+        return [self.get(p.name) for p in sorted(self.adapters_dir.iterdir())
+                if p.is_dir() and not p.name.startswith(".")]
+
+    # --- the current pointer ------------------------------------------------------------------
+    def _pointer(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.pointer_path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return {"adapter_id": None, "stack": []}
+
+    def current_id(self) -> str | None:
+        """Cheap read for pollers: the live adapter id (None = base model)."""
+        return self._pointer().get("adapter_id")
+
+    def current(self) -> AdapterRef | None:
+        adapter_id = self.current_id()
+        return None if adapter_id is None else self.get(adapter_id)
+
+    def _move(self, event: str, adapter_id: str | None, stack: list[str], reason: str) -> None:
+        now = datetime.now(timezone.utc).isoformat()
+        previous = self.current_id()
+        pointer = {"adapter_id": adapter_id, "stack": stack, "reason": reason, "at": now, "event": event}
+        _atomic_write(self.pointer_path, json.dumps(pointer, indent=1))
+        record = {"event": event, "adapter_id": adapter_id, "previous": previous, "reason": reason, "at": now}
+        with open(self.history_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def promote(self, adapter_id: str, reason: str) -> AdapterRef:
+        """Make `adapter_id` current (it must be in the registry)."""
+        ref = self.get(adapter_id)
+        with self._locked():
+            pointer = self._pointer()
+            if pointer.get("adapter_id") != adapter_id:
+                stack = list(pointer.get("stack", []))
+                if pointer.get("adapter_id") is not None:
+                    stack.append(pointer["adapter_id"])
+                self._move("promote", adapter_id, stack, reason)
+        return ref
+
+    def rollback(self, reason: str = "rollback") -> AdapterRef | None:
+        """Back to the adapter promoted before the current one (None = base model)."""
+        with self._locked():
+            pointer = self._pointer()
+            if pointer.get("adapter_id") is None:
+                return None
+            stack = list(pointer.get("stack", []))
+            previous = stack.pop() if stack else None
+            self._move("rollback", previous, stack, reason)
+        return None if previous is None else self.get(previous)
+
+    def history(self) -> list[dict[str, Any]]:
+        if not self.history_path.exists():
+            return []
+        lines = self.history_path.read_text(encoding="utf-8").splitlines()
+        return [json.loads(line) for line in lines if line.strip()]

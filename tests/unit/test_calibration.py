@@ -1,0 +1,105 @@
+"""Calibration maths: the threshold respects its error bound; ECE and curves are right."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from trainer import calibration as cal
+
+
+def test_clopper_pearson_known_values():
+    # 0 errors in n: upper bound = 1 - delta^(1/n) exactly
+    assert cal.clopper_pearson_upper(0, 100, 0.05) == pytest.approx(1 - 0.05 ** (1 / 100), abs=1e-9)
+    # defining equation, checked with exact integer binomials: P(Binom(100, u) <= 5) = 0.05
+    u = cal.clopper_pearson_upper(5, 100, 0.05)
+    assert u == pytest.approx(0.10225, abs=1e-4)
+    assert sum(math.comb(100, i) * u**i * (1 - u) ** (100 - i) for i in range(6)) == pytest.approx(0.05)
+    assert cal.clopper_pearson_upper(10, 10, 0.05) == 1.0
+    assert cal.min_certifiable_n(0.03, 0.05) == 99
+    n1 = cal.min_certifiable_n(0.03, 0.05, errors=1)
+    assert cal.clopper_pearson_upper(1, n1, 0.05) <= 0.03 < cal.clopper_pearson_upper(1, n1 - 4, 0.05)
+
+
+def synthetic(n: int, rng: np.random.Generator, overconfident: float = 0.0):
+    """A good model's confidences with a known truth: P(correct | c) = c - overconfident."""
+    conf = rng.beta(12, 0.6, size=n)
+    correct = rng.random(n) < np.clip(conf - overconfident, 0, 1)
+    return conf, correct
+
+
+@pytest.mark.parametrize(("overconfident", "max_infeasible"), [(0.0, 0.1), (0.01, 1.0)])
+def test_threshold_bounds_error_on_fresh_data(overconfident, max_infeasible):
+    """Over many calibration draws, the accepted error on fresh data exceeds epsilon rarely
+    (the bound allows delta = 5% of draws); the naive empirical rule fails this test."""
+    rng = np.random.default_rng(0)
+    eps, violations, infeasible, trials = 0.03, 0, 0, 100
+    for _ in range(trials):
+        conf, correct = synthetic(1000, rng, overconfident)
+        choice = cal.choose_threshold(conf, correct, eps, delta=0.05)
+        if not choice.feasible:  # allowed (escalate everything), but should be rare here
+            infeasible += 1
+            continue
+        assert choice.upper_bound <= eps
+        assert choice.errors_accepted / choice.accepted <= eps
+        fresh_conf, fresh_correct = synthetic(10000, rng, overconfident)
+        accepted = fresh_conf >= choice.threshold
+        violations += (~fresh_correct[accepted]).mean() > eps
+    assert violations / trials <= 0.08
+    assert infeasible / trials <= max_infeasible
+
+
+def test_naive_rule_would_violate_more_often():
+    """Sanity check that the test above can fail: plug-in 'empirical error <= eps' breaks it."""
+    rng = np.random.default_rng(1)
+    violations, trials = 0, 100
+    for _ in range(trials):
+        conf, correct = synthetic(1000, rng)
+        order = np.argsort(-conf)
+        err = np.cumsum(~correct[order]) / np.arange(1, len(conf) + 1)
+        k = int(np.nonzero(err <= 0.03)[0].max())
+        fresh_conf, fresh_correct = synthetic(10000, rng)
+        accepted = fresh_conf >= conf[order][k]
+        violations += (~fresh_correct[accepted]).mean() > 0.03
+    assert violations / trials > 0.2
+
+
+def test_infeasible_when_model_is_bad():
+    rng = np.random.default_rng(2)
+    conf = rng.random(500)
+    correct = rng.random(500) < 0.5
+    choice = cal.choose_threshold(conf, correct, 0.03)
+    assert not choice.feasible and choice.coverage == 0.0 and choice.escalation_rate == 1.0
+
+
+def test_perfect_model_accepts_everything():
+    choice = cal.choose_threshold(np.linspace(0.5, 1, 400), np.ones(400, bool), 0.03)
+    assert choice.feasible and choice.coverage == 1.0 and choice.threshold == 0.5
+
+
+def test_ties_are_accepted_together():
+    conf = np.array([0.9] * 200 + [0.5] * 10)
+    correct = np.array([True] * 200 + [False] * 10)
+    choice = cal.choose_threshold(conf, correct, 0.03)
+    assert choice.threshold == 0.9 and choice.accepted == 200
+
+
+def test_ece_and_reliability():
+    rng = np.random.default_rng(3)
+    conf = rng.random(50000)
+    calibrated = rng.random(50000) < conf
+    assert cal.expected_calibration_error(conf, calibrated) < 0.01
+    assert cal.expected_calibration_error(np.full(100, 0.9), np.zeros(100, bool)) == pytest.approx(0.9)
+    bins = cal.reliability(conf, calibrated, bins=15)["bins"]
+    assert len(bins) == 15 and sum(b["count"] for b in bins) == 50000
+
+
+def test_coverage_curve_and_macro_f1():
+    curve = cal.coverage_curve([0.9, 0.8, 0.7, 0.6], [True, True, False, False], points=4)
+    assert curve["coverage"] == [0.25, 0.5, 0.75, 1.0]
+    assert curve["accuracy"] == pytest.approx([1.0, 1.0, 2 / 3, 0.5], abs=1e-4)
+    assert cal.macro_f1(["a", "a", "b"], ["a", "b", "b"]) == pytest.approx((2 / 3 + 2 / 3) / 2)
+    applied = cal.apply_threshold([0.9, 0.8, 0.7, 0.6], [True, True, False, False], 0.75)
+    assert applied["coverage"] == 0.5 and applied["error_accepted"] == 0.0

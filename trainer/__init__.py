@@ -1,0 +1,1 @@
+"""Offline re-distillation: dataset -> LoRA training -> evaluation -> gated promotion."""

@@ -1,0 +1,178 @@
+"""Calibration maths for held-out evaluation: ECE, accuracy-coverage, a threshold with a bound.
+
+Pure numpy + math (no scipy); every function takes per-ticket confidences (the service's
+ticket confidence = min over fields) and correctness (all fields right).
+
+Threshold choice (`choose_threshold`): a ticket is accepted (answered by the student) when
+its confidence >= t, otherwise escalated. We want P(error | accepted) <= epsilon with
+probability >= 1 - delta over the draw of the calibration set. Method "clopper-pearson,
+fixed-sequence": candidate thresholds are the calibration confidences in descending order
+(coverage grows one ticket at a time), starting once `n_start` tickets are accepted: the
+smallest n at which ONE error still certifies epsilon (157 for epsilon 3%, delta 5%), so a
+single early error cannot end the walk; `n_start` depends on epsilon and delta only. Each candidate is tested with the exact one-sided Clopper-Pearson
+upper bound on the error rate of the accepted tickets; the walk stops at the first failure and
+returns the last threshold that passed. Testing in a fixed order and stopping at the first
+non-rejection controls the family-wise error at delta without a multiplicity correction
+(fixed-sequence testing, as in Learn-then-Test, Angelopoulos et al. 2021), unlike "the lowest
+threshold anywhere whose bound passes", which can cherry-pick a lucky dip. Assumes the
+calibration tickets are exchangeable with live traffic.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import numpy as np
+
+
+# --- binomial bounds --------------------------------------------------------------------------
+def _binom_cdf(k: int, n: int, p: float) -> float:
+    """P(Binomial(n, p) <= k), summed in log space (fine for n up to ~1e5)."""
+    if p <= 0.0:
+        return 1.0
+    if p >= 1.0:
+        return 1.0 if k >= n else 0.0
+    logp, log1p = math.log(p), math.log1p(-p)
+    terms = [
+        math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * logp + (n - i) * log1p
+        for i in range(0, k + 1)
+    ]
+    top = max(terms)
+    return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in terms))
+
+
+def clopper_pearson_upper(errors: int, n: int, delta: float = 0.05) -> float:
+    """Exact one-sided (1 - delta) upper confidence bound on a binomial error rate."""
+    if n <= 0:
+        return 1.0
+    if errors >= n:
+        return 1.0
+    lo, hi = errors / n, 1.0
+    for _ in range(60):  # bisection: the p where P(X <= errors) = delta
+        mid = (lo + hi) / 2
+        if _binom_cdf(errors, n, mid) > delta:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+def min_certifiable_n(epsilon: float, delta: float, errors: int = 0) -> int:
+    """Smallest n at which `errors` errors out of n still give an upper bound <= epsilon."""
+    n = max(1, errors + 1, math.ceil(math.log(delta) / math.log1p(-epsilon)))
+    while clopper_pearson_upper(errors, n, delta) > epsilon:
+        n += max(1, n // 50)
+    return n
+
+
+# --- threshold --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ThresholdChoice:
+    threshold: float  # accept when confidence >= threshold; 1.0 + feasible=False: escalate all
+    epsilon: float
+    delta: float
+    method: str
+    feasible: bool
+    n: int  # calibration tickets
+    accepted: int
+    errors_accepted: int
+    coverage: float  # accepted / n on the calibration set
+    escalation_rate: float  # 1 - coverage
+    upper_bound: float  # Clopper-Pearson bound on error of accepted at the chosen threshold
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def choose_threshold(
+    confidence: Sequence[float], correct: Sequence[bool], epsilon: float, delta: float = 0.05
+) -> ThresholdChoice:
+    conf = np.asarray(confidence, dtype=float)
+    ok = np.asarray(correct, dtype=bool)
+    n = len(conf)
+    order = np.argsort(-conf, kind="stable")
+    conf_sorted, errors_cum = conf[order], np.cumsum(~ok[order])
+    best: tuple[float, int, int] | None = None
+    k, last_errors = min_certifiable_n(epsilon, delta, errors=1), -1
+    while k <= n:
+        # Accept everything with confidence >= the k-th highest (ties are accepted together).
+        t = conf_sorted[k - 1]
+        k_all = int(np.searchsorted(-conf_sorted, -t, side="right"))
+        errors = int(errors_cum[k_all - 1])
+        # The bound only rises when an error is added (more tickets, same errors: it falls).
+        if errors != last_errors and clopper_pearson_upper(errors, k_all, delta) > epsilon:
+            break
+        best, last_errors, k = (float(t), k_all, errors), errors, k_all + 1
+    method = "clopper-pearson fixed-sequence (confidence-ordered), one-sided"
+    if best is None:
+        return ThresholdChoice(1.0, epsilon, delta, method, False, n, 0, 0, 0.0, 1.0, 1.0)
+    t, accepted, errors = best
+    bound = clopper_pearson_upper(errors, accepted, delta)
+    coverage = accepted / n if n else 0.0
+    return ThresholdChoice(t, epsilon, delta, method, True, n, accepted, errors, coverage, 1 - coverage, bound)
+
+
+def apply_threshold(confidence: Sequence[float], correct: Sequence[bool], threshold: float) -> dict:
+    """What a threshold does on another set: coverage and error among accepted."""
+    conf = np.asarray(confidence, dtype=float)
+    ok = np.asarray(correct, dtype=bool)
+    accepted = conf >= threshold
+    n_acc = int(accepted.sum())
+    return {
+        "threshold": threshold,
+        "coverage": n_acc / len(conf) if len(conf) else 0.0,
+        "escalation_rate": 1 - n_acc / len(conf) if len(conf) else 1.0,
+        "accepted": n_acc,
+        "error_accepted": float((~ok[accepted]).mean()) if n_acc else 0.0,
+    }
+
+
+# --- calibration metrics ----------------------------------------------------------------------
+def reliability(confidence: Sequence[float], correct: Sequence[bool], bins: int = 15) -> dict:
+    """Equal-width confidence bins: count, mean confidence, accuracy; and the ECE over them."""
+    conf = np.asarray(confidence, dtype=float)
+    ok = np.asarray(correct, dtype=float)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, bins - 1)
+    rows, ece = [], 0.0
+    for b in range(bins):
+        mask = which == b
+        count = int(mask.sum())
+        mean_conf = float(conf[mask].mean()) if count else None
+        acc = float(ok[mask].mean()) if count else None
+        if count:
+            ece += count / len(conf) * abs(acc - mean_conf)
+        rows.append({"lo": float(edges[b]), "hi": float(edges[b + 1]), "count": count,
+                     "confidence": mean_conf, "accuracy": acc})
+    return {"bins": rows, "ece": float(ece)}
+
+
+def expected_calibration_error(confidence: Sequence[float], correct: Sequence[bool], bins: int = 15) -> float:
+    return reliability(confidence, correct, bins)["ece"]
+
+
+def coverage_curve(confidence: Sequence[float], correct: Sequence[bool], points: int = 101) -> dict:
+    """Accuracy of the `coverage` most confident tickets, on a coverage grid in (0, 1]."""
+    conf = np.asarray(confidence, dtype=float)
+    ok = np.asarray(correct, dtype=float)[np.argsort(-conf, kind="stable")]
+    n = len(ok)
+    grid = np.linspace(1.0 / points, 1.0, points) if n else np.array([])
+    counts = np.maximum(1, np.round(grid * n).astype(int))
+    acc = np.cumsum(ok)[counts - 1] / counts if n else np.array([])
+    thresholds = np.sort(conf)[::-1][counts - 1] if n else np.array([])
+    return {"coverage": grid.round(4).tolist(), "accuracy": acc.round(5).tolist(),
+            "threshold": thresholds.round(5).tolist()}
+
+
+def macro_f1(y_true: Sequence[str], y_pred: Sequence[str]) -> float:
+    """Unweighted mean F1 over labels seen in either truth or prediction (sklearn's default)."""
+    labels = sorted(set(y_true) | set(y_pred))
+    scores = []
+    for label in labels:
+        tp = sum(t == label and p == label for t, p in zip(y_true, y_pred))
+        fp = sum(t != label and p == label for t, p in zip(y_true, y_pred))
+        fn = sum(t == label and p != label for t, p in zip(y_true, y_pred))
+        scores.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
+    return float(np.mean(scores)) if scores else 0.0

@@ -1,0 +1,154 @@
+"""Training data for the student: teacher answers -> deduplicated, split, encoded prompts.
+
+Rows come from the training log (up to a recorded version, so a run can be reproduced) or
+from a labelled TSV. Every row becomes one prompt per field, rendered by the shared prompt
+builder (`services.prompting.render_prompt`, compact style) and tokenised exactly as the
+serving engine does (`services.engine.encode_prompt`); the target is the index of the
+label's single-token code among the field's codes.
+
+The train/validation split is a pure function of each text's content hash, so a text stays
+on the same side of the split as the log grows. `data_hash` identifies the training set
+(sha256 over the sorted (text, labels) pairs) and is stored beside every adapter.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from schemas.task import TaskSpec
+from schemas.training import content_hash
+from services.prompting import LabelCodes, PromptStyle, render_prompt
+
+
+@dataclass(frozen=True)
+class Row:
+    """One labelled text; `labels` maps field name -> label."""
+
+    text: str
+    labels: dict[str, str] = field(hash=False)
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One prompt whose next token is `field`'s code; `target` indexes the field's labels."""
+
+    input_ids: tuple[int, ...]
+    field: str
+    target: int
+    row: int  # index of the source row
+
+
+@dataclass
+class TrainingData:
+    train: list[Row]
+    validation: list[Row]
+    data_version: int | None  # training-log version the rows go up to (None: a TSV)
+    data_hash: str
+    counts: dict[str, int]
+
+    def describe(self) -> dict[str, Any]:
+        return {"data_version": self.data_version, "data_hash": self.data_hash, **self.counts}
+
+
+# --- sources -----------------------------------------------------------------------------
+def rows_from_log(path: str | Path, up_to_version: int | None = None) -> tuple[list[Row], int]:
+    """Rows of the training log with version <= up_to_version (default: its current version)."""
+    from services.training_log import TrainingLog
+
+    with TrainingLog(path) as log:
+        version = log.version() if up_to_version is None else int(up_to_version)
+        rows = [Row(e.text, dict(e.labels)) for e in log.examples(up_to_version=version)]
+    return rows, version
+
+
+def read_tsv(path: str | Path, task: TaskSpec) -> list[Row]:
+    """A `text<TAB>label` TSV (one-field task) or `text<TAB><field>...` with a column per field."""
+    names = [f.name for f in task.fields]
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f, delimiter="\t")
+        columns = set(reader.fieldnames or ())
+        if "text" not in columns:
+            raise ValueError(f"{path}: no 'text' column")
+        if set(names) <= columns:
+            mapping = {n: n for n in names}
+        elif len(names) == 1 and "label" in columns:
+            mapping = {names[0]: "label"}
+        else:
+            raise ValueError(f"{path}: expected columns {names} (or 'label' for a one-field task)")
+        return [
+            Row(r["text"], {name: r[col] for name, col in mapping.items()})
+            for r in reader
+            if r["text"] and r["text"].strip()
+        ]
+
+
+# --- cleaning, split, hash -----------------------------------------------------------------
+def dedup(rows: Iterable[Row]) -> list[Row]:
+    """One row per content hash (whitespace/case-normalised text); the first answer wins."""
+    kept: dict[str, Row] = {}
+    for row in rows:
+        kept.setdefault(content_hash(row.text), row)
+    return list(kept.values())
+
+
+def valid_rows(rows: Iterable[Row], task: TaskSpec) -> list[Row]:
+    """Drop rows with a field missing or a label outside the task (e.g. an older label set)."""
+    allowed = {f.name: set(f.labels) for f in task.fields}
+    return [r for r in rows if all(r.labels.get(n) in labels for n, labels in allowed.items())]
+
+
+def in_validation(text: str, fraction: float) -> bool:
+    """Deterministic, content-based: the same text is always on the same side."""
+    bucket = int(hashlib.sha256(("split:" + content_hash(text)).encode()).hexdigest()[:8], 16)
+    return bucket < fraction * 16**8
+
+
+def data_hash(rows: Iterable[Row]) -> str:
+    pairs = sorted((r.text, json.dumps(r.labels, sort_keys=True)) for r in rows)
+    return hashlib.sha256(json.dumps(pairs, ensure_ascii=False).encode()).hexdigest()
+
+
+def build(
+    rows: Sequence[Row], task: TaskSpec, *, val_fraction: float, data_version: int | None = None
+) -> TrainingData:
+    unique = dedup(rows)
+    usable = valid_rows(unique, task)
+    train = [r for r in usable if not in_validation(r.text, val_fraction)]
+    validation = [r for r in usable if in_validation(r.text, val_fraction)]
+    counts = {
+        "rows": len(rows),
+        "duplicates": len(rows) - len(unique),
+        "invalid": len(unique) - len(usable),
+        "train": len(train),
+        "validation": len(validation),
+    }
+    return TrainingData(train, validation, data_version, data_hash(usable), counts)
+
+
+# --- encoding ------------------------------------------------------------------------------
+def encode(
+    rows: Iterable[Row],
+    task: TaskSpec,
+    codes: dict[str, LabelCodes],
+    tokenizer: Any,
+    *,
+    style: PromptStyle = PromptStyle.compact,
+    max_tokens: int | None = None,
+) -> list[Encoded]:
+    """One `Encoded` per (row, field); prompts longer than max_tokens are skipped."""
+    from services.engine import encode_prompt  # the serving tokenisation, not a copy of it
+
+    out = []
+    for n, row in enumerate(rows):
+        for spec in task.fields:
+            field_codes = codes[spec.name]
+            prompt = render_prompt(task, spec.name, row.text, style, field_codes)
+            ids = tuple(encode_prompt(tokenizer, prompt))
+            if max_tokens is None or len(ids) <= max_tokens:
+                out.append(Encoded(ids, spec.name, field_codes.labels.index(row.labels[spec.name]), n))
+    return out

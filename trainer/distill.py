@@ -1,0 +1,177 @@
+"""One re-distillation cycle: training log -> LoRA -> held-out eval -> gate -> registry.
+
+    HF_HUB_OFFLINE=1 python -m trainer.distill --max-minutes 28
+    HF_HUB_OFFLINE=1 python -m trainer.distill --help
+
+1. pin the training log's current version (rows appended meanwhile wait for the next cycle);
+2. train a candidate with `python -m trainer.train` in a subprocess, into a fresh run folder
+   outside the registry (a killed or failed run leaves the registry untouched; the child
+   also keeps torch's memory and any CUDA context out of the process that starts vLLM);
+3. start ONE serving engine and evaluate the candidate and the live adapter (the base model
+   when none is live) on the calibration set; thresholds at target error epsilon;
+4. `trainer.promote.decide`: on promote, write eval + threshold into the candidate's
+   metadata, `registry.add` it and move the `current` pointer (the service hot-swaps by
+   watching that pointer); on reject, the run folder keeps everything for inspection.
+Returns (and writes to <run>/summary.json) a summary dict.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+from schemas.task import TaskSpec
+from services.registry import AdapterRef, AdapterRegistry, read_meta, write_meta
+from trainer.evaluate import HeldOut, default_heldout, evaluate, summary_line
+from trainer.promote import decide
+
+
+@dataclass
+class DistillConfig:
+    registry_dir: Path
+    log_path: Path
+    model_path: Path
+    task_path: Path
+    work_dir: Path = Path("var/distill")
+    calibration_tsv: str = ""  # gate + threshold set; default BANKING77 dev
+    report_tsv: str = ""  # final report set (candidate only); default BANKING77 test; "none" skips
+    eval_limit: int = 0  # first N rows of each held-out set (0 = all)
+    epsilon: float = 0.03  # target error of tickets the student answers
+    delta: float = 0.05  # the bound holds with probability 1 - delta
+    margin: float = 0.01  # coverage (or, on a tie, accuracy) gain needed to promote
+    max_minutes: float = 28.0  # training budget (load to save)
+    train_timeout_s: float | None = None  # hard kill of the trainer; default: budget + 10 min
+    train_args: dict[str, Any] = field(default_factory=dict)  # extra trainer.train flags
+    engine: Any = None  # services.engine.EngineConfig; default: from model_path
+
+
+def train_subprocess(out_dir: Path, flags: dict[str, Any], log_file: Path, timeout_s: float | None = None) -> None:
+    """`python -m trainer.train` with flags; raises if it fails, is killed or times out."""
+    cmd = [sys.executable, "-m", "trainer.train", "--out-dir", str(out_dir)]
+    for key, value in flags.items():
+        if value is not None and value != "":
+            cmd += [f"--{key.replace('_', '-')}", str(value)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    with open(log_file, "w") as log:
+        log.write(" ".join(cmd) + "\n")
+        log.flush()
+        subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, env=env,
+                       cwd=Path(__file__).resolve().parents[1], timeout=timeout_s)
+
+
+async def run_distill_async(
+    cfg: DistillConfig, *, train_fn: Callable[..., None] = train_subprocess,
+    classifier: Any = None,
+) -> dict[str, Any]:
+    """One cycle; `train_fn` and `classifier` are injectable for tests."""
+    from services.engine import EngineConfig
+    from services.training_log import TrainingLog
+
+    started = time.monotonic()
+    task = TaskSpec.from_file(cfg.task_path)
+    registry = AdapterRegistry(cfg.registry_dir)
+    with TrainingLog(cfg.log_path) as log:
+        version = log.version()
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+    run_dir = Path(cfg.work_dir) / f"run-{stamp}-v{version}"
+    run_dir.mkdir(parents=True, exist_ok=False)
+    candidate_dir = run_dir / "adapter"
+    flags = {"base_model": cfg.model_path, "task_path": cfg.task_path, "log_path": cfg.log_path,
+             "log_version": version, "max_minutes": cfg.max_minutes, **cfg.train_args}
+    timeout = cfg.train_timeout_s or cfg.max_minutes * 60 + 600
+    train_fn(candidate_dir, flags, run_dir / "train.log", timeout)  # raises: registry untouched
+    train_minutes = (time.monotonic() - started) / 60
+
+    candidate = AdapterRef.from_dir(candidate_dir)
+    live = registry.current()
+    calib = HeldOut.from_tsv("calibration", cfg.calibration_tsv or default_heldout(task, "calibration"),
+                             task, cfg.eval_limit)
+    final = None if cfg.report_tsv == "none" else HeldOut.from_tsv(
+        "report", cfg.report_tsv or default_heldout(task, "report"), task, cfg.eval_limit)
+    engine = cfg.engine or EngineConfig(model_path=Path(cfg.model_path))
+    results = await evaluate(engine, task, {"candidate": candidate, "live": live}, calib, final,
+                             epsilon=cfg.epsilon, delta=cfg.delta, out_dir=run_dir / "eval",
+                             final_names={"candidate"}, classifier=classifier)
+    cand, current = results["candidate"]["calibration"], results["live"]["calibration"]
+    decision = decide(cand, current, cfg.margin)
+
+    meta = read_meta(candidate_dir)
+    meta["threshold"] = {"value": cand["threshold"]["threshold"], **cand["threshold"]}
+    meta["eval"] = {name: {k: rep.get(k) for k in ("data", "accuracy", "macro_f1", "ece", "epsilon",
+                                                     "coverage_at_epsilon", "escalation_rate_at_epsilon")}
+                    for name, rep in results["candidate"].items()}
+    meta["gate"] = {"promote": decision.promote, "reason": decision.reason,
+                    "live_adapter_id": live.adapter_id if live else None}
+    write_meta(candidate_dir, meta)  # metadata is outside the content hash: the id is unchanged
+
+    promoted = None
+    if decision.promote:
+        promoted = registry.add(candidate_dir)
+        registry.promote(promoted.adapter_id, decision.reason)
+    summary = {
+        "run_dir": str(run_dir),
+        "data_version": version,
+        "candidate_id": candidate.adapter_id,
+        "live_id": live.adapter_id if live else None,
+        "promoted": decision.promote,
+        "current_id": registry.current_id(),
+        "reason": decision.reason,
+        "threshold": meta["threshold"],
+        "train_metrics": meta.get("train_metrics"),
+        "candidate": meta["eval"],
+        "live": {k: current.get(k) for k in ("accuracy", "macro_f1", "ece", "coverage_at_epsilon")},
+        "lines": [summary_line(name, r) for name, r in results.items()],
+        "train_minutes": round(train_minutes, 2),
+        "total_minutes": round((time.monotonic() - started) / 60, 2),
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    return summary
+
+
+def run_distill(cfg: DistillConfig, **kwargs: Any) -> dict[str, Any]:
+    """Synchronous entry point (CLI, CronJob); use `run_distill_async` inside an event loop."""
+    return asyncio.run(run_distill_async(cfg, **kwargs))
+
+
+def main(argv: list[str] | None = None) -> None:
+    from services.settings import Settings
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--max-minutes", type=float, default=28.0, help="training time budget")
+    parser.add_argument("--epsilon", type=float, default=0.03, help="target error of accepted tickets")
+    parser.add_argument("--margin", type=float, default=0.01, help="gain needed to promote")
+    parser.add_argument("--calibration-tsv", default="", help="gate/threshold set (default BANKING77 dev)")
+    parser.add_argument("--report-tsv", default="", help="final report set (default BANKING77 test; 'none')")
+    parser.add_argument("--eval-limit", type=int, default=0, help="first N held-out rows (0 = all)")
+    parser.add_argument("--work-dir", default="var/distill")
+    parser.add_argument("--train-arg", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra trainer.train flag, e.g. lora_layers=8 (repeatable)")
+    opts = parser.parse_args(argv)
+    from services.engine import EngineConfig
+
+    settings = Settings()
+    cfg = DistillConfig(
+        registry_dir=settings.registry_dir, log_path=settings.training_log_path,
+        model_path=settings.model_path, task_path=settings.task_path, work_dir=Path(opts.work_dir),
+        calibration_tsv=opts.calibration_tsv, report_tsv=opts.report_tsv, eval_limit=opts.eval_limit,
+        epsilon=opts.epsilon, margin=opts.margin, max_minutes=opts.max_minutes,
+        train_args=dict(a.split("=", 1) for a in opts.train_arg),
+        engine=EngineConfig.from_settings(settings),
+    )
+    summary = run_distill(cfg)
+    print("\n".join(summary["lines"]))
+    print(("PROMOTED " if summary["promoted"] else "REJECTED ") + summary["reason"])
+    print(f"summary: {summary['run_dir']}/summary.json")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,357 @@
+"""LoRA re-distillation of the student, trained exactly as it is served: one token per field.
+
+Run (CPU defaults; BANKING77's train split standing in for the teacher's labels):
+    HF_HUB_OFFLINE=1 python -m trainer.train --out-dir var/runs/b77 \
+        --train-tsv $(python -c "from services.datasets import banking77_dir as d; print(d())")/train.tsv
+From the training log, as `trainer.distill` runs it:
+    HF_HUB_OFFLINE=1 python -m trainer.train --out-dir var/runs/x --log-path ~/.cache/triage/data/training_log.sqlite3
+GPU with a 7B base: the same script, arguments only (device auto -> cuda, dtype auto -> bf16):
+    python -m trainer.train --out-dir var/runs/q7 --base-model /models/Qwen2.5-7B-Instruct \
+        --log-path training_log.sqlite3 --lora-layers 0 --batch-size 64 --max-minutes 60
+
+What is trained. Serving renders `services.prompting` compact prompts, restricts the next token
+to the field's label codes and renormalises over them. So the loss is cross-entropy over the
+code tokens only, at the last prompt position only: hidden state of the last real token ->
+final norm -> `lm_head.weight[code_ids]` -> softmax over the field's codes. No full-vocabulary
+logits, no loss on prompt tokens. Only LoRA on linear layers (what vLLM serves), only on the
+top `--lora-layers` layers: the layers below are frozen, so their output for each prompt is
+computed once (no grad, the "prefix cache") and every epoch runs only the top layers.
+Batches are length-bucketed and right-padded (causal attention never looks at the pads; the
+last real token is at `length - 1`), so nearly no compute goes to padding.
+
+Why these defaults (2 CPU cores, SmolLM2-135M, BANKING77; bench/train_recipe.py, HF-side
+accuracy on 500 dev tickets; see trainer/README.md for the table):
+    RECIPE_NOTES
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from schemas.task import TaskSpec, default_task_path
+from services.prompting import PromptStyle, build_all_codes, prompt_fingerprint
+from services.registry import META_FILE
+from trainer import dataset
+
+ALL_LINEAR = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+
+
+@dataclass
+class TrainArgs:
+    out_dir: str = field(metadata={"help": "adapter folder to create (must not exist)"})
+    base_model: str = field(default="", metadata={"help": "HF folder; default: the student"})
+    task_path: str = field(default="", metadata={"help": "TaskSpec JSON; default: banking77"})
+    log_path: str = field(default="", metadata={"help": "training log (SQLite) to train on"})
+    log_version: int | None = field(default=None, metadata={"help": "default: current"})
+    train_tsv: str = field(default="", metadata={"help": "labelled TSV instead of the log"})
+    max_examples: int = field(default=0, metadata={"help": "0 = all training rows"})
+    val_fraction: float = field(default=0.05, metadata={"help": "content-hash split"})
+    lora_layers: int = field(default=4, metadata={"help": "LoRA on the top K layers; 0 = all"})
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    target_modules: str = ALL_LINEAR
+    lr: float = 2e-3
+    warmup: float = field(default=0.05, metadata={"help": "fraction of the run"})
+    weight_decay: float = 0.0
+    epochs: float = 6.0
+    batch_size: int = 32
+    max_tokens: int = field(default=256, metadata={"help": "longer prompts are skipped"})
+    max_minutes: float = field(default=28.0, metadata={"help": "whole run, load to save"})
+    max_steps: int = field(default=0, metadata={"help": "0 = epochs decide (tests use it)"})
+    prefix_share: float = field(default=0.4, metadata={"help": "max share of the budget for the "
+                                "frozen-layer pass; examples it does not reach are not used"})
+    device: str = "auto"
+    dtype: str = field(default="auto", metadata={"help": "auto: bf16 on cuda, fp32 on cpu"})
+    threads: int = field(default=2, metadata={"help": "torch CPU threads; 0 = torch default"})
+    cpu_bf16: str = field(default="auto", metadata={"help": "bf16 autocast for training on CPU: "
+                          "auto = on if the CPU has AVX512-BF16/AMX; eval stays fp32"})
+    seed: int = 0
+
+
+# --- model pieces ----------------------------------------------------------------------------
+def decoder(model):
+    """The inner decoder (embed_tokens, layers, norm, rotary_emb) of a PEFT or plain model."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.model
+
+
+def run_layers(inner, layers, hidden: torch.Tensor) -> torch.Tensor:
+    """Right-padded batch through `layers`; no mask needed: causal attention ignores the pads."""
+    positions = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+    rope = inner.rotary_emb(hidden, position_ids=positions)
+    for layer in layers:
+        hidden = layer(hidden, attention_mask=None, position_ids=positions, position_embeddings=rope)
+        hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+    return hidden
+
+
+def pad_ids(seqs: list[tuple[int, ...]], pad_id: int, device) -> torch.Tensor:
+    width = max(len(s) for s in seqs)
+    return torch.tensor([list(s) + [pad_id] * (width - len(s)) for s in seqs], device=device)
+
+
+def code_loss(inner, head_rows, code_ids, hidden, lengths, batch):
+    """Cross-entropy over each field's code tokens at the last real position: (sum, n correct)."""
+    last = inner.norm(hidden[torch.arange(len(batch)), lengths - 1])
+    loss, correct = hidden.new_zeros(()), 0
+    for name, ids in code_ids.items():
+        rows = [r for r, e in enumerate(batch) if e.field == name]
+        if not rows:
+            continue
+        logits = last[rows].float() @ head_rows[ids].float().T  # [n, n_codes]
+        targets = torch.tensor([batch[r].target for r in rows], device=logits.device)
+        loss = loss + F.cross_entropy(logits, targets, reduction="sum")
+        correct += int((logits.argmax(-1) == targets).sum())
+    return loss, correct
+
+
+def batch_hidden(inner, cut, states, examples, idx, pad_id, device):
+    """Inputs of the top layers for one batch: the frozen layers' outputs, cached per example."""
+    lengths = torch.tensor([len(examples[i].input_ids) for i in idx], device=device)
+    missing = [i for i in idx if states is None or states[i] is None]
+    if missing:
+        with torch.no_grad():
+            hidden = inner.embed_tokens(pad_ids([examples[i].input_ids for i in missing], pad_id, device))
+            hidden = run_layers(inner, inner.layers[:cut], hidden)
+        if states is None:
+            return hidden, lengths
+        for row, i in enumerate(missing):
+            states[i] = hidden[row, : len(examples[i].input_ids)].to("cpu", copy=True)
+    hidden = torch.nn.utils.rnn.pad_sequence([states[i] for i in idx], batch_first=True)
+    return hidden.to(device), lengths
+
+
+def buckets(examples, batch_size: int, rng: random.Random) -> list[list[int]]:
+    """Length-sorted batches (random order among equal lengths), in shuffled order."""
+    order = sorted(range(len(examples)), key=lambda i: (len(examples[i].input_ids), rng.random()))
+    chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    rng.shuffle(chunks)
+    return chunks
+
+
+@torch.no_grad()
+def accuracy(inner, cut, head_rows, code_ids, examples, states, pad_id, device, batch_size=64):
+    if not examples:
+        return {"n": 0}
+    total_loss, correct = 0.0, 0
+    for idx in buckets(examples, batch_size, random.Random(0)):
+        hidden, lengths = batch_hidden(inner, cut, states, examples, idx, pad_id, device)
+        hidden = run_layers(inner, inner.layers[cut:], hidden)
+        loss, right = code_loss(inner, head_rows, code_ids, hidden, lengths, [examples[i] for i in idx])
+        total_loss, correct = total_loss + float(loss), correct + right
+    return {"n": len(examples), "accuracy": correct / len(examples), "nll": total_loss / len(examples)}
+
+
+def cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def lr_at(progress: float, peak: float, warmup: float) -> float:
+    """Linear warm-up, then cosine to zero, over progress in [0, 1]."""
+    if progress < warmup:
+        return peak * progress / warmup
+    return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, (progress - warmup) / (1.0 - warmup))))
+
+
+# --- the run -----------------------------------------------------------------------------------
+def load_data(args: TrainArgs, task: TaskSpec, codes, tokenizer):
+    """Rows -> dedup -> content-hash split -> compact prompts with code targets."""
+    if args.train_tsv:
+        rows, version, source = dataset.read_tsv(args.train_tsv, task), None, args.train_tsv
+    elif args.log_path:
+        rows, version = dataset.rows_from_log(args.log_path, args.log_version)
+        source = args.log_path
+    else:
+        raise SystemExit("give --log-path or --train-tsv")
+    data = dataset.build(rows, task, val_fraction=args.val_fraction, data_version=version)
+    if args.max_examples and len(data.train) > args.max_examples:
+        data.train = random.Random(args.seed).sample(data.train, args.max_examples)
+        data.counts["train"] = len(data.train)
+        data.data_hash = dataset.data_hash(data.train + data.validation)
+    if not data.train:
+        raise SystemExit(f"no training rows in {source}")
+    encode = lambda rows: dataset.encode(rows, task, codes, tokenizer, max_tokens=args.max_tokens)  # noqa: E731
+    return data, source, encode(data.train), encode(data.validation)
+
+
+def main(args: TrainArgs) -> dict:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from services.model_store import ensure_student_model
+
+    t0 = time.monotonic()
+    deadline = t0 + args.max_minutes * 60
+    torch.manual_seed(args.seed)
+    rng = random.Random(args.seed)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    dtype_name = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+    dtype = getattr(torch, dtype_name)
+    # bf16 matmuls are ~2.5x faster than fp32 on AVX512-BF16 CPUs; weights, LoRA master copies
+    # and the loss stay fp32, and every evaluation below runs in fp32 (as vLLM serves on CPU).
+    autocast = device.type == "cpu" and dtype == torch.float32 and (
+        args.cpu_bf16 == "on" or (args.cpu_bf16 == "auto" and cpu_has_bf16()))
+    args.base_model = str(args.base_model or ensure_student_model())
+    task = TaskSpec.from_file(args.task_path or default_task_path())
+    out_dir = Path(args.out_dir)
+    if out_dir.exists():
+        raise FileExistsError(f"{out_dir} exists; adapters are written once")
+
+    tokenizer = AutoTokenizer.from_pretrained(args.base_model)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    codes = build_all_codes(task, tokenizer)
+    data, source, train, val = load_data(args, task, codes, tokenizer)
+
+    # Model: frozen base in fp32 (cpu) / bf16 (cuda), LoRA on the top K layers' linear modules.
+    model = AutoModelForCausalLM.from_pretrained(args.base_model, dtype=dtype).to(device)
+    model.requires_grad_(False)
+    n_layers = model.config.num_hidden_layers
+    k = n_layers if args.lora_layers <= 0 else min(args.lora_layers, n_layers)
+    cut = n_layers - k
+    lora = LoraConfig(
+        r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, bias="none",
+        target_modules=args.target_modules.split(","), layers_to_transform=list(range(cut, n_layers)),
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(model, lora)
+    inner = decoder(model)
+    head_rows = model.get_base_model().get_output_embeddings().weight  # tied or not: same rows
+    code_ids = {name: torch.tensor(c.token_ids, device=device) for name, c in codes.items()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    # Outputs of the frozen layers [0, cut), per example, filled once by the frozen pass below
+    # (validation: by its first evaluation). cut == 0: nothing frozen, embeddings are cheap.
+    val = val[:256]  # enough to follow learning; the real evaluation is trainer.evaluate
+    states, val_states = ([None] * len(x) if cut else None for x in (train, val))
+
+    def step_on(idx, lr: float):
+        for group in opt.param_groups:
+            group["lr"] = lr
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            hidden, lengths = batch_hidden(inner, cut, states, train, idx, pad_id, device)
+            hidden = run_layers(inner, inner.layers[cut:], hidden)
+        loss, right = code_loss(inner, head_rows, code_ids, hidden.float(), lengths, [train[i] for i in idx])
+        (loss / len(idx)).backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item() / len(idx), right / len(idx)
+
+    opt = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
+    model.train()
+    t_train = time.monotonic()
+    budget = max(1.0, (deadline - t_train) * 0.9 - 30)  # leave time to evaluate and save
+    rng.shuffle(train_order := list(range(len(train))))
+    if states is not None and not args.max_steps:
+        # Frozen pass first, in random order, for at most prefix_share of the budget: on a
+        # slow or shared CPU the run then trains `epochs` passes over the examples it covered
+        # instead of a fraction of one pass over all of them. Quiet 2 cores: all of BANKING77.
+        t_prefix, covered = time.monotonic(), 0
+        prefix_budget = args.prefix_share * budget
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            for idx in tqdm(buckets([train[i] for i in train_order], 64, random.Random(args.seed)),
+                            desc="frozen layers", unit="batch"):
+                if time.monotonic() - t_prefix > prefix_budget:
+                    break
+                batch_hidden(inner, cut, states, train, [train_order[i] for i in idx], pad_id, device)
+        train_order = [i for i in train_order if states[i] is not None]
+        prefix_minutes = (time.monotonic() - t_prefix) / 60
+        print(f"frozen pass: {len(train_order)} of {len(train)} examples in {prefix_minutes:.1f} min")
+        budget, t_train = budget - (time.monotonic() - t_train), time.monotonic()  # the rest: LoRA steps
+    subset = train_order
+    total_steps = args.max_steps or max(1, math.ceil(args.epochs * len(subset) / args.batch_size))
+    step, seen, epoch, progress, ema_loss, ema_acc, curve = 0, 0, 0, 0.0, None, None, []
+    bar = tqdm(total=total_steps, desc="train", unit="step")
+    while progress < 1.0:
+        for idx in buckets([train[i] for i in subset], args.batch_size, rng):
+            progress = max(step / total_steps, (time.monotonic() - t_train) / budget)
+            if progress >= 1.0:
+                break
+            batch_loss, batch_acc = step_on([subset[i] for i in idx], lr_at(progress, args.lr, args.warmup))
+            step, seen = step + 1, seen + len(idx)
+            ema_loss = batch_loss if ema_loss is None else 0.95 * ema_loss + 0.05 * batch_loss
+            ema_acc = batch_acc if ema_acc is None else 0.95 * ema_acc + 0.05 * batch_acc
+            bar.update(1)
+            bar.set_postfix(loss=f"{ema_loss:.3f}", acc=f"{ema_acc:.2f}", lr=f"{opt.param_groups[0]['lr']:.1e}")
+        epoch += 1
+        if val and progress < 1.0:  # learning curve: fp32 accuracy on the validation split
+            model.eval()
+            point = accuracy(inner, cut, head_rows, code_ids, val, val_states, pad_id, device)
+            curve.append({"epoch": epoch, "step": step, "minutes": round((time.monotonic() - t_train) / 60, 2), **point})
+            bar.write(f"epoch {epoch}: validation {point}")
+            model.train()
+    bar.close()
+    train_minutes = (time.monotonic() - t_train) / 60
+
+    model.eval()
+    val_metrics = accuracy(inner, cut, head_rows, code_ids, val, val_states, pad_id, device)
+
+    # Save into a sibling temp folder, then rename: a killed run never leaves a half adapter.
+    partial = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    config_file = Path(args.base_model) / "config.json"
+    metrics = {
+        "steps": step, "examples_seen": seen, "examples_used": len(subset), "epochs": seen / max(1, len(subset)),
+        "curve": curve,
+        "train_loss_ema": ema_loss, "train_acc_ema": ema_acc,
+        "train_minutes": round(train_minutes, 2), "cpu_bf16_autocast": autocast,
+        "prefix_minutes": round(prefix_minutes, 2) if states is not None and not args.max_steps else None,
+        "prefix_cached": sum(x is not None for x in states) if states is not None else None,
+        "total_minutes": round((time.monotonic() - t0) / 60, 2),
+        "validation": val_metrics,
+        "trainable_params": sum(p.numel() for p in trainable),
+    }
+    meta = {
+        "format": 1,
+        "created_at": datetime.now(timezone.utc).isoformat(),
+        "base_model": {
+            "path": args.base_model, "name": Path(args.base_model).name,
+            "config_sha256": hashlib.sha256(config_file.read_bytes()).hexdigest() if config_file.exists() else None,
+        },
+        "prompt_style": PromptStyle.compact.value,
+        "task": {
+            "name": task.name,
+            "prompt_fingerprint": prompt_fingerprint(task, PromptStyle.compact, list(codes.values())),
+            "fields": {n: {"labels": list(c.labels), "codes": list(c.codes), "token_ids": list(c.token_ids)}
+                       for n, c in codes.items()},
+        },
+        "data": {"source": str(source), **data.describe(),
+                 "used_rows_hash": dataset.data_hash([data.train[r] for r in sorted({train[i].row for i in subset})])},
+        "hyperparameters": {**asdict(args), "cut": cut, "lora_layer_range": [cut, n_layers],
+                            "device": device.type, "dtype": dtype_name, "total_steps": total_steps},
+        "train_metrics": metrics,
+        "eval": None,
+        "threshold": None,
+    }
+    (partial / META_FILE).write_text(json.dumps(meta, indent=1))
+    partial.rename(out_dir)
+    print(json.dumps({"out_dir": str(out_dir), **metrics}, indent=1))
+    return {"out_dir": str(out_dir), "meta": meta}
+
+
+if __name__ == "__main__":
+    from transformers import HfArgumentParser
+
+    (parsed,) = HfArgumentParser(TrainArgs).parse_args_into_dataclasses()
+    main(parsed)
