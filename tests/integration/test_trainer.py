@@ -1,0 +1,125 @@
+"""The re-distillation loop for real, kept tiny: a few LoRA steps on a few dozen tickets.
+
+- a real training run produces an adapter folder (+ metadata) that the registry accepts;
+- a training run killed midway leaves the registry exactly as it was;
+- the candidate goes through the real vLLM engine (shared session fixture) and the gate.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from services.registry import META_FILE, AdapterRegistry, content_id
+
+pytestmark = pytest.mark.integration
+
+
+def write_tsv(path: Path, rows) -> Path:
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f, delimiter="\t")
+        writer.writerow(["text", "label"])
+        writer.writerows((r.text, r.label) for r in rows)
+    return path
+
+
+@pytest.fixture(scope="module")
+def small_sets(tmp_path_factory):
+    from services.datasets import load_split
+
+    folder = tmp_path_factory.mktemp("data")
+    return {
+        "train": write_tsv(folder / "train.tsv", load_split("train")[:64]),
+        "dev": write_tsv(folder / "dev.tsv", load_split("dev")[:24]),
+    }
+
+
+@pytest.fixture(scope="module")
+def tiny_adapter(tmp_path_factory, small_sets, student_model_path):
+    from trainer.train import TrainArgs, main
+
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    result = main(TrainArgs(out_dir=str(out), base_model=str(student_model_path),
+                            train_tsv=str(small_sets["train"]), val_fraction=0.1, lora_layers=2,
+                            lora_r=8, lora_alpha=16, batch_size=8, max_steps=3, max_minutes=5))
+    return Path(result["out_dir"])
+
+
+def test_tiny_training_run_makes_a_registrable_adapter(tiny_adapter, tmp_path, task):
+    meta = json.loads((tiny_adapter / META_FILE).read_text())
+    assert meta["prompt_style"] == "compact"
+    assert meta["task"]["name"] == task.name
+    assert meta["task"]["fields"]["intent"]["labels"] == task.field("intent").labels
+    assert len(meta["data"]["data_hash"]) == 64 and meta["data"]["train"] > 50
+    assert meta["train_metrics"]["steps"] == 3
+    assert meta["hyperparameters"]["lora_layer_range"] == [28, 30]
+    config = json.loads((tiny_adapter / "adapter_config.json").read_text())
+    assert config["layers_to_transform"] == [28, 29] and not config.get("modules_to_save")
+    assert not tiny_adapter.with_name("tiny.partial").exists()
+    reg = AdapterRegistry(tmp_path / "reg")
+    ref = reg.add(tiny_adapter)
+    assert ref.adapter_id == content_id(tiny_adapter) and reg.add(tiny_adapter) == ref
+
+
+def test_killed_training_run_leaves_registry_unchanged(tmp_path, tiny_adapter, small_sets, student_model_path):
+    from schemas.task import default_task_path
+    from services.training_log import TrainingLog
+    from trainer.distill import DistillConfig, run_distill
+
+    reg = AdapterRegistry(tmp_path / "reg")
+    live = reg.add(tiny_adapter)
+    reg.promote(live.adapter_id, "setup")
+    before = (sorted(p.name for p in reg.adapters_dir.iterdir()), reg.pointer_path.read_bytes(),
+              reg.history_path.read_bytes())
+    log_path = tmp_path / "log.sqlite3"
+    TrainingLog(log_path).close()  # empty log: the child fails fast too, but we kill it first
+    cfg = DistillConfig(registry_dir=reg.root, log_path=log_path, model_path=student_model_path,
+                        task_path=default_task_path(), work_dir=tmp_path / "work",
+                        train_timeout_s=20, train_args={"train_tsv": small_sets["train"], "max_steps": 10_000})
+    with pytest.raises((subprocess.TimeoutExpired, subprocess.CalledProcessError)):
+        run_distill(cfg)
+    after = (sorted(p.name for p in reg.adapters_dir.iterdir()), reg.pointer_path.read_bytes(),
+             reg.history_path.read_bytes())
+    assert after == before
+    assert not list((tmp_path / "work").glob("*/adapter"))  # no finished candidate either
+
+
+async def test_distill_evaluates_through_the_engine_and_gates(
+    tmp_path, student, tiny_adapter, small_sets, student_model_path
+):
+    from schemas.task import default_task_path
+    from services.training_log import TrainingLog
+    from trainer.distill import DistillConfig, run_distill_async
+
+    def reuse_tiny(out_dir, flags, log_file, timeout):  # training is covered above
+        import shutil
+
+        assert flags["log_version"] == 0
+        shutil.copytree(tiny_adapter, out_dir)
+
+    TrainingLog(tmp_path / "log.sqlite3").close()
+    reg = AdapterRegistry(tmp_path / "reg")
+    cfg = DistillConfig(registry_dir=reg.root, log_path=tmp_path / "log.sqlite3",
+                        model_path=student_model_path, task_path=default_task_path(),
+                        work_dir=tmp_path / "work", calibration_tsv=str(small_sets["dev"]),
+                        report_tsv=str(small_sets["dev"]), margin=0.01)
+    summary = await run_distill_async(cfg, train_fn=reuse_tiny, classifier=student)
+    run_dir = Path(summary["run_dir"])
+    report = json.loads((run_dir / "eval" / "report.json").read_text())
+    cand = report["adapters"]["candidate"]
+    assert cand["calibration"]["data"]["n"] == 24 and "final" in cand
+    assert "final" not in report["adapters"]["live"]  # only the candidate gets the final report
+    assert 0.0 <= cand["calibration"]["accuracy"] <= 1.0 and cand["calibration"]["ece"] >= 0.0
+    assert all(Path(p).exists() for p in report["plots"])
+    meta = json.loads((run_dir / "adapter" / META_FILE).read_text())
+    assert meta["threshold"]["epsilon"] == 0.03 and meta["gate"]["reason"] == summary["reason"]
+    if summary["promoted"]:
+        assert reg.current_id() == summary["candidate_id"]
+        assert reg.current().threshold == meta["threshold"]["value"]
+    else:
+        assert reg.current_id() is None and reg.list() == []
+        assert summary["reason"].startswith("reject")
