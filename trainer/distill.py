@@ -142,7 +142,7 @@ def run_distill(cfg: DistillConfig, **kwargs: Any) -> dict[str, Any]:
     return asyncio.run(run_distill_async(cfg, **kwargs))
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     from services.settings import Settings
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -171,7 +171,8 @@ def main(argv: list[str] | None = None) -> None:
     print("\n".join(summary["lines"]))
     print(("PROMOTED " if summary["promoted"] else "REJECTED ") + summary["reason"])
     print(f"summary: {summary['run_dir']}/summary.json")
+    return 0  # a rejected candidate is a normal outcome, not a failure
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
