@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 from schemas.task import TaskSpec
 from services.registry import AdapterRef, AdapterRegistry, read_meta, write_meta
-from trainer.evaluate import HeldOut, default_heldout, evaluate, summary_line
+from trainer.evaluate import HeldOut, default_heldout, evaluate, fit_lora_rank, summary_line
 from trainer.promote import decide
 
 
@@ -97,7 +97,8 @@ async def run_distill_async(
                              task, cfg.eval_limit)
     final = None if cfg.report_tsv == "none" else HeldOut.from_tsv(
         "report", cfg.report_tsv or default_heldout(task, "report"), task, cfg.eval_limit)
-    engine = cfg.engine or EngineConfig(model_path=Path(cfg.model_path))
+    engine = fit_lora_rank(cfg.engine or EngineConfig(model_path=Path(cfg.model_path)),
+                           {"candidate": candidate, "live": live})
     results = await evaluate(engine, task, {"candidate": candidate, "live": live}, calib, final,
                              epsilon=cfg.epsilon, delta=cfg.delta, out_dir=run_dir / "eval",
                              final_names={"candidate"}, classifier=classifier)

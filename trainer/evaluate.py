@@ -201,6 +201,18 @@ async def evaluate(
     return results
 
 
+def fit_lora_rank(engine_config: Any, adapters: dict[str, Any]) -> Any:
+    """The engine config with max_lora_rank cut to what these adapters need: vLLM's CPU LoRA
+    kernels gather a [rank x out] matrix per token, so rank 32 slots for r=16 adapters halve
+    throughput (measured: 1.5 vs 3 tickets/s). Numerics are unchanged (zero padding)."""
+    from dataclasses import replace
+
+    ranks = [json.loads((Path(a.path) / "adapter_config.json").read_text()).get("r", 0)
+             for a in adapters.values() if a is not None]
+    need = next((r for r in (8, 16, 32, 64, 128, 256) if r >= max(ranks, default=8)), None)
+    return replace(engine_config, max_lora_rank=need) if need else engine_config
+
+
 def summary_line(name: str, result: dict) -> str:
     c = result["calibration"]
     line = (f"{name}: {c['data']['name']} acc {c['accuracy']:.4f} macro-F1 {c['macro_f1']:.4f} "
@@ -249,7 +261,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     calib = HeldOut.from_tsv("calibration", opts.calibration_tsv or default_heldout(task, "calibration"), task, opts.limit)
     final = None if opts.report_tsv == "none" else HeldOut.from_tsv(
         "report", opts.report_tsv or default_heldout(task, "report"), task, opts.limit)
-    results = asyncio.run(evaluate(EngineConfig.from_settings(settings), task, adapters, calib, final,
+    engine = fit_lora_rank(EngineConfig.from_settings(settings), adapters)
+    results = asyncio.run(evaluate(engine, task, adapters, calib, final,
                                    epsilon=opts.epsilon, delta=opts.delta, out_dir=opts.out))
     for name, result in results.items():
         print(summary_line(name, result))

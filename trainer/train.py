@@ -19,9 +19,15 @@ computed once (no grad, the "prefix cache") and every epoch runs only the top la
 Batches are length-bucketed and right-padded (causal attention never looks at the pads; the
 last real token is at `length - 1`), so nearly no compute goes to padding.
 
-Why these defaults (2 CPU cores, SmolLM2-135M, BANKING77; bench/train_recipe.py, HF-side
-accuracy on 500 dev tickets; see trainer/README.md for the table):
-    RECIPE_NOTES
+Why these defaults (2 shared CPU cores, SmolLM2-135M, BANKING77; measurements and the
+table in trainer/README.md):
+- top 4 of 30 layers: an example costs 26 frozen layer-forwards once plus ~12 per epoch,
+  so 6 epochs over all 8.6k BANKING77 examples fit in ~12 min on a quiet machine;
+- bf16 autocast (AVX512-BF16): frozen pass 1.17 -> 0.71 s, LoRA step 0.72 -> 0.40 s per batch;
+- lr 2e-3, 5% warm-up, cosine; r=16 on all 7 linear modules; batch 32; up to 6 epochs;
+- the frozen pass gets at most 40% of the budget: under heavy load (10x slower) the run
+  trains its epochs on the examples that pass reached instead of part of one epoch on all.
+Result: all 8,600 examples, 6 epochs, 12.3 min; TEST_RESULT
 """
 
 from __future__ import annotations
@@ -262,11 +268,12 @@ def main(args: TrainArgs) -> dict:
     t_train = time.monotonic()
     budget = max(1.0, (deadline - t_train) * 0.9 - 30)  # leave time to evaluate and save
     rng.shuffle(train_order := list(range(len(train))))
+    prefix_minutes = 0.0
     if states is not None and not args.max_steps:
         # Frozen pass first, in random order, for at most prefix_share of the budget: on a
         # slow or shared CPU the run then trains `epochs` passes over the examples it covered
         # instead of a fraction of one pass over all of them. Quiet 2 cores: all of BANKING77.
-        t_prefix, covered = time.monotonic(), 0
+        t_prefix = time.monotonic()
         prefix_budget = args.prefix_share * budget
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             for idx in tqdm(buckets([train[i] for i in train_order], 64, random.Random(args.seed)),
@@ -316,8 +323,7 @@ def main(args: TrainArgs) -> dict:
         "curve": curve,
         "train_loss_ema": ema_loss, "train_acc_ema": ema_acc,
         "train_minutes": round(train_minutes, 2), "cpu_bf16_autocast": autocast,
-        "prefix_minutes": round(prefix_minutes, 2) if states is not None and not args.max_steps else None,
-        "prefix_cached": sum(x is not None for x in states) if states is not None else None,
+        "prefix_minutes": round(prefix_minutes, 2),
         "total_minutes": round((time.monotonic() - t0) / 60, 2),
         "validation": val_metrics,
         "trainable_params": sum(p.numel() for p in trainable),
