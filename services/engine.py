@@ -61,7 +61,7 @@ class EngineConfig:
     enforce_eager: bool = True
     max_model_len: int = 2048
     max_num_seqs: int = 256
-    max_lora_rank: int = 32
+    max_lora_rank: int = 16
     max_loras: int = 2  # live + a candidate under evaluation
     gpu_memory_utilization: float = 0.85
     cpu_kv_cache_gib: int = 1

@@ -57,7 +57,9 @@ class Settings(BaseSettings):
     enforce_eager: bool = True
     max_model_len: int = 2048
     max_num_seqs: int = 256
-    max_lora_rank: int = 32
+    # Largest LoRA rank served; vLLM sizes its LoRA buffers (and CPU LoRA cost) by it, so keep
+    # it at the trainer's rank (trainer/train.py --lora-r, default 16).
+    max_lora_rank: int = 16
     # GPU memory share for vLLM (ignored on CPU, where VLLM_CPU_KVCACHE_SPACE applies).
     gpu_memory_utilization: float = Field(default=0.85, gt=0.0, le=1.0)
     # KV cache size on CPU in GiB (sets VLLM_CPU_KVCACHE_SPACE if unset).
