@@ -156,6 +156,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     options = DemoOptions(
         tickets=args.tickets, bootstrap=args.bootstrap, train_minutes=args.train_minutes,
+        eval_limit=args.eval_limit,
         flywheel=not args.no_flywheel, malformed=args.malformed, workdir=Path(args.workdir),
     )
     report = asyncio.run(run_demo(_settings(), options))
@@ -205,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tickets", type=int, default=300, help="test tickets streamed per stage")
     p.add_argument("--bootstrap", type=int, default=2000, help="train texts labelled by the teacher")
     p.add_argument("--train-minutes", type=float, default=6.0, help="time budget per distillation")
+    p.add_argument("--eval-limit", type=int, default=500, help="held-out rows per gate evaluation")
     p.add_argument("--malformed", type=int, default=5, help="malformed messages mixed in per stage")
     p.add_argument("--no-flywheel", action="store_true", help="only stream through the base model")
     p.add_argument("--workdir", default="var/demo", help="registry, training log, reports")

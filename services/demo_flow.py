@@ -25,6 +25,7 @@ class DemoOptions:
     tickets: int = 300
     bootstrap: int = 2000
     train_minutes: float = 6.0
+    eval_limit: int = 500  # held-out (BANKING77 dev) rows per gate evaluation
     flywheel: bool = True
     malformed: int = 5
     workdir: Path = Path("var/demo")

@@ -37,6 +37,7 @@ async def flywheel(
         model_path=settings.model_path, task_path=settings.task_path,
         work_dir=options.workdir / "distill", max_minutes=options.train_minutes,
         report_tsv="none",  # the streamed test tickets are the report
+        eval_limit=options.eval_limit,
     )
     for round_no in (1, 2):
         version = pipeline.training_log.version()
