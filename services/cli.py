@@ -25,7 +25,7 @@ def _settings(**overrides):
 
 def _quiet_logs(level: str) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("vllm", "aiokafka", "httpx", "openai", "faststream", "transformers"):
+    for noisy in ("vllm", "aiokafka", "httpx", "httpx2", "httpcore", "openai", "faststream", "transformers"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

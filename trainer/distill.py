@@ -24,6 +24,7 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -82,13 +83,14 @@ async def run_distill_async(
     with TrainingLog(cfg.log_path) as log:
         version = log.version()
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
-    run_dir = Path(cfg.work_dir) / f"run-{stamp}-v{version}"
+    run_dir = Path(cfg.work_dir) / f"run-{stamp}-v{version}-{uuid.uuid4().hex[:6]}"
     run_dir.mkdir(parents=True, exist_ok=False)
     candidate_dir = run_dir / "adapter"
     flags = {"base_model": cfg.model_path, "task_path": cfg.task_path, "log_path": cfg.log_path,
              "log_version": version, "max_minutes": cfg.max_minutes, **cfg.train_args}
     timeout = cfg.train_timeout_s or cfg.max_minutes * 60 + 600
-    train_fn(candidate_dir, flags, run_dir / "train.log", timeout)  # raises: registry untouched
+    # In a thread: a service sharing this event loop (the demo) keeps heartbeating meanwhile.
+    await asyncio.to_thread(train_fn, candidate_dir, flags, run_dir / "train.log", timeout)  # raises: registry untouched
     train_minutes = (time.monotonic() - started) / 60
 
     candidate = AdapterRef.from_dir(candidate_dir)
