@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import socket
 import time
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -153,12 +154,18 @@ class TriageService:
         try:
             outcomes = await self.pipeline.process(records)
             await self._publish(outcomes)
-        except Exception:
+        except Exception as exc:
             log.exception(
                 "batch of %d from %s failed; rewinding to retry (offsets %s)",
                 len(records), records[0].topic, [(r.partition, r.offset) for r in records[:3]],
             )
             await msg.nack()  # seek back: the same records come again, nothing is skipped
+            if type(exc).__name__ == "EngineDeadError":
+                # Crash-only: a dead vLLM engine does not come back in-process. Stop cleanly
+                # (nothing of this batch was committed) and let the orchestrator restart us.
+                log.critical("student engine is dead; shutting down for a restart")
+                self.metrics.set_ready(False, "engine dead")
+                os.kill(os.getpid(), signal.SIGTERM)
             await asyncio.sleep(1.0)
             return
         await msg.ack()  # commit: every record of this batch has an acknowledged outcome
