@@ -27,7 +27,9 @@ table in trainer/README.md):
 - lr 2e-3, 5% warm-up, cosine; r=16 on all 7 linear modules; batch 32; up to 6 epochs;
 - the frozen pass gets at most 40% of the budget: under heavy load (10x slower) the run
   trains its epochs on the examples that pass reached instead of part of one epoch on all.
-Result: all 8,600 examples, 6 epochs, 12.3 min; TEST_RESULT
+Result (defaults, quiet machine): all 8,600 examples, 6 epochs, 12.3 min; through the vLLM
+engine on BANKING77 test (never trained on) 89.6% accuracy, macro-F1 0.896, ECE 0.051;
+at a 3% error target the dev-calibrated threshold (0.9905) escalates 28.5% of test tickets.
 """
 
 from __future__ import annotations
