@@ -211,17 +211,9 @@ async def _producer(bootstrap: str, linger_ms: int) -> Any:
 
 async def produce_burst(bootstrap: str, topic: str, messages: Sequence[tuple[bytes, bytes]]) -> dict[bytes, float]:
     """Send everything as fast as the producer takes it; key -> send time (time.time())."""
-    producer = await _producer(bootstrap, linger_ms=5)
-    sent_at: dict[bytes, float] = {}
-    try:
-        futures = []
-        for key, value in messages:
-            sent_at[key] = time.time()
-            futures.append(await producer.send(topic, value=value, key=key))
-        await asyncio.gather(*futures)
-    finally:
-        await producer.stop()
-    return sent_at
+    from services.kafka_io import produce
+
+    return await produce(bootstrap, topic, messages)
 
 
 async def produce_at_rate(
