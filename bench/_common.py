@@ -37,7 +37,7 @@ def say(msg: str) -> None:
 
 def texts(n: int, *, offset: int = 0, split: str = "test") -> list[str]:
     """`n` BANKING77 ticket texts from `offset`, wrapping around the split if needed."""
-    from services.datasets import load_split
+    from services.dev.datasets import load_split
 
     rows = load_split(split)
     return [rows[(offset + i) % len(rows)].text for i in range(n)]
@@ -68,8 +68,8 @@ def machine() -> dict[str, Any]:
 async def engine(settings: Any) -> AsyncIterator[Any]:
     """The real vLLM student (base model) with the service's own engine settings."""
     from schemas.task import TaskSpec
-    from services.engine import EngineConfig, VllmClassifier
-    from services.model_store import ensure_student_model
+    from services.student.engine import EngineConfig, VllmClassifier
+    from services.student.model_store import ensure_student_model
 
     ensure_student_model(settings.model_path)
     task = TaskSpec.from_file(settings.task_path)
@@ -155,8 +155,8 @@ async def service(
     No teacher, confidence_threshold 0.0: nothing escalates, every ticket is answered by
     the student, so the figures are the serving path's alone.
     """
-    from services.app import TriageService
-    from services.broker import ensure_topics
+    from services.stream.app import TriageService
+    from services.stream.kafka_io import all_topics, ensure_topics
 
     suffix = uuid.uuid4().hex[:8]
     values: dict[str, Any] = dict(
@@ -178,9 +178,7 @@ async def service(
     )
     values.update(overrides)
     settings = base_settings(**values)
-    await ensure_topics(bootstrap, [settings.tickets_topic, settings.results_topic,
-                                    settings.dead_letter_topic, settings.control_topic],
-                        settings.topic_partitions)
+    await ensure_topics(bootstrap, all_topics(settings), settings.topic_partitions)
     svc = TriageService(settings, classifier=classifier, teacher=None)
     collector = await Collector(bootstrap, settings.results_topic).start()
     try:
@@ -196,7 +194,7 @@ async def service(
 
 
 def ticket_messages(prefix: str, raw: Sequence[str]) -> list[tuple[bytes, bytes]]:
-    from services.kafka_io import ticket_message
+    from services.stream.kafka_io import ticket_message
 
     return [ticket_message(f"{prefix}-{i}", t) for i, t in enumerate(raw)]
 
@@ -211,7 +209,7 @@ async def _producer(bootstrap: str, linger_ms: int) -> Any:
 
 async def produce_burst(bootstrap: str, topic: str, messages: Sequence[tuple[bytes, bytes]]) -> dict[bytes, float]:
     """Send everything as fast as the producer takes it; key -> send time (time.time())."""
-    from services.kafka_io import produce
+    from services.stream.kafka_io import produce
 
     return await produce(bootstrap, topic, messages)
 

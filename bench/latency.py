@@ -77,7 +77,7 @@ def summarize(name: str, sent_at: dict[bytes, float], first_seen: dict[bytes, fl
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    from services.broker import EmbeddedBroker
+    from services.dev.broker import EmbeddedBroker
 
     levels = [float(x) for x in args.levels.split(",") if x.strip()]
     service_overrides: dict[str, Any] = {"topic_partitions": args.partitions}

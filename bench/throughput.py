@@ -94,7 +94,7 @@ async def e2e_pass(bootstrap: str, classifier: Any, workdir: Path, raw: list[str
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    from services.broker import EmbeddedBroker
+    from services.dev.broker import EmbeddedBroker
 
     settings = c.base_settings()
     raw = c.texts(args.tickets, offset=args.offset)

@@ -22,7 +22,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from services.datasets import banking77_dir
+from services.dev.datasets import banking77_dir
 from trainer import train as T
 
 OUT = Path("var/bench")

@@ -7,11 +7,12 @@ from datetime import datetime, timezone
 
 from pydantic import BaseModel, Field
 
+from schemas.text import dedup_key
+
 
 def content_hash(text: str) -> str:
     """Dedup key: whitespace- and case-normalised text, so trivial variants count once."""
-    normalised = " ".join(text.split()).lower()
-    return hashlib.sha256(normalised.encode("utf-8")).hexdigest()
+    return hashlib.sha256(dedup_key(text).encode("utf-8")).hexdigest()
 
 
 class TrainingExample(BaseModel):

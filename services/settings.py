@@ -11,7 +11,7 @@ from pydantic import AliasChoices, Field, SecretStr, field_validator, model_vali
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from schemas.task import default_task_path
-from services.model_store import default_cache_dir, default_model_dir
+from services.student.model_store import default_cache_dir, default_model_dir
 
 
 class Settings(BaseSettings):
@@ -108,10 +108,17 @@ class Settings(BaseSettings):
     # --- Training log ------------------------------------------------------------------
     data_dir: Path = Field(default_factory=lambda: default_cache_dir() / "data")
 
+    # Held-out files for `triage distill` / `triage eval` (TSV/JSONL with the task's labels):
+    # calibration = threshold + promotion gate (required by distill); report = optional extra.
+    calibration_path: str = ""
+    report_path: str = ""
+
     # --- Observability -----------------------------------------------------------------
     # Port for /metrics, /healthz, /readyz. 0 = disabled.
     metrics_port: int = Field(default=9464, ge=0, le=65535)
     log_level: str = "INFO"
+    # json | text | auto (JSON lines unless stderr is a terminal).
+    log_format: str = Field(default="auto", pattern="^(auto|json|text)$")
 
     @field_validator("log_level")
     @classmethod

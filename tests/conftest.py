@@ -18,7 +18,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def kafka_bootstrap():
-    from services.broker import EmbeddedBroker
+    from services.dev.broker import EmbeddedBroker
 
     with EmbeddedBroker() as broker:
         yield broker.bootstrap_servers
@@ -26,7 +26,7 @@ def kafka_bootstrap():
 
 @pytest.fixture(scope="session")
 def student_model_path() -> Path:
-    from services.model_store import ensure_student_model
+    from services.student.model_store import ensure_student_model
 
     return ensure_student_model()
 
@@ -41,7 +41,7 @@ def task():
 @pytest.fixture(scope="session")
 async def student(student_model_path, task):
     """The real vLLM engine on SmolLM2-135M, base model (no adapter)."""
-    from services.engine import EngineConfig, VllmClassifier
+    from services.student.engine import EngineConfig, VllmClassifier
 
     config = EngineConfig(model_path=student_model_path, max_num_seqs=128)
     async with VllmClassifier.started(config, task) as classifier:
@@ -78,10 +78,6 @@ def make_settings(kafka_bootstrap, tmp_path, student_model_path):
 
 
 async def create_topics(settings) -> None:
-    from services.broker import ensure_topics
+    from services.stream.kafka_io import all_topics, ensure_topics
 
-    await ensure_topics(
-        settings.bootstrap_servers,
-        [settings.tickets_topic, settings.results_topic, settings.dead_letter_topic, settings.control_topic],
-        settings.topic_partitions,
-    )
+    await ensure_topics(settings.bootstrap_servers, all_topics(settings), settings.topic_partitions)

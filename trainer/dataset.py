@@ -2,8 +2,8 @@
 
 Rows come from the training log (up to a recorded version, so a run can be reproduced) or
 from a labelled TSV. Every row becomes one prompt per field, rendered by the shared prompt
-builder (`services.prompting.render_prompt`, compact style) and tokenised exactly as the
-serving engine does (`services.engine.encode_prompt`); the target is the index of the
+builder (`services.student.prompting.render_prompt`, compact style) and tokenised exactly as the
+serving engine does (`services.student.engine.encode_prompt`); the target is the index of the
 label's single-token code among the field's codes.
 
 The train/validation split is a pure function of each text's content hash, so a text stays
@@ -13,7 +13,6 @@ on the same side of the split as the log grows. `data_hash` identifies the train
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -22,7 +21,8 @@ from typing import Any, Iterable, Sequence
 
 from schemas.task import TaskSpec
 from schemas.training import content_hash
-from services.prompting import LabelCodes, PromptStyle, render_prompt
+from services.teacher.corpus import read_records
+from services.student.prompting import LabelCodes, PromptStyle, render_prompt
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ class TrainingData:
 # --- sources -----------------------------------------------------------------------------
 def rows_from_log(path: str | Path, up_to_version: int | None = None) -> tuple[list[Row], int]:
     """Rows of the training log with version <= up_to_version (default: its current version)."""
-    from services.training_log import TrainingLog
+    from services.teacher.training_log import TrainingLog
 
     with TrainingLog(path) as log:
         version = log.version() if up_to_version is None else int(up_to_version)
@@ -67,24 +67,28 @@ def rows_from_log(path: str | Path, up_to_version: int | None = None) -> tuple[l
 
 
 def read_tsv(path: str | Path, task: TaskSpec) -> list[Row]:
-    """A `text<TAB>label` TSV (one-field task) or `text<TAB><field>...` with a column per field."""
+    """Labelled rows of a TSV/JSONL file (`services.teacher.corpus`): a column per field, or
+    `label` for a one-field task (JSONL: a `labels` object). Labels outside the task fail."""
     names = [f.name for f in task.fields]
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f, delimiter="\t")
-        columns = set(reader.fieldnames or ())
-        if "text" not in columns:
-            raise ValueError(f"{path}: no 'text' column")
-        if set(names) <= columns:
-            mapping = {n: n for n in names}
-        elif len(names) == 1 and "label" in columns:
-            mapping = {names[0]: "label"}
-        else:
-            raise ValueError(f"{path}: expected columns {names} (or 'label' for a one-field task)")
-        return [
-            Row(r["text"], {name: r[col] for name, col in mapping.items()})
-            for r in reader
-            if r["text"] and r["text"].strip()
-        ]
+    allowed = {f.name: set(f.labels) for f in task.fields}
+    rows, unknown = [], []
+    for record in read_records(path):
+        labels = record.get("labels")
+        if not isinstance(labels, dict):
+            if all(n in record for n in names):
+                labels = {n: record[n] for n in names}
+            elif len(names) == 1 and "label" in record:
+                labels = {names[0]: record["label"]}
+            else:
+                raise ValueError(f"{path}: expected columns {names} (or 'label' for a one-field task)")
+        row = Row(record["text"], {n: labels.get(n) for n in names})
+        if any(row.labels[n] not in allowed[n] for n in names):
+            unknown.append(row.labels)
+        rows.append(row)
+    if unknown:
+        raise ValueError(f"{path}: {len(unknown)} of {len(rows)} rows have labels outside task "
+                         f"{task.name!r} (first: {unknown[0]}); wrong task or label set?")
+    return rows
 
 
 # --- cleaning, split, hash -----------------------------------------------------------------
@@ -141,7 +145,7 @@ def encode(
     max_tokens: int | None = None,
 ) -> list[Encoded]:
     """One `Encoded` per (row, field); prompts longer than max_tokens are skipped."""
-    from services.engine import encode_prompt  # the serving tokenisation, not a copy of it
+    from services.student.engine import encode_prompt  # the serving tokenisation, not a copy of it
 
     out = []
     for n, row in enumerate(rows):

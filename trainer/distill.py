@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from schemas.task import TaskSpec
-from services.registry import AdapterRef, AdapterRegistry, read_meta, write_meta
-from trainer.evaluate import HeldOut, default_heldout, evaluate, fit_lora_rank, summary_line
+from services.student.registry import AdapterRef, AdapterRegistry, read_meta, write_meta
+from trainer.evaluate import HeldOut, evaluate, fit_lora_rank, summary_line
 from trainer.promote import decide
 
 
@@ -43,8 +43,8 @@ class DistillConfig:
     model_path: Path
     task_path: Path
     work_dir: Path = Path("var/distill")
-    calibration_tsv: str = ""  # gate + threshold set; default BANKING77 dev
-    report_tsv: str = ""  # final report set (candidate only); default BANKING77 test; "none" skips
+    calibration_tsv: str = ""  # gate + threshold set (TSV/JSONL with the task's labels); required
+    report_tsv: str = ""  # final report set (candidate only); "" or "none" skips it
     eval_limit: int = 0  # first N rows of each held-out set (0 = all)
     epsilon: float = 0.03  # target error of tickets the student answers
     delta: float = 0.05  # the bound holds with probability 1 - delta
@@ -52,7 +52,7 @@ class DistillConfig:
     max_minutes: float = 28.0  # training budget (load to save)
     train_timeout_s: float | None = None  # hard kill of the trainer; default: budget + 10 min
     train_args: dict[str, Any] = field(default_factory=dict)  # extra trainer.train flags
-    engine: Any = None  # services.engine.EngineConfig; default: from model_path
+    engine: Any = None  # services.student.engine.EngineConfig; default: from model_path
 
 
 def train_subprocess(out_dir: Path, flags: dict[str, Any], log_file: Path, timeout_s: float | None = None) -> None:
@@ -74,11 +74,16 @@ async def run_distill_async(
     classifier: Any = None,
 ) -> dict[str, Any]:
     """One cycle; `train_fn` and `classifier` are injectable for tests."""
-    from services.engine import EngineConfig
-    from services.training_log import TrainingLog
+    from services.student.engine import EngineConfig
+    from services.teacher.training_log import TrainingLog
 
     started = time.monotonic()
     task = TaskSpec.from_file(cfg.task_path)
+    if not cfg.calibration_tsv:  # before training: a 28-minute run nobody can gate is waste
+        raise ValueError("no held-out data: pass --calibration-tsv or set TRIAGE_CALIBRATION_PATH")
+    calib = HeldOut.from_tsv("calibration", cfg.calibration_tsv, task, cfg.eval_limit)
+    final = None if cfg.report_tsv in ("", "none") else HeldOut.from_tsv(
+        "report", cfg.report_tsv, task, cfg.eval_limit)
     registry = AdapterRegistry(cfg.registry_dir)
     with TrainingLog(cfg.log_path) as log:
         version = log.version()
@@ -95,10 +100,6 @@ async def run_distill_async(
 
     candidate = AdapterRef.from_dir(candidate_dir)
     live = registry.current()
-    calib = HeldOut.from_tsv("calibration", cfg.calibration_tsv or default_heldout(task, "calibration"),
-                             task, cfg.eval_limit)
-    final = None if cfg.report_tsv == "none" else HeldOut.from_tsv(
-        "report", cfg.report_tsv or default_heldout(task, "report"), task, cfg.eval_limit)
     engine = fit_lora_rank(cfg.engine or EngineConfig(model_path=Path(cfg.model_path)),
                            {"candidate": candidate, "live": live})
     results = await evaluate(engine, task, {"candidate": candidate, "live": live}, calib, final,
@@ -152,20 +153,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-minutes", type=float, default=28.0, help="training time budget")
     parser.add_argument("--epsilon", type=float, default=0.03, help="target error of accepted tickets")
     parser.add_argument("--margin", type=float, default=0.01, help="gain needed to promote")
-    parser.add_argument("--calibration-tsv", default="", help="gate/threshold set (default BANKING77 dev)")
-    parser.add_argument("--report-tsv", default="", help="final report set (default BANKING77 test; 'none')")
+    parser.add_argument("--calibration-tsv", default=None,
+                        help="gate/threshold set (default TRIAGE_CALIBRATION_PATH)")
+    parser.add_argument("--report-tsv", default=None,
+                        help="final report set (default TRIAGE_REPORT_PATH; 'none' skips)")
     parser.add_argument("--eval-limit", type=int, default=0, help="first N held-out rows (0 = all)")
     parser.add_argument("--work-dir", default="var/distill")
     parser.add_argument("--train-arg", action="append", default=[], metavar="KEY=VALUE",
                         help="extra trainer.train flag, e.g. lora_layers=8 (repeatable)")
     opts = parser.parse_args(argv)
-    from services.engine import EngineConfig
+    from services.student.engine import EngineConfig
 
     settings = Settings()
     cfg = DistillConfig(
         registry_dir=settings.registry_dir, log_path=settings.training_log_path,
         model_path=settings.model_path, task_path=settings.task_path, work_dir=Path(opts.work_dir),
-        calibration_tsv=opts.calibration_tsv, report_tsv=opts.report_tsv, eval_limit=opts.eval_limit,
+        calibration_tsv=str(opts.calibration_tsv or settings.calibration_path or ""),
+        report_tsv=str(settings.report_path if opts.report_tsv is None else opts.report_tsv),
+        eval_limit=opts.eval_limit,
         epsilon=opts.epsilon, margin=opts.margin, max_minutes=opts.max_minutes,
         train_args=dict(a.split("=", 1) for a in opts.train_arg),
         engine=EngineConfig.from_settings(settings),

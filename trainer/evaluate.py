@@ -1,6 +1,6 @@
 """Held-out evaluation through the serving engine: the numbers the promotion gate trusts.
 
-Adapters run through `services.engine.VllmClassifier`, the same vLLM code, prompts and
+Adapters run through `services.student.engine.VllmClassifier`, the same vLLM code, prompts and
 label-code restriction the service uses (`adapter=None` = the base model with instruct
 prompts). One engine instance evaluates every adapter (`classify(..., adapter=ref)`), so
 engine start-up (~45 s on CPU) is paid once.
@@ -11,10 +11,10 @@ calibration set so that the error of accepted tickets is <= epsilon with 95% con
 (trainer.calibration.choose_threshold: Clopper-Pearson, fixed-sequence), then applied
 unchanged to the report set. JSON report + PNG plots (reliability diagram, accuracy-coverage).
 
-    HF_HUB_OFFLINE=1 python -m trainer.evaluate --adapter var/runs/b77 --out var/eval/b77
-    HF_HUB_OFFLINE=1 python -m trainer.evaluate --adapter current --adapter base --out var/eval/live
-Defaults: calibration = BANKING77 dev, report = BANKING77 test (both gold); pass
---calibration-tsv / --report-tsv for a frozen slice of teacher-labelled traffic.
+    triage eval --adapter var/runs/b77 --calibration-tsv dev.tsv --report-tsv test.tsv --out var/eval/b77
+    triage eval --adapter current --adapter base --calibration-tsv heldout.jsonl --out var/eval/live
+Held-out files are TSV/JSONL with the task's labels (teacher-labelled traffic or a gold set):
+--calibration-tsv (required: threshold and gate), --report-tsv (optional final report).
 """
 
 from __future__ import annotations
@@ -48,13 +48,6 @@ class HeldOut:
     def from_tsv(cls, name: str, path: str | Path, task: TaskSpec, limit: int = 0) -> HeldOut:
         rows = read_tsv(path, task)
         return cls(name, str(path), rows[:limit] if limit else rows)
-
-
-def default_heldout(task: TaskSpec, name: str) -> str:
-    """BANKING77 dev (calibration/gate) or test (final report): gold labels, never trained on."""
-    from services.datasets import banking77_dir
-
-    return str(banking77_dir() / f"{'dev' if name == 'calibration' else 'test'}.tsv")
 
 
 def score(task: TaskSpec, rows: Sequence[Row], predictions: Sequence[Any]) -> dict[str, Any]:
@@ -156,7 +149,7 @@ async def evaluate(
 
     One engine for all adapters; pass `classifier` to reuse a running one (tests, service).
     `final_names`: adapters that also get the final report (default: all)."""
-    from services.engine import VllmClassifier
+    from services.student.engine import VllmClassifier
 
     async def predict(clf, data: HeldOut, ref: Any, name: str) -> list:
         from tqdm.auto import tqdm
@@ -228,7 +221,7 @@ def summary_line(name: str, result: dict) -> str:
 
 def resolve_adapter(spec: str, registry: Any) -> Any:
     """'base' -> None; 'current' -> the registry's live adapter; an id; or a folder."""
-    from services.registry import AdapterRef
+    from services.student.registry import AdapterRef
 
     if spec == "base":
         return None
@@ -240,14 +233,16 @@ def resolve_adapter(spec: str, registry: Any) -> Any:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from services.engine import EngineConfig
-    from services.registry import AdapterRegistry
+    from services.student.engine import EngineConfig
+    from services.student.registry import AdapterRegistry
     from services.settings import Settings
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--adapter", action="append", default=[], help="folder | registry id | current | base (repeatable)")
-    parser.add_argument("--calibration-tsv", default="", help="threshold/gate set (default BANKING77 dev)")
-    parser.add_argument("--report-tsv", default="", help="final report set (default BANKING77 test); 'none' to skip")
+    parser.add_argument("--calibration-tsv", default=None, help="threshold/gate set "
+                        "(default TRIAGE_CALIBRATION_PATH)")
+    parser.add_argument("--report-tsv", default=None, help="final report set (default "
+                        "TRIAGE_REPORT_PATH; 'none' or empty skips it)")
     parser.add_argument("--limit", type=int, default=0, help="first N rows of each set (0 = all)")
     parser.add_argument("--epsilon", type=float, default=0.03)
     parser.add_argument("--delta", type=float, default=0.05)
@@ -258,9 +253,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     registry = AdapterRegistry(settings.registry_dir)
     adapters = {spec if not Path(spec).is_dir() else Path(spec).name: resolve_adapter(spec, registry)
                 for spec in (opts.adapter or ["current"])}
-    calib = HeldOut.from_tsv("calibration", opts.calibration_tsv or default_heldout(task, "calibration"), task, opts.limit)
-    final = None if opts.report_tsv == "none" else HeldOut.from_tsv(
-        "report", opts.report_tsv or default_heldout(task, "report"), task, opts.limit)
+    calibration_path = opts.calibration_tsv or settings.calibration_path
+    if not calibration_path:
+        parser.error("no held-out data: pass --calibration-tsv or set TRIAGE_CALIBRATION_PATH")
+    report_path = settings.report_path if opts.report_tsv is None else opts.report_tsv
+    calib = HeldOut.from_tsv("calibration", calibration_path, task, opts.limit)
+    final = None if report_path in ("", "none") else HeldOut.from_tsv("report", report_path, task, opts.limit)
     engine = fit_lora_rank(EngineConfig.from_settings(settings), adapters)
     results = asyncio.run(evaluate(engine, task, adapters, calib, final,
                                    epsilon=opts.epsilon, delta=opts.delta, out_dir=opts.out))

@@ -1,4 +1,4 @@
-"""Promotion gate (a pure decision) and a small CLI over the adapter registry.
+"""Promotion gate: a pure decision over two evaluation reports.
 
 The gate compares a candidate with the live adapter (the base model when none is live) on the
 same held-out calibration set, using reports from `trainer.evaluate.report`:
@@ -10,17 +10,14 @@ same held-out calibration set, using reports from `trainer.evaluate.report`:
 - otherwise reject, with the numbers in the reason. Reports from different data or epsilon
   are never compared.
 
-    python -m trainer.promote status
-    python -m trainer.promote rollback --reason "bad labels in run 12"
-    python -m trainer.promote promote a-0123456789abcdef --reason "manual"
+Moving the registry pointer by hand: `triage status`, `triage promote ID --reason ...`,
+`triage rollback --reason ...`.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -52,38 +49,3 @@ def decide(candidate: dict[str, Any], live: dict[str, Any] | None, margin: float
     if d_cov < 0:
         return Decision(False, f"reject: lower coverage than {who}; {numbers}")
     return Decision(False, f"reject: coverage gain < margin; {numbers}")
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    from services.registry import AdapterRegistry
-    from services.settings import Settings
-
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--registry", default="", help="registry folder (default: TRIAGE_REGISTRY_DIR)")
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("status", help="current adapter, its threshold, and the history")
-    rb = sub.add_parser("rollback", help="back to the previously promoted adapter (or the base model)")
-    rb.add_argument("--reason", default="manual rollback")
-    pr = sub.add_parser("promote", help="make an adapter already in the registry current")
-    pr.add_argument("adapter_id")
-    pr.add_argument("--reason", default="manual promotion")
-    opts = parser.parse_args(argv)
-    registry = AdapterRegistry(opts.registry or Settings().registry_dir)
-    if opts.command == "rollback":
-        ref = registry.rollback(opts.reason)
-        print(f"current: {ref.adapter_id if ref else 'base model'}")
-    elif opts.command == "promote":
-        print(f"current: {registry.promote(opts.adapter_id, opts.reason).adapter_id}")
-    else:
-        ref = registry.current()
-        print(json.dumps({
-            "registry": str(registry.root),
-            "current": ref.adapter_id if ref else None,
-            "threshold": ref.threshold if ref else None,
-            "adapters": [a.adapter_id for a in registry.list()],
-            "history": registry.history()[-10:],
-        }, indent=1))
-
-
-if __name__ == "__main__":
-    main()

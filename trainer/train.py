@@ -2,14 +2,14 @@
 
 Run (CPU defaults; BANKING77's train split standing in for the teacher's labels):
     HF_HUB_OFFLINE=1 python -m trainer.train --out-dir var/runs/b77 \
-        --train-tsv $(python -c "from services.datasets import banking77_dir as d; print(d())")/train.tsv
+        --train-tsv train.tsv    # any TSV/JSONL with the task's labels (e.g. BANKING77's train split)
 From the training log, as `trainer.distill` runs it:
     HF_HUB_OFFLINE=1 python -m trainer.train --out-dir var/runs/x --log-path ~/.cache/triage/data/training_log.sqlite3
 GPU with a 7B base: the same script, arguments only (device auto -> cuda, dtype auto -> bf16):
     python -m trainer.train --out-dir var/runs/q7 --base-model /models/Qwen2.5-7B-Instruct \
         --log-path training_log.sqlite3 --lora-layers 0 --batch-size 64 --max-minutes 60
 
-What is trained. Serving renders `services.prompting` compact prompts, restricts the next token
+What is trained. Serving renders `services.student.prompting` compact prompts, restricts the next token
 to the field's label codes and renormalises over them. So the loss is cross-entropy over the
 code tokens only, at the last prompt position only: hidden state of the last real token ->
 final norm -> `lm_head.weight[code_ids]` -> softmax over the field's codes. No full-vocabulary
@@ -49,8 +49,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from schemas.task import TaskSpec, default_task_path
-from services.prompting import PromptStyle, build_all_codes, prompt_fingerprint
-from services.registry import META_FILE
+from services.student.prompting import PromptStyle, build_all_codes, prompt_fingerprint
+from services.student.registry import META_FILE
 from trainer import dataset
 
 ALL_LINEAR = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
@@ -203,7 +203,7 @@ def main(args: TrainArgs) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from services.model_store import ensure_student_model
+    from services.student.model_store import ensure_student_model
 
     t0 = time.monotonic()
     deadline = t0 + args.max_minutes * 60

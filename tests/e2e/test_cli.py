@@ -112,8 +112,8 @@ def _summary(out: str) -> tuple[int, int, int, int]:
 
 def test_bootstrap_labels_once_then_resumes(tmp_path, cli_env):
     from schemas.task import TaskSpec, default_task_path
-    from services.datasets import load_split
-    from services.training_log import TrainingLog
+    from services.dev.datasets import load_split
+    from services.teacher.training_log import TrainingLog
 
     args = ["bootstrap", "--split", "train", "--limit", "40"]
     first = check(run_cli(args, cli_env, tmp_path, timeout_s=300))

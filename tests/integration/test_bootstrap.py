@@ -14,12 +14,12 @@ import pytest
 from pydantic import SecretStr
 
 from schemas.task import TaskSpec, default_task_path
-from services.bootstrap import main as bootstrap_main
-from services.bootstrap import run_bootstrap
-from services.datasets import load_split
-from services.teacher import OpenAITeacher
-from services.teacher_standin import load_gold, normalise, run_standin
-from services.training_log import TrainingLog
+from services.teacher.bootstrap import run_bootstrap
+from services.dev.datasets import load_split
+from services.teacher.client import OpenAITeacher
+from schemas.text import dedup_key as normalise
+from services.dev.standin import load_gold, run_standin
+from services.teacher.training_log import TrainingLog
 
 pytestmark = pytest.mark.integration
 
@@ -110,16 +110,17 @@ async def test_cancelled_midway_then_resumed(tmp_path, gold, rows):
 
 
 async def test_killed_process_then_resumed(tmp_path, gold, rows):
-    """`python -m services.bootstrap` killed with SIGKILL mid-run; the log survives."""
+    """`triage bootstrap` killed with SIGKILL mid-run; the log survives."""
     sample = rows[400:520]
     tsv = tmp_path / "texts.tsv"
     tsv.write_text("text\tlabel\n" + "".join(f"{r.text}\t{r.label}\n" for r in sample))
-    path = tmp_path / "log.sqlite3"
+    path = tmp_path / "data" / "training_log.sqlite3"  # TRIAGE_DATA_DIR's log
     async with run_standin(gold=gold, latency_ms=40) as server:
+        env = {**os.environ, "TRIAGE_TEACHER_API_KEY": "k", "TRIAGE_TEACHER_BASE_URL": server.base_url,
+               "TRIAGE_DATA_DIR": str(tmp_path / "data"), "TRIAGE_TEACHER_FEW_SHOT": "2"}
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "services.bootstrap", "--tsv", str(tsv), "--log", str(path),
-            "--base-url", server.base_url, "--concurrency", "2", "--few-shot", "2",
-            "--no-progress", cwd=REPO, env={**os.environ, "TRIAGE_TEACHER_API_KEY": "k"},
+            sys.executable, "-m", "services.cli", "bootstrap", "--tsv", str(tsv),
+            "--concurrency", "2", "--no-progress", cwd=REPO, env=env,
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
         )
         try:
@@ -171,11 +172,7 @@ async def test_stops_early_when_circuit_opens(tmp_path, gold, rows):
     assert report.failed == 4 and report.not_attempted == 26  # 3 errors + 1 fast refusal
 
 
-def test_cli_help(capsys):
-    with pytest.raises(SystemExit) as info:
-        bootstrap_main(["--help"])
-    assert info.value.code == 0
-    assert "TRIAGE_TEACHER_API_KEY" in capsys.readouterr().out
-    out = subprocess.run([sys.executable, "-m", "services.bootstrap", "--help"], cwd=REPO,
+def test_cli_help():
+    out = subprocess.run([sys.executable, "-m", "services.cli", "bootstrap", "--help"], cwd=REPO,
                          capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0 and "--base-url" in out.stdout
+    assert out.returncode == 0 and "--tsv" in out.stdout and "--limit" in out.stdout

@@ -18,12 +18,13 @@ from typing import Callable
 import pytest
 
 from schemas.classification import Classification
-from services.app import TriageService
-from services.broker import free_port
-from services.datasets import LabelledText, load_split
-from services.escalation import should_audit
-from services.kafka_io import produce, read_topic, ticket_message, unique_keys
-from services.teacher_standin import load_gold, normalise, run_standin
+from services.stream.app import TriageService
+from services.dev.broker import free_port
+from services.dev.datasets import LabelledText, load_split
+from services.teacher.escalation import should_audit
+from services.stream.kafka_io import produce, read_topic, ticket_message, unique_keys
+from schemas.text import dedup_key as normalise
+from services.dev.standin import load_gold, run_standin
 from tests.conftest import create_topics
 
 pytestmark = pytest.mark.integration

@@ -8,10 +8,10 @@ import json
 import pytest
 
 from schemas.classification import Classification
-from services.app import TriageService
-from services.datasets import load_split
-from services.kafka_io import produce, read_topic, ticket_message, unique_keys
-from services.registry import AdapterRegistry, write_meta
+from services.stream.app import TriageService
+from services.dev.datasets import load_split
+from services.stream.kafka_io import produce, read_topic, ticket_message, unique_keys
+from services.student.registry import AdapterRegistry, write_meta
 from tests.conftest import create_topics
 
 pytestmark = pytest.mark.integration

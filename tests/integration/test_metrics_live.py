@@ -12,10 +12,10 @@ from collections import Counter
 import pytest
 
 from schemas.classification import Classification
-from services.app import TriageService
-from services.broker import free_port
-from services.datasets import load_split
-from services.kafka_io import produce, read_topic, ticket_message, unique_keys
+from services.stream.app import TriageService
+from services.dev.broker import free_port
+from services.dev.datasets import load_split
+from services.stream.kafka_io import produce, read_topic, ticket_message, unique_keys
 from tests.conftest import create_topics
 from tests.integration.scrape import aget, scrape, wait_for
 

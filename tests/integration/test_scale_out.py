@@ -26,9 +26,10 @@ from pathlib import Path
 
 import pytest
 
-from services.broker import ensure_topics, free_port
-from services.datasets import load_split
-from services.kafka_io import produce, read_topic, ticket_message
+from services.dev.broker import free_port
+from services.stream.kafka_io import ensure_topics
+from services.dev.datasets import load_split
+from services.stream.kafka_io import produce, read_topic, ticket_message
 from tests.integration.scrape import aget, scrape, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -49,7 +50,7 @@ class Replica:
     log_path: Path
 
     @property
-    def replica_id(self) -> str:  # what services.app puts in the `triage-replica` header
+    def replica_id(self) -> str:  # what services.stream.app puts in the `triage-replica` header
         return f"{socket.gethostname()}:{self.proc.pid}"
 
     def alive(self) -> bool:

@@ -9,9 +9,9 @@ import pytest
 
 from schemas.classification import Classification
 from schemas.dead_letter import DeadLetter
-from services.app import TriageService
-from services.datasets import load_split
-from services.kafka_io import produce, read_topic, ticket_message, unique_keys
+from services.stream.app import TriageService
+from services.dev.datasets import load_split
+from services.stream.kafka_io import produce, read_topic, ticket_message, unique_keys
 from tests.conftest import create_topics
 
 pytestmark = pytest.mark.integration

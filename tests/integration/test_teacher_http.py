@@ -17,9 +17,10 @@ import pytest
 from pydantic import SecretStr
 
 from schemas.task import TaskSpec, default_task_path
-from services.datasets import load_split
-from services.teacher import OpenAITeacher, TeacherUnavailable, build_teacher_messages
-from services.teacher_standin import load_gold, run_standin
+from services.dev.datasets import load_split
+from services.teacher.client import OpenAITeacher, TeacherUnavailable
+from services.teacher.prompt import build_teacher_messages
+from services.dev.standin import load_gold, run_standin
 
 pytestmark = pytest.mark.integration
 
@@ -297,7 +298,7 @@ def _free_port() -> int:
 async def test_standin_cli_serves():
     port = _free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "services.teacher_standin", "--port", str(port),
+        [sys.executable, "-m", "services.dev.standin", "--port", str(port),
          "--latency-ms", "20", "--error-rate", "0.1", "--rate-limit-rate", "0.05",
          "--timeout-rate", "0.0", "--noise-rate", "0.0"],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from services.registry import META_FILE, AdapterRegistry, content_id
+from services.student.registry import META_FILE, AdapterRegistry, content_id
 
 pytestmark = pytest.mark.integration
 
@@ -29,7 +29,7 @@ def write_tsv(path: Path, rows) -> Path:
 
 @pytest.fixture(scope="module")
 def small_sets(tmp_path_factory):
-    from services.datasets import load_split
+    from services.dev.datasets import load_split
 
     folder = tmp_path_factory.mktemp("data")
     return {
@@ -67,7 +67,7 @@ def test_tiny_training_run_makes_a_registrable_adapter(tiny_adapter, tmp_path, t
 
 def test_killed_training_run_leaves_registry_unchanged(tmp_path, tiny_adapter, small_sets, student_model_path):
     from schemas.task import default_task_path
-    from services.training_log import TrainingLog
+    from services.teacher.training_log import TrainingLog
     from trainer.distill import DistillConfig, run_distill
 
     reg = AdapterRegistry(tmp_path / "reg")
@@ -79,7 +79,7 @@ def test_killed_training_run_leaves_registry_unchanged(tmp_path, tiny_adapter, s
     TrainingLog(log_path).close()  # empty log: the child fails fast too, but we kill it first
     cfg = DistillConfig(registry_dir=reg.root, log_path=log_path, model_path=student_model_path,
                         task_path=default_task_path(), work_dir=tmp_path / "work",
-                        train_timeout_s=20, train_args={"train_tsv": small_sets["train"], "max_steps": 10_000})
+                        calibration_tsv=str(small_sets["dev"]), train_timeout_s=20, train_args={"train_tsv": small_sets["train"], "max_steps": 10_000})
     with pytest.raises((subprocess.TimeoutExpired, subprocess.CalledProcessError)):
         run_distill(cfg)
     after = (sorted(p.name for p in reg.adapters_dir.iterdir()), reg.pointer_path.read_bytes(),
@@ -92,7 +92,7 @@ async def test_distill_evaluates_through_the_engine_and_gates(
     tmp_path, student, tiny_adapter, small_sets, student_model_path
 ):
     from schemas.task import default_task_path
-    from services.training_log import TrainingLog
+    from services.teacher.training_log import TrainingLog
     from trainer.distill import DistillConfig, run_distill_async
 
     def reuse_tiny(out_dir, flags, log_file, timeout):  # training is covered above

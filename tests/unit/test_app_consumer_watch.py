@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from aiokafka.structs import TopicPartition
 
-from services.app import TriageService
+from services.stream.app import TriageService
 from services.settings import Settings
 
 

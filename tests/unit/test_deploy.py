@@ -16,7 +16,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from services.metrics import ServiceMetrics
+from services.stream.metrics import ServiceMetrics
 from services.settings import Settings
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
@@ -24,7 +24,7 @@ REPO = DEPLOY.parent
 K8S = DEPLOY / "k8s"
 # Oldest Kubernetes we claim (CronJob.spec.timeZone is GA since 1.27) and the newest bundled.
 K8S_VERSIONS = ("1.29", kubernetes_validate.utils.latest_version())
-# TRIAGE_* names read outside Settings (services/model_store.py reads it from os.environ).
+# TRIAGE_* names read outside Settings (services/student/model_store.py reads it from os.environ).
 NON_SETTINGS_ENV = {"TRIAGE_CACHE_DIR"}
 SETTINGS_ENV = {f"TRIAGE_{name.upper()}" for name in Settings.model_fields}
 GUARDED = re.compile(r"^\$\{(?P<var>[A-Z0-9_]+):\?.+\}$")

@@ -3,7 +3,7 @@ import math
 import pytest
 
 from schemas.classification import FieldPrediction
-from services.escalation import (
+from services.teacher.escalation import (
     AuditEstimator,
     RollingRate,
     should_audit,

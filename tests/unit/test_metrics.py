@@ -1,4 +1,4 @@
-"""services.metrics: the metric contract, the helpers, and the HTTP endpoints over real sockets."""
+"""services.stream.metrics: the metric contract, the helpers, and the HTTP endpoints over real sockets."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
-from services.metrics import ROUTES, ServiceMetrics, serve_metrics
+from services.stream.metrics import ROUTES, ServiceMetrics, serve_metrics
 
 # The names other code and the Grafana dashboard rely on (family name -> type).
 CONTRACT = {

@@ -5,10 +5,10 @@ import json
 import pytest
 
 from schemas.classification import Classification, FieldPrediction
-from services.engine import StudentPrediction
-from services.pipeline import EscalationConfig, InboundRecord, TicketPipeline
-from services.teacher import TeacherAnswer, TeacherUnavailable
-from services.training_log import TrainingLog
+from services.student.engine import StudentPrediction
+from services.stream.pipeline import EscalationConfig, InboundRecord, TicketPipeline
+from services.teacher.client import TeacherAnswer, TeacherUnavailable
+from services.teacher.training_log import TrainingLog
 
 
 class FakeClassifier:

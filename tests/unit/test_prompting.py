@@ -3,8 +3,8 @@ import math
 import pytest
 
 from schemas.task import FieldSpec, TaskSpec
-from services.engine import distribution_from_logprobs, field_prediction
-from services.prompting import PromptStyle, build_label_codes, render_prompt
+from services.student.engine import distribution_from_logprobs, field_prediction
+from services.student.prompting import PromptStyle, build_label_codes, render_prompt
 
 
 class CharTokenizer:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from services.prompting import PromptStyle
-from services.registry import META_FILE, AdapterRef, AdapterRegistry, content_id
+from services.student.prompting import PromptStyle
+from services.student.registry import META_FILE, AdapterRef, AdapterRegistry, content_id
 
 
 def make_adapter(folder: Path, weights: bytes = b"w1", threshold: float | None = 0.9) -> Path:

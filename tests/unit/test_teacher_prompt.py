@@ -6,9 +6,8 @@ import json
 import pytest
 
 from schemas.task import TaskSpec, default_task_path
-from services.teacher import (
-    CircuitBreaker,
-    SpendWindow,
+from services.teacher.client import CircuitBreaker, SpendWindow
+from services.teacher.prompt import (
     build_response_schema,
     build_teacher_messages,
     parse_answer,

@@ -5,7 +5,7 @@ from datetime import datetime, timezone
 import pytest
 
 from schemas.training import TrainingExample
-from services.training_log import TrainingLog
+from services.teacher.training_log import TrainingLog
 
 
 def ex(text: str, label: str = "a", **kw) -> TrainingExample:

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from schemas.ticket import Ticket
-from services.validation import Rejection, parse_ticket
+from services.stream.validation import Rejection, parse_ticket
 
 LIMITS = dict(max_bytes=1000, max_text_chars=50)
 

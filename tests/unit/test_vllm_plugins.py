@@ -4,7 +4,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from services.vllm_plugins import bgmv_expand, bgmv_expand_slice, bgmv_shrink  # noqa: E402
+from services.student.vllm_plugins import bgmv_expand, bgmv_expand_slice, bgmv_shrink  # noqa: E402
 
 
 def reference(inputs, weights, indices):

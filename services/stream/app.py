@@ -1,6 +1,6 @@
 """The one wiring place: settings (+ optional overrides) -> a runnable FastStream service.
 
-    faststream run services.app:create_app --factory     # or: triage serve
+    faststream run services.stream.app:create_app --factory     # or: triage serve
 
 Heavy resources (vLLM engine, teacher client, training log, metrics server) are created in
 an async context manager before consuming starts and closed in `finally`.
@@ -19,13 +19,13 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any, AsyncIterator
 
 from faststream import AckPolicy, FastStream
-from pydantic import SecretStr
 from faststream.kafka import KafkaBroker
 from faststream.kafka.annotations import KafkaMessage
 
 from schemas.task import TaskSpec
-from services.engine import Classifier, EngineConfig, VllmClassifier
-from services.pipeline import EscalationConfig, InboundRecord, Outcome, TicketPipeline
+from services.student.engine import Classifier, EngineConfig, VllmClassifier
+from services.stream.pipeline import EscalationConfig, InboundRecord, Outcome, TicketPipeline
+from services.logs import configure_logging, log_context
 from services.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ class TriageService:
         self.task = TaskSpec.from_file(settings.task_path)
         self._injected = {"classifier": classifier, "teacher": teacher, "training_log": training_log}
         if metrics is None:
-            from services.metrics import ServiceMetrics
+            from services.stream.metrics import ServiceMetrics
 
             metrics = ServiceMetrics()
         self.metrics = metrics
@@ -58,7 +58,10 @@ class TriageService:
         # Who answered: sent as the `triage-replica` header on every outcome (pod name in k8s).
         self.replica_id = f"{socket.gethostname()}:{os.getpid()}"
         self._swap_lock = asyncio.Lock()
-        self.broker = KafkaBroker(settings.bootstrap_servers, logger=log)
+        self.exit_code = 0  # what `triage serve` exits with: non-zero when this replica broke
+        self._failing_since: float | None = None  # first failure of the current retry streak
+        # acks="all": a result counts as published only once every in-sync replica has it.
+        self.broker = KafkaBroker(settings.bootstrap_servers, acks="all", logger=log)
         self.subscriber = self.broker.subscriber(
             settings.tickets_topic,
             group_id=settings.consumer_group,
@@ -83,7 +86,7 @@ class TriageService:
         async with AsyncExitStack() as stack:
             self.metrics.set_ready(False, "starting engine")
             if s.metrics_port:
-                from services.metrics import serve_metrics
+                from services.stream.metrics import serve_metrics
 
                 self.metrics_port = await stack.enter_async_context(
                     serve_metrics(self.metrics, "0.0.0.0", s.metrics_port)
@@ -95,12 +98,14 @@ class TriageService:
                 )
             training_log = self._injected["training_log"]
             if training_log is None:
-                from services.training_log import TrainingLog
+                from services.teacher.training_log import TrainingLog
 
                 training_log = TrainingLog(s.training_log_path)
                 stack.callback(training_log.close)
             teacher = self._injected["teacher"]
             if teacher is None and s.teacher_base_url:
+                from services.teacher.client import build_teacher
+
                 teacher = build_teacher(s, self.task, self.metrics)
                 stack.push_async_callback(teacher.aclose)
             self.pipeline = TicketPipeline(
@@ -151,23 +156,16 @@ class TriageService:
             InboundRecord(r.value, r.key, r.topic, r.partition, r.offset, arrived) for r in raw
         ]
         self.metrics.ticket_consumed(len(records))
-        try:
-            outcomes = await self.pipeline.process(records)
-            await self._publish(outcomes)
-        except Exception as exc:
-            log.exception(
-                "batch of %d from %s failed; rewinding to retry (offsets %s)",
-                len(records), records[0].topic, [(r.partition, r.offset) for r in records[:3]],
-            )
-            await msg.nack()  # seek back: the same records come again, nothing is skipped
-            if type(exc).__name__ == "EngineDeadError":
-                # Crash-only: a dead vLLM engine does not come back in-process. Stop cleanly
-                # (nothing of this batch was committed) and let the orchestrator restart us.
-                log.critical("student engine is dead; shutting down for a restart")
-                self.metrics.set_ready(False, "engine dead")
-                os.kill(os.getpid(), signal.SIGTERM)
-            await asyncio.sleep(1.0)
-            return
+        with log_context(topic=records[0].topic, partition=_span({r.partition for r in records}),
+                         offsets=_span({r.offset for r in records}),
+                         adapter_id=getattr(self.pipeline.classifier.live_adapter, "adapter_id", None)):
+            try:
+                outcomes = await self.pipeline.process(records)
+                await self._publish(outcomes)
+            except Exception as exc:
+                await self._batch_failed(msg, len(records), exc)
+                return
+        self._failing_since = None
         await msg.ack()  # commit: every record of this batch has an acknowledged outcome
         now_wall = time.time()
         for outcome, record in zip(outcomes, raw):
@@ -176,6 +174,24 @@ class TriageService:
             else:
                 e2e = max(0.0, now_wall - record.timestamp / 1000) if record.timestamp else None
                 self.metrics.observe_result(outcome.route, outcome.confidence, e2e)
+
+    async def _batch_failed(self, msg: KafkaMessage, size: int, exc: BaseException) -> None:
+        """Rewind and retry later: one log line per failed attempt, the traceback only for the
+        first failure of a streak."""
+        first = self._failing_since is None
+        if first:
+            self._failing_since = time.monotonic()
+        log.error("batch of %d failed (%s: %s); rewinding to retry", size, type(exc).__name__,
+                  str(exc)[:300], exc_info=exc if first else None)
+        await msg.nack()  # seek back: the same records come again, nothing is skipped
+        if type(exc).__name__ == "EngineDeadError":
+            # Crash-only: a dead vLLM engine does not come back in-process. Stop cleanly
+            # (nothing of this batch was committed) and let the orchestrator restart us.
+            log.critical("student engine is dead; shutting down for a restart")
+            self.metrics.set_ready(False, "engine dead")
+            self.exit_code = 1
+            os.kill(os.getpid(), signal.SIGTERM)
+        await asyncio.sleep(1.0)
 
     async def _publish(self, outcomes: list[Outcome]) -> None:
         s = self.settings
@@ -193,7 +209,7 @@ class TriageService:
 
     # ---- adapters ------------------------------------------------------------------------
     def _registry(self) -> Any:
-        from services.registry import AdapterRegistry
+        from services.student.registry import AdapterRegistry
 
         return AdapterRegistry(self.settings.registry_dir)
 
@@ -262,40 +278,14 @@ class TriageService:
             await asyncio.sleep(1.0)
 
 
+def _span(values: set[int]) -> str:
+    return str(min(values)) if len(values) == 1 else f"{min(values)}-{max(values)}"
+
+
 def _reason(outcome: Outcome) -> str:
     import json
 
     return json.loads(outcome.payload).get("reason", "unknown")
-
-
-def build_teacher(settings: Settings, task: TaskSpec, metrics: Any | None = None) -> Any:
-    from services.metrics import TEACHER_OUTCOMES
-    from services.teacher import OpenAITeacher
-
-    def on_request(outcome: str, latency: float, p_tok: int, c_tok: int, cost: float) -> None:
-        if metrics is not None:
-            metrics.teacher_request(
-                outcome if outcome in TEACHER_OUTCOMES else "error", latency or None, prompt_tokens=p_tok, completion_tokens=c_tok, cost_usd=cost
-            )
-
-    return OpenAITeacher(
-        base_url=settings.teacher_base_url,
-        # Servers without auth (the stand-in, a local `vllm serve`) accept any token.
-        api_key=settings.teacher_api_key if settings.teacher_api_key.get_secret_value() else SecretStr("unused"),
-        model=settings.teacher_model,
-        task=task,
-        few_shot=settings.teacher_few_shot,
-        timeout_s=settings.teacher_timeout_s,
-        max_retries=settings.teacher_max_retries,
-        concurrency=settings.teacher_concurrency,
-        input_price_per_mtok=settings.teacher_input_price_per_mtok,
-        output_price_per_mtok=settings.teacher_output_price_per_mtok,
-        budget_per_hour_usd=settings.teacher_budget_per_hour_usd,
-        budget_per_day_usd=settings.teacher_budget_per_day_usd,
-        breaker_failures=settings.teacher_breaker_failures,
-        breaker_reset_s=settings.teacher_breaker_reset_s,
-        on_request=on_request,
-    )
 
 
 def build_app(settings: Settings, **overrides: Any) -> FastStream:
@@ -303,7 +293,7 @@ def build_app(settings: Settings, **overrides: Any) -> FastStream:
 
 
 def create_app() -> FastStream:
-    """Factory for `faststream run services.app:create_app --factory`."""
+    """Factory for `faststream run services.stream.app:create_app --factory`."""
     settings = Settings()
-    logging.basicConfig(level=settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     return build_app(settings)

@@ -12,25 +12,28 @@ policy so callers see one exception type, `TeacherUnavailable(reason)`:
 - rolling spend caps (last hour / last 24 h); over a cap, "over_budget" without a request.
 
 The API key is held by the openai client only; it never appears in repr, logs or errors.
-The prompt builders are pure functions, shared with tests and the trainer.
+The prompt builders are pure functions in `services.teacher.prompt`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 import logging
 import random
 import time
 from collections import Counter, deque
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
-from typing import Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from pydantic import SecretStr
 
 from schemas.task import TaskSpec
+from services.teacher.prompt import build_teacher_messages, parse_answer, prompt_hash, response_format
+
+if TYPE_CHECKING:
+    from services.settings import Settings
+    from services.stream.metrics import ServiceMetrics
 
 log = logging.getLogger(__name__)
 
@@ -62,78 +65,6 @@ class Teacher(Protocol):
     model: str
 
     async def label(self, text: str) -> TeacherAnswer: ...
-
-
-# --- prompt (pure) -------------------------------------------------------------------------
-def build_system_prompt(task: TaskSpec) -> str:
-    lines = [task.instructions.strip(), "", "Answer with a JSON object with exactly these keys:"]
-    for spec in task.fields:
-        lines.append(f'- "{spec.name}": {spec.description}')
-        lines.append("  one of: " + ", ".join(spec.labels))
-    lines.append("Use the labels exactly as written. Output the JSON object only.")
-    return "\n".join(lines)
-
-
-def build_teacher_messages(task: TaskSpec, text: str, few_shot: int) -> list[dict[str, str]]:
-    """System prompt, up to `few_shot` example pairs (user text / JSON answer), then the ticket.
-
-    Only examples that label every field are used, so each shown answer fits the schema.
-    """
-    names = [f.name for f in task.fields]
-    messages = [{"role": "system", "content": build_system_prompt(task)}]
-    complete = [ex for ex in task.examples if all(n in ex.labels for n in names)]
-    for ex in complete[: max(0, few_shot)]:
-        answer = json.dumps({n: ex.labels[n] for n in names}, ensure_ascii=False)
-        messages.append({"role": "user", "content": ex.text})
-        messages.append({"role": "assistant", "content": answer})
-    messages.append({"role": "user", "content": text})
-    return messages
-
-
-def build_response_schema(task: TaskSpec) -> dict[str, Any]:
-    return {
-        "type": "object",
-        "properties": {
-            f.name: {"type": "string", "description": f.description, "enum": list(f.labels)}
-            for f in task.fields
-        },
-        "required": [f.name for f in task.fields],
-        "additionalProperties": False,
-    }
-
-
-def response_format(task: TaskSpec) -> dict[str, Any]:
-    name = "".join(c if c.isalnum() or c in "_-" else "_" for c in task.name)[:64] or "answer"
-    schema = build_response_schema(task)
-    return {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}}
-
-
-def prompt_hash(messages: list[dict[str, str]]) -> str:
-    """Hash of everything but the ticket: system prompt + few-shot turns (16 hex chars)."""
-    material = json.dumps(messages[:-1], sort_keys=True, ensure_ascii=False)
-    return hashlib.sha256(material.encode("utf-8")).hexdigest()[:16]
-
-
-def parse_answer(task: TaskSpec, content: str | None) -> dict[str, str]:
-    """Labels from the reply, or ValueError. Tolerates ``` fences and label case."""
-    body = (content or "").strip()
-    if body.startswith("```"):
-        body = body.strip("`").removeprefix("json").strip()
-    data = json.loads(body)
-    if not isinstance(data, dict):
-        raise ValueError("answer is not a JSON object")
-    labels: dict[str, str] = {}
-    for spec in task.fields:
-        value = data.get(spec.name)
-        if not isinstance(value, str):
-            raise ValueError(f"field {spec.name!r} missing")
-        if value not in spec.labels:
-            folded = [lab for lab in spec.labels if lab.lower() == value.strip().lower()]
-            if len(folded) != 1:
-                raise ValueError(f"field {spec.name!r}: unknown label")
-            value = folded[0]
-        labels[spec.name] = value
-    return labels
 
 
 # --- failure policy pieces -----------------------------------------------------------------
@@ -404,3 +335,34 @@ class OpenAITeacher:
             "breaker": self._breaker.state,
             "consecutive_failures": self._breaker.consecutive,
         }
+
+
+# --- the one factory -----------------------------------------------------------------------
+def build_teacher(settings: Settings, task: TaskSpec, metrics: ServiceMetrics | None = None) -> OpenAITeacher:
+    """The one teacher factory: an `OpenAITeacher` from settings, reporting to `metrics`."""
+    from services.stream.metrics import TEACHER_OUTCOMES
+
+    def on_request(outcome: str, latency: float, p_tok: int, c_tok: int, cost: float) -> None:
+        if metrics is not None:
+            metrics.teacher_request(
+                outcome if outcome in TEACHER_OUTCOMES else "error", latency or None, prompt_tokens=p_tok, completion_tokens=c_tok, cost_usd=cost
+            )
+
+    return OpenAITeacher(
+        base_url=settings.teacher_base_url,
+        # Servers without auth (the stand-in, a local `vllm serve`) accept any token.
+        api_key=settings.teacher_api_key if settings.teacher_api_key.get_secret_value() else SecretStr("unused"),
+        model=settings.teacher_model,
+        task=task,
+        few_shot=settings.teacher_few_shot,
+        timeout_s=settings.teacher_timeout_s,
+        max_retries=settings.teacher_max_retries,
+        concurrency=settings.teacher_concurrency,
+        input_price_per_mtok=settings.teacher_input_price_per_mtok,
+        output_price_per_mtok=settings.teacher_output_price_per_mtok,
+        budget_per_hour_usd=settings.teacher_budget_per_hour_usd,
+        budget_per_day_usd=settings.teacher_budget_per_day_usd,
+        breaker_failures=settings.teacher_breaker_failures,
+        breaker_reset_s=settings.teacher_breaker_reset_s,
+        on_request=on_request,
+    )

@@ -8,7 +8,6 @@ Test tickets are never used for training; each stage streams a fresh slice of th
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from contextlib import AsyncExitStack
@@ -16,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from services.demo import StreamReport, stream_tickets
+from services.dev.demo_stream import StreamReport, say, stream_tickets
 from services.settings import Settings
 
 
@@ -34,19 +33,16 @@ class DemoOptions:
 DEMO_ENTRIES = {"registry", "data", "distill", "demo-report.json"}  # what a demo writes
 
 
-def say(message: str) -> None:
-    print(f"\n== {message}", flush=True)
-
-
 async def run_demo(base: Settings, options: DemoOptions) -> dict[str, Any]:
     import shutil
 
     from schemas.task import TaskSpec
-    from services.app import TriageService
-    from services.broker import EmbeddedBroker, ensure_topics
-    from services.datasets import load_split
-    from services.model_store import ensure_student_model
-    from services.teacher_standin import run_standin
+    from services.stream.app import TriageService
+    from services.dev.broker import EmbeddedBroker
+    from services.stream.kafka_io import all_topics, ensure_topics
+    from services.dev.datasets import load_split
+    from services.student.model_store import ensure_student_model
+    from services.dev.standin import run_standin
 
     workdir = options.workdir.resolve()
     if workdir.is_dir() and not {p.name for p in workdir.iterdir()} <= DEMO_ENTRIES:
@@ -77,7 +73,7 @@ async def run_demo(base: Settings, options: DemoOptions) -> dict[str, Any]:
             "registry_poll_s": 1.0,
             "metrics_port": 0 if base.metrics_port == 9464 else base.metrics_port,
         })
-        await ensure_topics(settings.bootstrap_servers, _topics(settings), settings.topic_partitions)
+        await ensure_topics(settings.bootstrap_servers, all_topics(settings), settings.topic_partitions)
         say("starting the service (vLLM engine start takes ~1 min on 2 CPU cores)")
         t0 = time.monotonic()
         service = TriageService(settings)
@@ -113,7 +109,7 @@ async def run_demo(base: Settings, options: DemoOptions) -> dict[str, Any]:
 
         await stage("zero-shot", 0)
         if options.flywheel:
-            from services.demo_flywheel import flywheel
+            from services.dev.demo_flywheel import flywheel
 
             extra.update(await flywheel(service, settings, options, stage))
     result = {"stages": [s.as_dict() for s in stages], **extra}
@@ -131,10 +127,6 @@ def _teacher_stats(service: Any) -> dict[str, Any]:
     teacher = service.pipeline.teacher if service.pipeline else None
     stats = teacher.stats() if teacher is not None and hasattr(teacher, "stats") else {}
     return {"calls": stats.get("calls", 0), "cost_usd": stats.get("cost_usd", 0.0)}
-
-
-def _topics(settings: Settings) -> list[str]:
-    return [settings.tickets_topic, settings.results_topic, settings.dead_letter_topic, settings.control_topic]
 
 
 def _print_table(stages: list[StreamReport]) -> None:

@@ -11,18 +11,14 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Awaitable, Callable
 
-from services.demo import StreamReport
-
-
-def say(message: str) -> None:
-    print(f"\n== {message}", flush=True)
+from services.dev.demo_stream import StreamReport, say
 
 
 async def flywheel(
     service: Any, settings: Any, options: Any, stage: Callable[[str, int], Awaitable[StreamReport]]
 ) -> dict[str, Any]:
-    from services.bootstrap import run_bootstrap
-    from services.datasets import load_split
+    from services.teacher.bootstrap import run_bootstrap
+    from services.dev.datasets import banking77_dir, load_split
     from trainer.distill import DistillConfig, run_distill_async
 
     pipeline = service.pipeline
@@ -36,6 +32,7 @@ async def flywheel(
         registry_dir=settings.registry_dir, log_path=settings.training_log_path,
         model_path=settings.model_path, task_path=settings.task_path,
         work_dir=options.workdir / "distill", max_minutes=options.train_minutes,
+        calibration_tsv=str(banking77_dir() / "dev.tsv"),  # gold, never trained on
         report_tsv="none",  # the streamed test tickets are the report
         eval_limit=options.eval_limit,
     )

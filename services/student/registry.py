@@ -31,7 +31,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
-from services.prompting import PromptStyle
+from services.student.prompting import PromptStyle
 
 META_FILE = "triage_adapter.json"
 CONFIG_FILE = "adapter_config.json"

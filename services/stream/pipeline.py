@@ -18,14 +18,14 @@ from schemas.classification import Classification, Route
 from schemas.dead_letter import DeadLetter
 from schemas.ticket import Ticket
 from schemas.training import TrainingExample
-from services.engine import Classifier, StudentPrediction
-from services.escalation import AuditEstimator, RollingRate, should_audit, should_escalate
-from services.validation import Rejection, parse_ticket
+from services.student.engine import Classifier, StudentPrediction
+from services.teacher.escalation import AuditEstimator, RollingRate, should_audit, should_escalate
+from services.stream.validation import Rejection, parse_ticket
 
 if TYPE_CHECKING:
-    from services.metrics import ServiceMetrics
-    from services.teacher import Teacher, TeacherAnswer
-    from services.training_log import TrainingLog
+    from services.stream.metrics import ServiceMetrics
+    from services.teacher.client import Teacher, TeacherAnswer
+    from services.teacher.training_log import TrainingLog
 
 log = logging.getLogger(__name__)
 
@@ -126,10 +126,9 @@ class TicketPipeline:
 
     def _dead_letter(self, record: InboundRecord, rejection: Rejection) -> Outcome:
         self.stats.dead_letter[rejection.reason] += 1
-        log.warning(
-            "dead-letter %s/%d@%d: %s (%s)",
-            record.topic, record.partition, record.offset, rejection.reason, rejection.detail,
-        )
+        log.warning("dead-lettered: %s (%s)", rejection.reason, rejection.detail,
+                    extra={"topic": record.topic, "partition": record.partition,
+                           "offset": record.offset, "reason": rejection.reason})
         envelope = DeadLetter(
             reason=rejection.reason,
             detail=rejection.detail,
@@ -197,7 +196,7 @@ class TicketPipeline:
 
     # ---- teacher paths ----------------------------------------------------------------------
     async def _ask_teacher(self, ticket: Ticket, *, source: str) -> TeacherAnswer | None:
-        from services.teacher import TeacherUnavailable
+        from services.teacher.client import TeacherUnavailable
 
         if self.teacher is None:
             self._keep_for_later(ticket, "no_teacher")
@@ -248,7 +247,7 @@ class TicketPipeline:
         outage; a pass stops at the first failure instead of hammering a teacher that is
         still down (each failure would also count against the circuit breaker).
         """
-        from services.teacher import TeacherUnavailable
+        from services.teacher.client import TeacherUnavailable
 
         if self.teacher is None or self.training_log is None:
             return 0

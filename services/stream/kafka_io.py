@@ -1,4 +1,7 @@
-"""Small aiokafka helpers for producers and readers outside the service (CLI, demo, tests)."""
+"""Small aiokafka helpers: topic creation, the one producer helper, a topic reader.
+
+Used by the CLI, the demo, benches and tests; the service itself publishes through FastStream.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +9,10 @@ import asyncio
 import json
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+
+if TYPE_CHECKING:
+    from services.settings import Settings
 
 
 @dataclass(frozen=True)
@@ -83,3 +89,29 @@ async def read_topic(
 
 def unique_keys(received: Sequence[Received]) -> set[bytes | None]:
     return {r.key for r in received}
+
+
+def all_topics(settings: Settings) -> list[str]:
+    """Every topic a replica reads or writes, in a stable order."""
+    return [settings.tickets_topic, settings.results_topic, settings.dead_letter_topic, settings.control_topic]
+
+
+async def ensure_topics(bootstrap_servers: str, topics: Iterable[str], partitions: int) -> None:
+    """Create missing topics (idempotent). Real Kafka deployments usually pre-create them."""
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+    from aiokafka.errors import TopicAlreadyExistsError
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        missing = [t for t in dict.fromkeys(topics) if t not in existing]
+        if missing:
+            try:
+                await admin.create_topics(
+                    [NewTopic(name=t, num_partitions=partitions, replication_factor=1) for t in missing]
+                )
+            except TopicAlreadyExistsError:
+                pass  # another replica won the race
+    finally:
+        await admin.close()

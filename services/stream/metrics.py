@@ -17,12 +17,11 @@ contract with deploy/grafana/triage-dashboard.json (tests/unit/test_deploy.py ch
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import functools
 import logging
 from collections.abc import AsyncIterator, Callable
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -37,7 +36,7 @@ ROUTES: tuple[str, ...] = get_args(Route)
 TEACHER_OUTCOMES: tuple[str, ...] = get_args(TeacherOutcome)
 TOKEN_KINDS: tuple[str, ...] = get_args(TokenKind)
 
-# What `generate_latest` writes (prometheus_client's own default for it).
+# The text format `generate_latest` writes.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 BASE_ADAPTER = "base"
 
@@ -214,40 +213,31 @@ class ServiceMetrics:
         return generate_latest(self.registry)
 
 
-# --- HTTP ------------------------------------------------------------------------------------
-_REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 400: "Bad Request",
-            503: "Service Unavailable"}
-_MAX_HEADER_LINES = 100
-_READ_TIMEOUT_S = 10.0
+# --- HTTP (aiohttp) ---------------------------------------------------------------------------
+def metrics_app(metrics: ServiceMetrics, readiness: Callable[[], tuple[bool, str]] | None = None) -> Any:
+    """/metrics (Prometheus exposition), /healthz (the loop answers), /readyz (`readiness()`)."""
+    from aiohttp import web
 
+    check = readiness or metrics.readiness
 
-def _response(status: int, body: bytes, content_type: str, head: bool) -> bytes:
-    header = (
-        f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\n"
-        f"Content-Type: {content_type}\r\n"
-        f"Content-Length: {len(body)}\r\n"
-        "Connection: close\r\n\r\n"
-    ).encode("ascii")
-    return header if head else header + body
+    async def metrics_handler(request: web.Request) -> web.Response:
+        return web.Response(body=metrics.exposition(), headers={"Content-Type": CONTENT_TYPE})
 
+    async def healthz(request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
 
-def _route(
-    metrics: ServiceMetrics, readiness: Callable[[], tuple[bool, str]], method: str, path: str
-) -> tuple[int, bytes, str]:
-    text = "text/plain; charset=utf-8"
-    if method not in ("GET", "HEAD"):
-        return 405, b"method not allowed\n", text
-    if path == "/metrics":
-        return 200, metrics.exposition(), CONTENT_TYPE
-    if path == "/healthz":
-        return 200, b"ok\n", text
-    if path == "/readyz":
+    async def readyz(request: web.Request) -> web.Response:
         try:
-            ok, reason = readiness()
+            ok, reason = check()
         except Exception as exc:  # a broken check means "not ready", never a dead server
             ok, reason = False, f"readiness check failed: {exc!r}"
-        return (200 if ok else 503), f"{reason or ('ready' if ok else 'not ready')}\n".encode(), text
-    return 404, b"not found\n", text
+        return web.Response(status=200 if ok else 503, text=f"{reason or ('ready' if ok else 'not ready')}\n")
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics_handler)  # GET also answers HEAD; other methods 405
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    return app
 
 
 @contextlib.asynccontextmanager
@@ -257,44 +247,17 @@ async def serve_metrics(
     port: int = 9464,
     readiness: Callable[[], tuple[bool, str]] | None = None,
 ) -> AsyncIterator[int]:
-    """Serve /metrics, /healthz and /readyz until the block exits; yields the bound port.
+    """Serve /metrics, /healthz and /readyz on the current event loop until the block exits;
+    yields the bound port (port 0 picks a free one). `readiness` defaults to `metrics.readiness`."""
+    from aiohttp import web
 
-    Port 0 picks a free port. `readiness` defaults to `metrics.readiness` (see `set_ready`).
-    A minimal HTTP/1.1 server on asyncio streams (one request per connection), so it needs
-    no web framework and shares the service's event loop.
-    """
-    check = readiness or metrics.readiness
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            line = await asyncio.wait_for(reader.readline(), _READ_TIMEOUT_S)
-            parts = line.decode("latin-1").split()
-            for _ in range(_MAX_HEADER_LINES):  # skip headers: nothing here depends on them
-                header = await asyncio.wait_for(reader.readline(), _READ_TIMEOUT_S)
-                if header in (b"\r\n", b"\n", b""):
-                    break
-            if len(parts) != 3:
-                writer.write(_response(400, b"bad request\n", "text/plain", head=False))
-            else:
-                method, target = parts[0].upper(), parts[1]
-                status, body, ctype = _route(metrics, check, method, target.split("?", 1)[0])
-                writer.write(_response(status, body, ctype, head=method == "HEAD"))
-            await writer.drain()
-        except (asyncio.TimeoutError, ConnectionError, asyncio.IncompleteReadError):
-            pass
-        except Exception:  # never let one bad request take the server down
-            log.exception("metrics server: request failed")
-        finally:
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
-
-    server = await asyncio.start_server(handle, host, port)
-    bound = server.sockets[0].getsockname()[1]
-    log.info("metrics server on %s:%d (/metrics /healthz /readyz)", host, bound)
+    runner = web.AppRunner(metrics_app(metrics, readiness), access_log=None, shutdown_timeout=1.0)
+    await runner.setup()
     try:
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        bound = runner.addresses[0][1]
+        log.info("metrics server on %s:%d (/metrics /healthz /readyz)", host, bound)
         yield bound
     finally:
-        server.close()
-        await server.wait_closed()
-        log.info("metrics server on port %d stopped", bound)
+        await runner.cleanup()

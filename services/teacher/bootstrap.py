@@ -4,28 +4,28 @@ Resumable by construction: the training log is the checkpoint. Each answer is ap
 arrives, and texts already in the log are skipped, so a crash or Ctrl-C loses at most the
 answers in flight and a rerun never pays twice for a text.
 
-    TRIAGE_TEACHER_API_KEY=... python -m services.bootstrap --split train --limit 500 \\
-        --base-url http://127.0.0.1:8099/v1 --log var/training_log.sqlite3
+    TRIAGE_TEACHER_BASE_URL=https://... TRIAGE_TEACHER_API_KEY=... triage bootstrap --tsv tickets.tsv
 
 Stops early (resume later) when the teacher's circuit opens or its budget is spent.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
-import os
 import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from schemas.training import TrainingExample, content_hash
-from services.teacher import Teacher, TeacherUnavailable
-from services.training_log import TrainingLog
+from services.teacher.client import Teacher, TeacherUnavailable
+from services.teacher.training_log import TrainingLog
+
+if TYPE_CHECKING:
+    from services.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -127,70 +127,27 @@ def _progress_bar(total: int, enabled: bool):
     return tqdm(total=total, unit="text", desc="bootstrap", file=sys.stderr)
 
 
-# --- standalone CLI (the app's `triage bootstrap` wraps run_bootstrap the same way) --------
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m services.bootstrap",
-        description="Label texts with the teacher into the training log (resumable). "
-        "The API key is read from $TRIAGE_TEACHER_API_KEY.",
-    )
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--split", default="train", help="BANKING77 split: train, dev or test")
-    src.add_argument("--tsv", type=Path, help="any text<TAB>label file instead (labels unused)")
-    p.add_argument("--limit", type=int, default=None, help="first N texts only")
-    p.add_argument("--log", type=Path, required=True, help="training log (SQLite file)")
-    p.add_argument("--base-url", required=True, help="OpenAI-compatible base URL (…/v1)")
-    p.add_argument("--model", default="gold-label-standin")
-    p.add_argument("--task", type=Path, default=None, help="task JSON (default BANKING77)")
-    p.add_argument("--concurrency", type=int, default=8)
-    p.add_argument("--few-shot", type=int, default=8)
-    p.add_argument("--timeout-s", type=float, default=20.0)
-    p.add_argument("--max-retries", type=int, default=4)
-    p.add_argument("--input-price-per-mtok", type=float, default=0.15)
-    p.add_argument("--output-price-per-mtok", type=float, default=0.60)
-    p.add_argument("--budget-usd", type=float, default=None, help="stop when spend reaches it")
-    p.add_argument("--no-progress", action="store_true")
-    return p
+# --- the one entry point (`triage bootstrap`) -------------------------------------------------
+async def bootstrap_from_settings(
+    settings: Settings, path: str | Path, *, limit: int | None = None,
+    concurrency: int | None = None, progress: bool = False,
+) -> BootstrapReport:
+    """Label the texts of a TSV/JSONL file into the settings' training log with the settings'
+    teacher (`build_teacher`: the same client, retries, breaker and budget as the service)."""
+    from schemas.task import TaskSpec
+    from services.teacher.client import build_teacher
+    from services.teacher.corpus import read_texts
 
-
-async def _main(args: argparse.Namespace) -> BootstrapReport:
-    from pydantic import SecretStr
-
-    from schemas.task import TaskSpec, default_task_path
-    from services.datasets import load_split, load_tsv
-    from services.teacher import OpenAITeacher
-
-    rows = load_tsv(args.tsv) if args.tsv else load_split(args.split)
-    texts = [row.text for row in rows][: args.limit]
-    # Servers without auth (the stand-in, a local vLLM) accept any token.
-    key = SecretStr(os.environ.get("TRIAGE_TEACHER_API_KEY") or "no-key")
-    teacher = OpenAITeacher(
-        base_url=args.base_url, api_key=key, model=args.model,
-        task=TaskSpec.from_file(args.task or default_task_path()), few_shot=args.few_shot,
-        timeout_s=args.timeout_s, max_retries=args.max_retries, concurrency=args.concurrency,
-        input_price_per_mtok=args.input_price_per_mtok,
-        output_price_per_mtok=args.output_price_per_mtok, budget_per_hour_usd=None,
-        budget_per_day_usd=args.budget_usd, breaker_failures=5, breaker_reset_s=15.0,
-    )
+    if not settings.teacher_base_url:
+        raise SystemExit("no teacher: set TRIAGE_TEACHER_BASE_URL (or OPENAI_BASE_URL)")
+    texts = read_texts(path)[:limit]
+    teacher = build_teacher(settings, TaskSpec.from_file(settings.task_path))
     try:
-        with TrainingLog(args.log) as training_log:
-            return await run_bootstrap(teacher=teacher, log=training_log, texts=texts,
-                                       concurrency=args.concurrency,
-                                       progress=not args.no_progress)
+        with TrainingLog(settings.training_log_path) as training_log:
+            report = await run_bootstrap(
+                teacher=teacher, log=training_log, texts=texts,
+                concurrency=concurrency or settings.teacher_concurrency, progress=progress)
+            print(f"training log: {training_log.count()} examples, version {training_log.version()}")
+            return report
     finally:
         await teacher.aclose()
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        report = asyncio.run(_main(args))
-    except KeyboardInterrupt:
-        print("bootstrap interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
-    return 0 if report.failed == 0 else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

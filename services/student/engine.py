@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Protocol, Sequence
 
 from schemas.classification import FieldPrediction, LabelScore
 from schemas.task import TaskSpec
-from services.prompting import LabelCodes, PromptStyle, build_all_codes, render_prompt
+from services.student.prompting import LabelCodes, PromptStyle, build_all_codes, render_prompt
 
 if TYPE_CHECKING:
-    from services.registry import AdapterRef
+    from services.student.registry import AdapterRef
     from services.settings import Settings
 
 LIVE: Any = object()  # sentinel: "use whatever adapter is live right now"
@@ -34,6 +34,19 @@ class StudentPrediction:
     distribution: dict[str, list[float]]  # field -> probabilities over the field's labels
     adapter_id: str | None
     engine_ms: float = 0.0
+    truncated: bool = False  # the ticket was cut (by tokens, head + tail) to fit the model
+
+
+@dataclass(frozen=True)
+class EngineRejection:
+    """One ticket the engine could not classify; its own outcome, never its batch's failure.
+
+    reason: machine-readable (`too_many_tokens`, `engine_rejected`, ...); detail: for humans.
+    """
+
+    reason: str
+    detail: str
+    adapter_id: str | None = None
 
     @property
     def confidence(self) -> float:
@@ -48,7 +61,11 @@ class Classifier(Protocol):
     @property
     def live_adapter(self) -> AdapterRef | None: ...
 
-    async def classify(self, texts: Sequence[str], *, adapter: Any = LIVE) -> list[StudentPrediction]: ...
+    async def classify(
+        self, texts: Sequence[str], *, adapter: Any = LIVE
+    ) -> list[StudentPrediction | EngineRejection]:
+        """One outcome per text, in order. Raises only for batch-level failures (engine dead)."""
+        ...
 
     async def use_adapter(self, adapter: AdapterRef | None) -> None: ...
 

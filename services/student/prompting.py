@@ -21,6 +21,7 @@ from enum import Enum
 from typing import Protocol, Sequence
 
 from schemas.task import FieldSpec, TaskSpec
+from schemas.text import normalise_whitespace
 
 
 class PromptStyle(str, Enum):
@@ -98,7 +99,7 @@ def build_all_codes(task: TaskSpec, tokenizer: TokenizerLike) -> dict[str, Label
 
 def normalise_text(text: str, max_chars: int = 2000) -> str:
     """Collapse whitespace so training and serving see identical token streams."""
-    return " ".join(text.split())[:max_chars]
+    return normalise_whitespace(text)[:max_chars]
 
 
 def render_prompt(

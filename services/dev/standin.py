@@ -13,7 +13,7 @@ Retry-After: 0), timeout_rate (hang for `hang_s`, default 30 s), noise_rate (a r
 label), invalid_rate (a label outside the label set), and `script`: a list of outcomes
 ("error", "rate_limit", "timeout", "noise", "invalid", "ok") forced on the next requests.
 
-    python -m services.teacher_standin --port 8099 --latency-ms 20 --error-rate 0.1 \\
+    python -m services.dev.standin --port 8099 --latency-ms 20 --error-rate 0.1 \\
         --rate-limit-rate 0.05 --timeout-rate 0.0 --noise-rate 0.0
 
 Programmatic: `async with run_standin(port=0, error_rate=0.1) as server: server.base_url`.
@@ -41,17 +41,14 @@ from typing import Any, AsyncIterator, Iterable, Sequence
 
 from aiohttp import web
 
-from services.datasets import BANKING77_SPLITS, banking77_dir, load_tsv
+from schemas.text import dedup_key
+from services.dev.datasets import BANKING77_SPLITS, banking77_dir, load_tsv
 
 log = logging.getLogger(__name__)
 
 STANDIN_MODEL = "gold-label-standin"
 OUTCOMES = ("ok", "error", "rate_limit", "timeout", "noise", "invalid")
 _TOKEN = re.compile(r"[a-z0-9']+")
-
-
-def normalise(text: str) -> str:
-    return " ".join(text.split()).lower()
 
 
 def load_gold(paths: Iterable[str | Path] | None = None) -> dict[str, str]:
@@ -61,7 +58,7 @@ def load_gold(paths: Iterable[str | Path] | None = None) -> dict[str, str]:
     gold: dict[str, str] = {}
     for path in paths:
         for row in load_tsv(path):
-            gold.setdefault(normalise(row.text), row.label)
+            gold.setdefault(dedup_key(row.text), row.label)
     return gold
 
 
@@ -148,7 +145,7 @@ class GoldLabelStandin:
     # --- labelling ---------------------------------------------------------------------
     def lookup(self, text: str) -> tuple[str, bool]:
         """(label, known). Unknown: nearest known text by token Jaccard, ties by file order."""
-        key = normalise(text)
+        key = dedup_key(text)
         if key in self.gold:
             return self.gold[key], True
         self._counters["unknown"] += 1
@@ -267,7 +264,7 @@ class GoldLabelStandin:
         elif outcome == "invalid":
             label = "not_a_label"
         else:
-            self._answered[normalise(text)] += 1
+            self._answered[dedup_key(text)] += 1
         content = json.dumps({field: label})
         chars = sum(len(_content_text(m.get("content"))) for m in messages)
         return web.json_response({
@@ -339,7 +336,7 @@ async def run_standin(
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m services.teacher_standin",
+        prog="python -m services.dev.standin",
         description="Gold-label teacher STAND-IN (OpenAI-compatible; answers dataset labels).",
     )
     parser.add_argument("--host", default="127.0.0.1")
