@@ -36,6 +36,10 @@ class StudentPrediction:
     engine_ms: float = 0.0
     truncated: bool = False  # the ticket was cut (by tokens, head + tail) to fit the model
 
+    @property
+    def confidence(self) -> float:
+        return min(p.confidence for p in self.fields.values())
+
 
 @dataclass(frozen=True)
 class EngineRejection:
@@ -47,10 +51,6 @@ class EngineRejection:
     reason: str
     detail: str
     adapter_id: str | None = None
-
-    @property
-    def confidence(self) -> float:
-        return min(p.confidence for p in self.fields.values())
 
 
 class Classifier(Protocol):
