@@ -108,7 +108,11 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_promote(args: argparse.Namespace) -> int:
     from services.student.registry import AdapterRegistry
 
-    ref = AdapterRegistry(settings().registry_dir).promote(args.adapter_id, args.reason)
+    try:
+        ref = AdapterRegistry(settings().registry_dir).promote(args.adapter_id, args.reason)
+    except KeyError as exc:  # unknown or malformed id: a message, not a traceback
+        print(f"triage promote: {exc.args[0]}", file=sys.stderr)
+        return 1
     print(f"current adapter: {ref.adapter_id}")
     return 0
 

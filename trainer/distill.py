@@ -9,9 +9,12 @@
    also keeps torch's memory and any CUDA context out of the process that starts vLLM);
 3. start ONE serving engine and evaluate the candidate and the live adapter (the base model
    when none is live) on the calibration set; thresholds at target error epsilon;
-4. `trainer.promote.decide`: on promote, write eval + threshold into the candidate's
+4. `trainer.promote.decide` (a candidate above the serving `max_lora_rank` is rejected: the
+   service could not load it): on promote, write eval + threshold into the candidate's
    metadata, `registry.add` it and move the `current` pointer (the service hot-swaps by
-   watching that pointer); on reject, the run folder keeps everything for inspection.
+   watching that pointer) only if it is still where it was when the run started: a rollback
+   or promotion made meanwhile wins, the candidate stays in the registry for a person to
+   promote; on reject, the run folder keeps everything for inspection.
 Returns (and writes to <run>/summary.json) a summary dict.
 """
 
@@ -31,7 +34,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from schemas.task import TaskSpec
-from services.student.registry import AdapterRef, AdapterRegistry, read_meta, write_meta
+from services.student.registry import (
+    CONFIG_FILE, AdapterRef, AdapterRegistry, CurrentMoved, read_meta, write_meta,
+)
 from trainer.evaluate import HeldOut, evaluate, fit_lora_rank, summary_line
 from trainer.promote import decide
 
@@ -53,6 +58,7 @@ class DistillConfig:
     train_timeout_s: float | None = None  # hard kill of the trainer; default: budget + 10 min
     train_args: dict[str, Any] = field(default_factory=dict)  # extra trainer.train flags
     engine: Any = None  # services.student.engine.EngineConfig; default: from model_path
+    max_lora_rank: int = 16  # the SERVING engine's (Settings.max_lora_rank): bigger can't be loaded
 
 
 def train_subprocess(out_dir: Path, flags: dict[str, Any], log_file: Path, timeout_s: float | None = None) -> None:
@@ -85,6 +91,7 @@ async def run_distill_async(
     final = None if cfg.report_tsv in ("", "none") else HeldOut.from_tsv(
         "report", cfg.report_tsv, task, cfg.eval_limit)
     registry = AdapterRegistry(cfg.registry_dir)
+    live_at_start = registry.current_id()  # promotion is a compare-and-swap against this
     with TrainingLog(cfg.log_path) as log:
         version = log.version()
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
@@ -106,7 +113,9 @@ async def run_distill_async(
                              epsilon=cfg.epsilon, delta=cfg.delta, out_dir=run_dir / "eval",
                              final_names={"candidate"}, classifier=classifier)
     cand, current = results["candidate"]["calibration"], results["live"]["calibration"]
-    decision = decide(cand, current, cfg.margin)
+    adapter_config = json.loads((candidate_dir / CONFIG_FILE).read_text(encoding="utf-8"))
+    decision = decide(cand, current, cfg.margin, adapter_config=adapter_config,
+                      max_lora_rank=cfg.max_lora_rank)
 
     meta = read_meta(candidate_dir)
     meta["threshold"] = {"value": cand["threshold"]["threshold"], **cand["threshold"]}
@@ -117,18 +126,25 @@ async def run_distill_async(
                     "live_adapter_id": live.adapter_id if live else None}
     write_meta(candidate_dir, meta)  # metadata is outside the content hash: the id is unchanged
 
-    promoted = None
+    promoted, reason = False, decision.reason
     if decision.promote:
-        promoted = registry.add(candidate_dir)
-        registry.promote(promoted.adapter_id, decision.reason)
+        added = registry.add(candidate_dir)
+        try:
+            registry.promote(added.adapter_id, decision.reason, expected_current=live_at_start)
+            promoted = True
+        except CurrentMoved as moved:  # someone rolled back / promoted while we trained
+            reason = (f"not promoted: {moved}; the gate passed ({decision.reason}); the candidate "
+                      f"is in the registry: `triage promote {added.adapter_id}` to use it")
     summary = {
         "run_dir": str(run_dir),
         "data_version": version,
         "candidate_id": candidate.adapter_id,
         "live_id": live.adapter_id if live else None,
-        "promoted": decision.promote,
+        "live_at_start": live_at_start,
+        "promoted": promoted,
         "current_id": registry.current_id(),
-        "reason": decision.reason,
+        "reason": reason,
+        "gate": {"promote": decision.promote, "reason": decision.reason},
         "threshold": meta["threshold"],
         "train_metrics": meta.get("train_metrics"),
         "candidate": meta["eval"],
@@ -173,11 +189,11 @@ def main(argv: list[str] | None = None) -> int:
         eval_limit=opts.eval_limit,
         epsilon=opts.epsilon, margin=opts.margin, max_minutes=opts.max_minutes,
         train_args=dict(a.split("=", 1) for a in opts.train_arg),
-        engine=EngineConfig.from_settings(settings),
+        engine=EngineConfig.from_settings(settings), max_lora_rank=settings.max_lora_rank,
     )
     summary = run_distill(cfg)
     print("\n".join(summary["lines"]))
-    print(("PROMOTED " if summary["promoted"] else "REJECTED ") + summary["reason"])
+    print(("PROMOTED " if summary["promoted"] else "NOT PROMOTED ") + summary["reason"])
     print(f"summary: {summary['run_dir']}/summary.json")
     return 0  # a rejected candidate is a normal outcome, not a failure
 

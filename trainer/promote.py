@@ -9,6 +9,10 @@ same held-out calibration set, using reports from `trainer.evaluate.report`:
   epsilon): promote when accuracy gains >= `margin`.
 - otherwise reject, with the numbers in the reason. Reports from different data or epsilon
   are never compared.
+- before any of that: a candidate the serving engine cannot load is rejected. Its LoRA rank
+  (`adapter_rank` of adapter_config.json) must fit the service's `max_lora_rank` (the
+  evaluation engine is sized to the candidate, so it would pass there and then fail to
+  load in every replica).
 
 Moving the registry pointer by hand: `triage status`, `triage promote ID --reason ...`,
 `triage rollback --reason ...`.
@@ -26,7 +30,34 @@ class Decision:
     reason: str
 
 
-def decide(candidate: dict[str, Any], live: dict[str, Any] | None, margin: float) -> Decision:
+def adapter_rank(adapter_config: dict[str, Any]) -> int:
+    """The largest LoRA rank in a PEFT adapter_config.json (`r`, or a bigger `rank_pattern` one)."""
+    ranks = [int(adapter_config.get("r") or 0)]
+    ranks += [int(r) for r in (adapter_config.get("rank_pattern") or {}).values()]
+    return max(ranks)
+
+
+def servable(adapter_config: dict[str, Any], max_lora_rank: int) -> Decision | None:
+    """A rejection when the serving engine (vLLM `max_lora_rank`) cannot load the adapter."""
+    rank = adapter_rank(adapter_config)
+    if rank > max_lora_rank:
+        return Decision(False, f"reject: LoRA rank {rank} > serving max_lora_rank {max_lora_rank}; "
+                               "the service could not load it (retrain with a smaller --lora-r "
+                               "or raise TRIAGE_MAX_LORA_RANK first)")
+    return None
+
+
+def decide(candidate: dict[str, Any], live: dict[str, Any] | None, margin: float, *,
+           adapter_config: dict[str, Any] | None = None,
+           max_lora_rank: int | None = None) -> Decision:
+    """Promote or reject `candidate` (its report; `adapter_config` its adapter_config.json)
+    against `live` (None = nothing to compare with)."""
+    if max_lora_rank is not None:
+        if adapter_config is None:
+            raise ValueError("max_lora_rank needs the candidate's adapter_config")
+        refused = servable(adapter_config, max_lora_rank)
+        if refused is not None:
+            return refused
     if live is not None:
         if candidate["data"]["data_hash"] != live["data"]["data_hash"]:
             return Decision(False, "reports are on different held-out data; not comparable")

@@ -51,6 +51,10 @@ class EmbeddedBroker:
         return f"{self.host}:{self.port}"
 
     def start(self, timeout_s: float = 15.0) -> EmbeddedBroker:
+        # Someone else listening there would pass the readiness probe below: refuse instead.
+        with socket.socket() as probe:
+            if probe.connect_ex((self.host, self.port)) == 0:
+                raise RuntimeError(f"{self.bootstrap_servers} is already in use")
         url = f"tcp://{self.host}:{self.port}"
         self._proc = subprocess.Popen(
             [str(tansu_binary()), "broker", "--listener-url", url, "--advertised-listener-url", url],
@@ -58,18 +62,30 @@ class EmbeddedBroker:
             stderr=subprocess.DEVNULL,
             start_new_session=True,  # own process group: Ctrl-C in a terminal doesn't race us
         )
+        try:
+            self._wait_listening(timeout_s)
+        except BaseException:  # a timeout, or SIGTERM/Ctrl-C mid-start: no orphan Tansu
+            self.stop()
+            raise
+        log.info("embedded Tansu broker on %s (pid %d)", self.bootstrap_servers, self._proc.pid)
+        return self
+
+    def _wait_listening(self, timeout_s: float) -> None:
+        assert self._proc is not None
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
                 raise RuntimeError(f"tansu exited with code {self._proc.returncode}")
             try:
                 with socket.create_connection((self.host, self.port), timeout=0.2):
-                    log.info("embedded Tansu broker on %s (pid %d)", self.bootstrap_servers, self._proc.pid)
-                    return self
+                    return
             except OSError:
                 time.sleep(0.05)
-        self.stop()
         raise TimeoutError(f"tansu did not listen on {self.bootstrap_servers}")
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._proc is None else self._proc.pid
 
     def stop(self) -> None:
         proc, self._proc = self._proc, None
@@ -81,7 +97,8 @@ class EmbeddedBroker:
         except (ProcessLookupError, subprocess.TimeoutExpired):
             try:
                 os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
+                proc.wait(timeout=5)  # reap it: no zombie left behind
+            except (ProcessLookupError, subprocess.TimeoutExpired):
                 pass
 
     def __enter__(self) -> EmbeddedBroker:

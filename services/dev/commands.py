@@ -40,18 +40,26 @@ async def standin_teacher(settings: Any) -> AsyncIterator[Any]:
 def cmd_broker(args: argparse.Namespace) -> int:
     from services.dev.broker import EmbeddedBroker
 
+    stopping = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+
     def on_signal(signum: int, _frame: object) -> None:
+        for sig in stopping:  # a second signal must not interrupt the cleanup below
+            signal.signal(sig, signal.SIG_IGN)
         raise KeyboardInterrupt  # unwinds into EmbeddedBroker.__exit__: the Tansu child stops too
 
-    for sig in (signal.SIGTERM, signal.SIGHUP):  # supervisors stop with SIGTERM, not Ctrl-C
+    for sig in stopping:  # supervisors stop with SIGTERM, terminals with Ctrl-C or hang-up
         signal.signal(sig, on_signal)
     try:
         with EmbeddedBroker(port=args.port) as broker:
-            print(f"embedded Tansu broker on {broker.bootstrap_servers} (memory only); Ctrl-C stops it", flush=True)
+            print(f"embedded Tansu broker on {broker.bootstrap_servers} (memory only, pid "
+                  f"{broker.pid}); Ctrl-C stops it", flush=True)
             while True:
                 time.sleep(3600)
     except KeyboardInterrupt:
         pass
+    except RuntimeError as exc:  # port in use, Tansu died at start
+        print(f"triage broker: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

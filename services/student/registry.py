@@ -15,6 +15,12 @@ hot-swaps). Layout under `root`:
 - `current.json` is replaced atomically (tmp + fsync + os.replace) and carries the stack of
   earlier promotions, so `rollback` is one atomic write too. `adapter_id: null` = base model.
 - Writers take an exclusive flock on `.lock`; readers never lock.
+- Ids come from files, the CLI and Kafka: only the registry's own form (`is_adapter_id`)
+  resolves, and only to a folder that really is inside adapters/ (no `..`, absolute paths
+  or symlinks out).
+- `promote(..., expected_current=id)` is a compare-and-swap: a distillation that evaluated
+  its candidate against adapter X does not overwrite a rollback (or promotion) made while
+  it ran (`CurrentMoved`).
 """
 
 from __future__ import annotations
@@ -23,12 +29,14 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from types import EllipsisType
 from typing import Any, Iterator
 
 from services.student.prompting import PromptStyle
@@ -36,6 +44,21 @@ from services.student.prompting import PromptStyle
 META_FILE = "triage_adapter.json"
 CONFIG_FILE = "adapter_config.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
+_ADAPTER_ID = re.compile(r"a-[0-9a-f]{16}")
+
+
+def is_adapter_id(value: object) -> bool:
+    """Is `value` of the form `content_id` makes ("a-" + 16 lowercase hex)?"""
+    return isinstance(value, str) and _ADAPTER_ID.fullmatch(value) is not None
+
+
+class CurrentMoved(RuntimeError):
+    """`promote(expected_current=...)` refused: someone moved `current` in the meantime."""
+
+    def __init__(self, expected: str | None, actual: str | None) -> None:
+        self.expected, self.actual = expected, actual
+        super().__init__(f"current adapter is {actual or 'the base model'}, expected "
+                         f"{expected or 'the base model'}: moved meanwhile")
 
 
 def weight_files(adapter_dir: Path) -> list[Path]:
@@ -160,14 +183,20 @@ class AdapterRegistry:
         return self.get(adapter_id)
 
     def get(self, adapter_id: str) -> AdapterRef:
+        """The adapter stored under `adapter_id`; KeyError for anything else (malformed ids
+        included: an id is never a path)."""
+        if not is_adapter_id(adapter_id):
+            raise KeyError(f"not an adapter id: {adapter_id!r} (expected 'a-' + 16 hex)")
         path = self.adapters_dir / adapter_id
-        if adapter_id.startswith(".") or not path.is_dir():
+        # resolve(): a symlink planted in adapters/ must not lead out of it
+        inside = path.resolve().parent == self.adapters_dir.resolve()
+        if not inside or not path.is_dir():
             raise KeyError(f"no adapter {adapter_id!r} in {self.root}")
         return AdapterRef.from_dir(path, adapter_id)
 
     def list(self) -> list[AdapterRef]:
         return [self.get(p.name) for p in sorted(self.adapters_dir.iterdir())
-                if p.is_dir() and not p.name.startswith(".")]
+                if is_adapter_id(p.name) and p.is_dir()]
 
     # --- the current pointer ------------------------------------------------------------------
     def _pointer(self) -> dict[str, Any]:
@@ -195,12 +224,21 @@ class AdapterRegistry:
             f.flush()
             os.fsync(f.fileno())
 
-    def promote(self, adapter_id: str, reason: str) -> AdapterRef:
-        """Make `adapter_id` current (it must be in the registry)."""
+    def promote(self, adapter_id: str, reason: str, *,
+                expected_current: str | None | EllipsisType = ...) -> AdapterRef:
+        """Make `adapter_id` current (it must be in the registry).
+
+        With `expected_current` (an id, or None for the base model), only if `current` is still
+        that; otherwise `CurrentMoved` and nothing changes. Promoting what is already current
+        is a no-op either way.
+        """
         ref = self.get(adapter_id)
         with self._locked():
             pointer = self._pointer()
-            if pointer.get("adapter_id") != adapter_id:
+            now = pointer.get("adapter_id")
+            if expected_current is not ... and now != expected_current and now != adapter_id:
+                raise CurrentMoved(expected_current, now)
+            if now != adapter_id:
                 stack = list(pointer.get("stack", []))
                 if pointer.get("adapter_id") is not None:
                     stack.append(pointer["adapter_id"])

@@ -4,11 +4,14 @@
 policy so callers see one exception type, `TeacherUnavailable(reason)`:
 
 - retries (exponential backoff, full jitter; Retry-After honoured) on timeouts, connection
-  errors, 429 and 5xx, and on answers that fail validation; never on other 4xx;
+  errors, 408/409/429 and 5xx, and on answers that fail validation; never on other 4xx;
 - bounded concurrency (a semaphore);
-- a circuit breaker over *calls* (after retries): N consecutive failed calls open it, calls
-  then fail fast with "circuit_open" until `breaker_reset_s` passes and one probe is let
-  through (half-open); the probe's outcome closes or re-opens it;
+- a circuit breaker over *calls* (after retries): N consecutive calls failing for a
+  teacher-side cause (timeout, connection error, 429, 5xx, and the 4xx that no ticket can
+  fix: 401/403/404) open it, calls then fail fast with "circuit_open" until `breaker_reset_s`
+  passes and one probe is let through (half-open); the probe's outcome closes or re-opens it.
+  A failure that belongs to one ticket (an invalid answer, another 4xx such as a 400 for a
+  too-long text) does not count: one poison ticket must not cut live traffic off the teacher;
 - rolling spend caps (last hour / last 24 h); over a cap, "over_budget" without a request.
 
 The API key is held by the openai client only; it never appears in repr, logs or errors.
@@ -52,12 +55,34 @@ class TeacherAnswer:
     latency_s: float
 
 
-class TeacherUnavailable(Exception):
-    """The teacher gave no usable answer. `reason` is one of REASONS; `detail` is key-free."""
+# Who a failure is about (TeacherUnavailable.scope):
+#   "ticket":    this ticket (invalid answer, a per-request 4xx); other tickets may well work;
+#                never counts toward the breaker;
+#   "transient": the teacher, for now (timeout, connection, 408/409/429, 5xx): counts;
+#   "teacher":   the teacher as a whole: refused without a request (circuit_open,
+#                over_budget) or misconfigured (401/403/404/407, counts toward the breaker).
+SCOPES = ("ticket", "transient", "teacher")
+_TEACHER_WIDE_REASONS = frozenset({"circuit_open", "over_budget", "no_teacher"})
+_RETRIED_STATUS = frozenset({408, 409, 429})  # as the openai SDK's own retry policy
+_TEACHER_WIDE_STATUS = frozenset({401, 403, 404, 407})  # wrong key, model or URL: no ticket can fix it
 
-    def __init__(self, reason: str, detail: str = "") -> None:
+
+def _default_scope(reason: str) -> str:
+    if reason in _TEACHER_WIDE_REASONS:
+        return "teacher"
+    return "ticket" if reason == "invalid_answer" else "transient"
+
+
+class TeacherUnavailable(Exception):
+    """The teacher gave no usable answer. `reason` is one of REASONS; `detail` is key-free;
+    `scope` is one of SCOPES (derived from `reason` when not given)."""
+
+    def __init__(self, reason: str, detail: str = "", scope: str | None = None) -> None:
         self.reason = reason
         self.detail = detail
+        self.scope = scope or _default_scope(reason)
+        if self.scope not in SCOPES:
+            raise ValueError(f"scope must be one of {SCOPES}, not {self.scope!r}")
         super().__init__(f"teacher unavailable: {reason}" + (f" ({detail})" if detail else ""))
 
 
@@ -157,9 +182,11 @@ def _retry_after_s(headers: Any) -> float | None:
 
 
 class _Attempt(Exception):
-    def __init__(self, reason: str, detail: str, retry: bool, wait_s: float | None = None):
+    def __init__(self, reason: str, detail: str, retry: bool, wait_s: float | None = None,
+                 scope: str | None = None):
         super().__init__(reason)
         self.reason, self.detail, self.retry, self.wait_s = reason, detail, retry, wait_s
+        self.scope = scope
 
 
 # --- the adapter ---------------------------------------------------------------------------
@@ -242,7 +269,9 @@ class OpenAITeacher:
                 answer = await self._with_retries(text)
             except TeacherUnavailable as exc:
                 self._calls[exc.reason] += 1
-                if exc.reason == "circuit_open":  # another call opened it meanwhile
+                if exc.reason == "circuit_open" or exc.scope == "ticket":
+                    # opened by another call meanwhile, or this ticket's own problem: the
+                    # teacher answered, so neither a failure nor proof that it is healthy
                     self._breaker.abandon()
                 else:
                     self._breaker.failure()
@@ -262,7 +291,7 @@ class OpenAITeacher:
                 return await self._attempt(messages, phash)
             except _Attempt as failed:
                 if not failed.retry or attempt == self.max_retries:
-                    raise TeacherUnavailable(failed.reason, failed.detail) from None
+                    raise TeacherUnavailable(failed.reason, failed.detail, failed.scope) from None
                 if self._breaker.state == "open":  # opened by other calls: stop hammering
                     raise TeacherUnavailable("circuit_open", f"after {failed.reason}") from None
                 base, cap = self._backoff
@@ -292,9 +321,11 @@ class OpenAITeacher:
             status = exc.status_code
             reason = "rate_limited" if status == 429 else "error"
             self._notify(reason, time.perf_counter() - start, 0, 0, 0.0)
-            retry = status == 429 or status >= 500
+            retry = status in _RETRIED_STATUS or status >= 500
             wait = _retry_after_s(exc.response.headers) if retry else None
-            raise _Attempt(reason, f"HTTP {status}", retry, wait) from None
+            scope = ("transient" if retry else
+                     "teacher" if status in _TEACHER_WIDE_STATUS else "ticket")
+            raise _Attempt(reason, f"HTTP {status}", retry, wait, scope) from None
         except openai.APIError as exc:  # connection errors, unreadable responses
             self._notify("error", time.perf_counter() - start, 0, 0, 0.0)
             raise _Attempt("error", type(exc).__name__, True) from None

@@ -13,8 +13,10 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -134,14 +136,19 @@ def test_bootstrap_labels_once_then_resumes(tmp_path, cli_env):
 
 
 # ---- 3. every command's --help ----------------------------------------------------------------
-@pytest.mark.parametrize("command", [None, "model", "broker", "serve", "produce", "bootstrap", "demo", "rollback"])
+PRODUCT = ("model", "serve", "bootstrap", "distill", "eval", "status", "promote", "rollback")
+DEV = ("broker", "standin", "produce", "demo")
+
+
+@pytest.mark.parametrize("command", [None, "model", "broker", "serve", "produce", "bootstrap",
+                                     "demo", "status", "promote", "rollback"])
 def test_help(tmp_path, cli_env, command):
     args = ([command] if command else []) + ["--help"]
     out = check(run_cli(args, cli_env, tmp_path, timeout_s=120))
     assert out.startswith("usage: triage"), tail(out)
     if command is None:
-        for name in ("model", "broker", "serve", "produce", "bootstrap", "distill", "rollback", "standin", "demo"):
-            assert name in out
+        listed = [set(g.split(",")) for g in re.findall(r"\{([a-z,]+)\}", out) if "serve" in g]
+        assert listed and all(g == set(PRODUCT + DEV) for g in listed), tail(out)
 
 
 @pytest.mark.parametrize(("command", "marker"), [
@@ -153,3 +160,158 @@ def test_forwarding_commands_pass_help_through(tmp_path, cli_env, command, marke
     out = check(run_cli([command, "--help"], cli_env, tmp_path, timeout_s=120))
     assert marker in out, tail(out)
     assert "unrecognized arguments" not in out, tail(out)
+
+
+# ---- 4. registry commands ------------------------------------------------------------------
+def test_status_promote_rollback(tmp_path, cli_env):
+    from services.student.registry import META_FILE, AdapterRegistry
+
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps({"r": 8, "peft_type": "LORA"}))
+    (folder / "adapter_model.safetensors").write_bytes(b"weights")
+    (folder / META_FILE).write_text(json.dumps({
+        "base_model": {"path": "/m", "name": "m"}, "prompt_style": "compact", "task": {"name": "t"}}))
+    ref = AdapterRegistry(tmp_path / "registry").add(folder)
+
+    status = json.loads(check(run_cli(["status"], cli_env, tmp_path, timeout_s=120)))
+    assert status["current"] is None and status["adapters"] == [ref.adapter_id]
+    out = check(run_cli(["promote", ref.adapter_id, "--reason", "e2e"], cli_env, tmp_path, 120))
+    assert f"current adapter: {ref.adapter_id}" in out
+    assert json.loads(check(run_cli(["status"], cli_env, tmp_path, 120)))["current"] == ref.adapter_id
+    # an id is never a path: the registry refuses it, nothing moves
+    bad = run_cli(["promote", "../../adapter", "--reason", "attack"], cli_env, tmp_path, 120)
+    assert bad.returncode != 0 and "not an adapter id" in bad.stdout, tail(bad.stdout)
+    out = check(run_cli(["rollback", "--reason", "e2e"], cli_env, tmp_path, 120))
+    assert "current adapter: base model" in out
+    assert [h["event"] for h in AdapterRegistry(tmp_path / "registry").history()] == ["promote", "rollback"]
+
+
+# ---- 5. process hygiene: `triage broker` and `triage serve` ---------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _tansu_pids(port: int) -> list[int]:
+    """Live (non-zombie) processes whose command line carries this port's Tansu listener."""
+    needle = f"tcp://127.0.0.1:{port}".encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if needle in cmdline and b"tansu" in cmdline and state != "Z":
+            pids.append(int(entry.name))
+    return pids
+
+
+def _kill(pids: list[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_broker_stopped_by_signal_leaves_no_tansu(tmp_path, cli_env, sig):
+    port = _free_port()
+    proc = subprocess.Popen([str(TRIAGE), "broker", "--port", str(port)], cwd=tmp_path,
+                            env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    tansu: list[int] = []
+    try:
+        deadline = time.monotonic() + 60
+        while not (_listening(port) and _tansu_pids(port)):
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, "the broker never listened"
+            time.sleep(0.1)
+        tansu = _tansu_pids(port)
+        proc.send_signal(sig)  # to the triage process only, as a supervisor would
+        out, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0, out
+        deadline = time.monotonic() + 5
+        while _tansu_pids(port) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _tansu_pids(port) == [], f"orphan Tansu left behind; output:\n{out}"
+        assert not _listening(port)
+    finally:
+        _kill_group(proc.pid)
+        _kill(_tansu_pids(port) or [p for p in tansu if Path(f"/proc/{p}").exists()])
+        proc.communicate()
+
+
+def test_broker_refuses_a_port_in_use(tmp_path, cli_env):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli(["broker", "--port", str(port)], cli_env, tmp_path, timeout_s=60)
+        leftover = _tansu_pids(port)
+        _kill(leftover)
+    assert result.returncode == 1 and "already in use" in result.stdout, tail(result.stdout)
+    assert leftover == []
+
+
+def test_broker_interrupted_while_starting_leaves_no_tansu(monkeypatch):
+    from services.dev.broker import EmbeddedBroker
+
+    port = _free_port()
+    broker = EmbeddedBroker(port=port)
+
+    def interrupted(timeout_s):  # SIGTERM arriving before Tansu listens
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(broker, "_wait_listening", interrupted)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            broker.start()
+        assert _tansu_pids(port) == []
+    finally:
+        _kill(_tansu_pids(port))
+
+
+def test_serve_without_bootstrap_servers_fails_loudly(tmp_path, cli_env):
+    result = run_cli(["serve"], cli_env, tmp_path, timeout_s=120)
+    assert result.returncode == 2, tail(result.stdout)
+    assert "TRIAGE_BOOTSTRAP_SERVERS is not set" in result.stdout
+    assert "ready" not in result.stdout.lower()
+
+
+def test_serve_exits_with_the_service_exit_code(monkeypatch, tmp_path):
+    """A replica whose engine died (the service sets exit_code=1) must not exit 0."""
+    import services.stream.app as app_module
+    import services.student.model_store as model_store
+    from services.cli import main
+
+    built = []
+
+    class DiedService:
+        def __init__(self, settings):
+            self.settings, self.exit_code = settings, 0
+            self.app = self
+            built.append(self)
+
+        async def run(self):
+            self.exit_code = 1  # what TriageService does when the engine dies
+
+    for name in [k for k in os.environ if k.startswith("TRIAGE_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("TRIAGE_BOOTSTRAP_SERVERS", "127.0.0.1:1")
+    monkeypatch.setenv("TRIAGE_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("TRIAGE_REGISTRY_DIR", str(tmp_path / "registry"))
+    monkeypatch.setattr(app_module, "TriageService", DiedService)
+    monkeypatch.setattr(model_store, "ensure_student_model", lambda path=None: path)
+    assert main(["serve"]) == 1
+    assert [s.settings.bootstrap_servers for s in built] == ["127.0.0.1:1"]

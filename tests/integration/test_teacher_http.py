@@ -151,6 +151,58 @@ async def test_invalid_answers_retried_then_reported(test_rows):
     assert teacher.stats()["errors"]["invalid_answer"] == 3
 
 
+async def test_per_ticket_failures_never_open_the_breaker(test_rows):
+    """Invalid answers and a per-request 4xx (413: the ticket is too big) are the ticket's
+    problem: many in a row leave the circuit closed for live traffic. Transient failures
+    (5xx after retries) still open it."""
+    text, label = test_rows[0].text, test_rows[0].label
+    huge = "my card " * 300_000  # ~2.4 MB body: over aiohttp's 1 MiB limit -> HTTP 413
+    async with run_standin(invalid_rate=1.0) as server:
+        teacher = make_teacher(server.base_url, max_retries=1, breaker_failures=2)
+        try:
+            for _ in range(3):
+                with pytest.raises(TeacherUnavailable) as info:
+                    await teacher.label(text)
+                assert (info.value.reason, info.value.scope) == ("invalid_answer", "ticket")
+            server.set_faults(invalid_rate=0.0)
+            for _ in range(3):
+                with pytest.raises(TeacherUnavailable) as info:
+                    await teacher.label(huge)
+                assert (info.value.reason, info.value.scope) == ("error", "ticket")
+                assert "413" in info.value.detail
+            assert teacher.stats()["breaker"] == "closed"
+            assert (await teacher.label(text)).labels == {"intent": label}  # not circuit_open
+
+            server.set_faults(script=["error"] * 4)  # 2 calls x (1 + 1 retry) of HTTP 500
+            for _ in range(2):
+                with pytest.raises(TeacherUnavailable) as info:
+                    await teacher.label(text)
+                assert (info.value.reason, info.value.scope) == ("error", "transient")
+            with pytest.raises(TeacherUnavailable) as info:
+                await teacher.label(text)
+            assert info.value.reason == "circuit_open" and info.value.scope == "teacher"
+        finally:
+            await teacher.aclose()
+    assert server.stats["by_status"][500] == 4
+    assert server.stats["invalid"] == 3 * 2  # each invalid call was retried once
+
+
+async def test_wrong_key_is_teacher_wide_and_opens_the_breaker(test_rows):
+    async with run_standin(api_key="the-right-key") as server:
+        teacher = make_teacher(server.base_url, api_key=SecretStr("a-wrong-key"),
+                               breaker_failures=2)
+        try:
+            reasons = []
+            for _ in range(3):
+                with pytest.raises(TeacherUnavailable) as info:
+                    await teacher.label(test_rows[0].text)
+                reasons.append((info.value.reason, info.value.scope))
+        finally:
+            await teacher.aclose()
+    assert reasons == [("error", "teacher"), ("error", "teacher"), ("circuit_open", "teacher")]
+    assert server.stats["by_status"] == {401: 2}
+
+
 async def test_timeouts_open_breaker_fail_fast_then_recover(test_rows):
     text, label = test_rows[0].text, test_rows[0].label
     clock = FakeClock()

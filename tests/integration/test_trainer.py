@@ -117,9 +117,34 @@ async def test_distill_evaluates_through_the_engine_and_gates(
     assert all(Path(p).exists() for p in report["plots"])
     meta = json.loads((run_dir / "adapter" / META_FILE).read_text())
     assert meta["threshold"]["epsilon"] == 0.03 and meta["gate"]["reason"] == summary["reason"]
+    assert summary["live_at_start"] is None and summary["gate"]["reason"] == summary["reason"]
     if summary["promoted"]:
         assert reg.current_id() == summary["candidate_id"]
         assert reg.current().threshold == meta["threshold"]["value"]
     else:
         assert reg.current_id() is None and reg.list() == []
         assert summary["reason"].startswith("reject")
+
+
+async def test_distill_gate_refuses_a_rank_the_service_cannot_serve(
+    tmp_path, student, tiny_adapter, small_sets, student_model_path
+):
+    """The r=8 candidate loads in the evaluation engine, but the service serves
+    max_lora_rank=4: the gate rejects it whatever its numbers, the registry stays as it was."""
+    import shutil
+
+    from schemas.task import default_task_path
+    from services.teacher.training_log import TrainingLog
+    from trainer.distill import DistillConfig, run_distill_async
+
+    TrainingLog(tmp_path / "log.sqlite3").close()
+    reg = AdapterRegistry(tmp_path / "reg")
+    cfg = DistillConfig(registry_dir=reg.root, log_path=tmp_path / "log.sqlite3",
+                        model_path=student_model_path, task_path=default_task_path(),
+                        work_dir=tmp_path / "work", calibration_tsv=str(small_sets["dev"]),
+                        margin=-1.0, max_lora_rank=4)
+    summary = await run_distill_async(
+        cfg, train_fn=lambda out_dir, *_: shutil.copytree(tiny_adapter, out_dir), classifier=student)
+    assert summary["promoted"] is False
+    assert "LoRA rank 8 > serving max_lora_rank 4" in summary["reason"]
+    assert reg.current_id() is None and reg.list() == []

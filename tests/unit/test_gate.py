@@ -1,8 +1,18 @@
-"""Promotion gate: a pure decision on two held-out reports."""
+"""Promotion gate: a pure decision on two held-out reports, and its wiring in trainer.distill."""
 
 from __future__ import annotations
 
-from trainer.promote import decide
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from schemas.classification import FieldPrediction
+from schemas.task import TaskSpec, default_task_path
+from services.student.engine import StudentPrediction
+from services.student.registry import META_FILE, AdapterRegistry, content_id
+from trainer.promote import adapter_rank, decide, servable
 
 
 def rep(coverage: float, accuracy: float, *, data_hash: str = "d", epsilon: float = 0.03, n: int = 1000,
@@ -47,3 +57,125 @@ def test_reports_on_different_data_are_not_compared():
 def test_no_live_report_compares_with_nothing():
     assert decide(rep(0.3, 0.8), None, margin=0.01).promote
     assert not decide(rep(0.0, 0.0), None, margin=0.01).promote
+
+
+def test_candidate_the_service_cannot_load_is_rejected():
+    """A much better r=32 candidate still loses when the service serves max_lora_rank=16."""
+    better, live = rep(0.9, 0.95), rep(0.5, 0.84)
+    d = decide(better, live, margin=0.01, adapter_config={"r": 32}, max_lora_rank=16)
+    assert not d.promote and "rank 32" in d.reason and "max_lora_rank 16" in d.reason
+    assert decide(better, live, margin=0.01, adapter_config={"r": 16}, max_lora_rank=16).promote
+    assert decide(better, None, margin=0.01, adapter_config={"r": 8}, max_lora_rank=16).promote
+    rank_pattern = {"r": 8, "rank_pattern": {"q_proj": 64}}
+    assert not decide(better, live, margin=0.01, adapter_config=rank_pattern, max_lora_rank=16).promote
+    with pytest.raises(ValueError):
+        decide(better, live, margin=0.01, max_lora_rank=16)
+
+
+def test_adapter_rank_and_servable():
+    assert adapter_rank({"r": 16}) == 16
+    assert adapter_rank({"r": 8, "rank_pattern": {"a": 4, "b": 32}}) == 32
+    assert servable({"r": 16}, 16) is None
+    assert servable({"r": 17}, 16).promote is False
+
+
+# --- the gate wired into trainer.distill (fake classifier; the real engine: integration) ----
+TASK = TaskSpec.from_file(default_task_path())
+LABELS = TASK.field("intent").labels
+
+
+def fake_adapter(folder: Path, weights: bytes, rank: int = 8) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "adapter_config.json").write_text(json.dumps({"r": rank, "peft_type": "LORA"}))
+    (folder / "adapter_model.safetensors").write_bytes(weights)
+    (folder / META_FILE).write_text(json.dumps({
+        "base_model": {"path": "/m", "name": "m"}, "prompt_style": "compact",
+        "task": {"name": TASK.name}}))
+    return folder
+
+
+class GoldForOne:
+    """Right (and sure) only for the adapter `good_id`; confidently wrong for everything else."""
+
+    def __init__(self, gold: dict[str, str], good_id: str):
+        self.gold, self.good_id = gold, good_id
+
+    async def classify(self, texts, *, adapter=None):
+        right = adapter is not None and adapter.adapter_id == self.good_id
+        out = []
+        for text in texts:
+            label = self.gold[text] if right else next(x for x in LABELS if x != self.gold[text])
+            out.append(StudentPrediction(
+                fields={"intent": FieldPrediction(label=label, confidence=0.99)},
+                distribution={"intent": [0.99]}, adapter_id=None))
+        return out
+
+
+@pytest.fixture
+def distill_setup(tmp_path):
+    from services.teacher.training_log import TrainingLog
+    from trainer.distill import DistillConfig
+
+    gold = {f"ticket number {i}": LABELS[i % len(LABELS)] for i in range(160)}
+    calib = tmp_path / "calib.tsv"
+    calib.write_text("text\tlabel\n" + "".join(f"{t}\t{lab}\n" for t, lab in gold.items()))
+    TrainingLog(tmp_path / "log.sqlite3").close()
+    registry = AdapterRegistry(tmp_path / "reg")
+    old = registry.add(fake_adapter(tmp_path / "old", b"old"))
+    registry.promote(old.adapter_id, "setup")
+
+    def config(**kw):
+        return DistillConfig(registry_dir=registry.root, log_path=tmp_path / "log.sqlite3",
+                             model_path=tmp_path / "model", task_path=default_task_path(),
+                             work_dir=tmp_path / "work", calibration_tsv=str(calib), **kw)
+
+    return gold, registry, old, config
+
+
+def trains(candidate: Path, during=None):
+    def train_fn(out_dir, flags, log_file, timeout):
+        shutil.copytree(candidate, out_dir)
+        if during is not None:
+            during()
+    return train_fn
+
+
+async def test_distill_promotes_a_better_servable_candidate(tmp_path, distill_setup):
+    from trainer.distill import run_distill_async
+
+    gold, registry, old, config = distill_setup
+    candidate = fake_adapter(tmp_path / "cand", b"new", rank=16)
+    summary = await run_distill_async(config(max_lora_rank=16), train_fn=trains(candidate),
+                                      classifier=GoldForOne(gold, content_id(candidate)))
+    assert summary["promoted"] and summary["reason"].startswith("promote")
+    assert registry.current_id() == content_id(candidate) == summary["current_id"]
+    assert summary["live_at_start"] == old.adapter_id
+
+
+async def test_distill_does_not_overwrite_a_rollback_made_while_it_ran(tmp_path, distill_setup):
+    from trainer.distill import run_distill_async
+
+    gold, registry, old, config = distill_setup
+    candidate = fake_adapter(tmp_path / "cand", b"new")
+    rollback = trains(candidate, during=lambda: registry.rollback("operator: old is bad"))
+    summary = await run_distill_async(config(), train_fn=rollback,
+                                      classifier=GoldForOne(gold, content_id(candidate)))
+    assert summary["gate"]["promote"] is True  # better than what is live now ...
+    assert summary["promoted"] is False  # ... but the operator's rollback wins
+    assert summary["reason"].startswith("not promoted") and "moved" in summary["reason"]
+    assert f"triage promote {content_id(candidate)}" in summary["reason"]
+    assert registry.current_id() is None == summary["current_id"]
+    assert [h["event"] for h in registry.history()] == ["promote", "rollback"]
+    assert content_id(candidate) in [a.adapter_id for a in registry.list()]  # kept for a person
+
+
+async def test_distill_rejects_a_rank_the_service_cannot_load(tmp_path, distill_setup):
+    from trainer.distill import run_distill_async
+
+    gold, registry, old, config = distill_setup
+    candidate = fake_adapter(tmp_path / "cand", b"new", rank=32)  # much better, but r=32
+    summary = await run_distill_async(config(max_lora_rank=16), train_fn=trains(candidate),
+                                      classifier=GoldForOne(gold, content_id(candidate)))
+    assert not summary["promoted"] and "max_lora_rank 16" in summary["reason"]
+    assert registry.current_id() == old.adapter_id
+    assert [a.adapter_id for a in registry.list()] == [old.adapter_id]

@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 
 from services.student.prompting import PromptStyle
-from services.student.registry import META_FILE, AdapterRef, AdapterRegistry, content_id
+from services.student.registry import (
+    META_FILE, AdapterRef, AdapterRegistry, CurrentMoved, content_id, is_adapter_id,
+)
 
 
 def make_adapter(folder: Path, weights: bytes = b"w1", threshold: float | None = 0.9) -> Path:
@@ -131,3 +133,58 @@ def test_interrupted_add_leaves_registry_unchanged(tmp_path, monkeypatch):
 def test_adapter_ref_from_dir_without_threshold(tmp_path):
     ref = AdapterRef.from_dir(make_adapter(tmp_path / "a", threshold=None))
     assert ref.threshold is None and ref.adapter_id == content_id(tmp_path / "a")
+
+
+def test_only_registry_ids_resolve(tmp_path):
+    """`..`-paths, absolute paths and other names are not ids, even where a valid adapter
+    folder sits at that path (the old `get` returned it)."""
+    reg = AdapterRegistry(tmp_path / "reg")
+    real = reg.add(make_adapter(tmp_path / "a", b"a"))
+    outside = make_adapter(tmp_path / "outside", b"x")
+    (reg.adapters_dir / "by-hand").mkdir()  # junk in adapters/ is neither listed nor loadable
+    for bad in ["../../outside", str(outside), f"../adapters/{real.adapter_id}", "by-hand",
+                real.adapter_id.upper(), real.adapter_id + "0", f"{real.adapter_id}/", ""]:
+        assert not is_adapter_id(bad)
+        with pytest.raises(KeyError):
+            reg.get(bad)
+        with pytest.raises(KeyError):
+            reg.promote(bad, "attack")
+    assert reg.current_id() is None and reg.history() == []
+    assert [a.adapter_id for a in reg.list()] == [real.adapter_id]
+    assert is_adapter_id(real.adapter_id) and reg.get(real.adapter_id) == real
+
+
+def test_symlink_out_of_adapters_does_not_resolve(tmp_path):
+    reg = AdapterRegistry(tmp_path / "reg")
+    outside = make_adapter(tmp_path / "outside", b"x")
+    fake_id = "a-" + "0" * 16
+    (reg.adapters_dir / fake_id).symlink_to(outside, target_is_directory=True)
+    with pytest.raises(KeyError):
+        reg.get(fake_id)
+    with pytest.raises(KeyError):
+        reg.promote(fake_id, "attack")
+
+
+def test_promote_compare_and_swap(tmp_path):
+    """A distillation that compared against `a` must not overwrite a rollback made meanwhile."""
+    reg = AdapterRegistry(tmp_path / "reg")
+    a = reg.add(make_adapter(tmp_path / "a", b"a"))
+    b = reg.add(make_adapter(tmp_path / "b", b"b"))
+    reg.promote(a.adapter_id, "first")
+    expected = reg.current_id()  # distill reads the live adapter ...
+    reg.rollback("operator: a is bad")  # ... an operator rolls back while it trains
+    history = reg.history()
+    with pytest.raises(CurrentMoved) as info:
+        reg.promote(b.adapter_id, "gate passed", expected_current=expected)
+    assert (info.value.expected, info.value.actual) == (a.adapter_id, None)
+    assert reg.current_id() is None and reg.history() == history  # nothing moved
+
+    assert reg.promote(b.adapter_id, "gate passed", expected_current=None) == b  # base expected
+    assert reg.current_id() == b.adapter_id
+    with pytest.raises(CurrentMoved):
+        reg.promote(a.adapter_id, "stale", expected_current=None)
+    # already current: a no-op whatever was expected; no expectation = unconditional
+    assert reg.promote(b.adapter_id, "again", expected_current=a.adapter_id) == b
+    reg.promote(a.adapter_id, "by hand")
+    assert reg.current_id() == a.adapter_id
+    assert [h["event"] for h in reg.history()] == ["promote", "rollback", "promote", "promote"]

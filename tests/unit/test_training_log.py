@@ -140,3 +140,45 @@ def test_stats(log):
     assert stats["examples"] == 3 and stats["version"] == 3
     assert stats["by_source"] == {"bootstrap": 2, "live": 1}
     assert stats["pending"] == 0 and stats["conflicts"] == 0
+
+
+def test_pending_fewest_attempts_first_and_attempted_adds(log):
+    log.add_pending("T-1", "first", "invalid_answer", attempted=True)
+    log.add_pending("T-2", "second", "circuit_open")  # refused without a request: no attempt
+    assert log.pending(10) == [("T-2", "second"), ("T-1", "first")]
+    log.add_pending("T-2", "second", "invalid_answer", attempted=True)
+    log.add_pending("T-2", "second", "invalid_answer", attempted=True)
+    assert log.pending(10) == [("T-1", "first"), ("T-2", "second")]
+
+
+def test_record_failure_parks_at_the_cap(log):
+    log.add_pending("T-1", "first", "timeout")
+    assert log.record_failure("T-1", "invalid_answer", max_attempts=2) is False
+    assert log.record_failure("T-1", "invalid_answer", max_attempts=2) is True
+    assert log.record_failure("nope", "timeout", max_attempts=2) is False
+    assert log.pending(10) == [] and log.pending_count() == 0 and log.parked_count() == 1
+    assert [(p.ticket_id, p.reason, p.attempts) for p in log.parked()] == [("T-1", "invalid_answer", 2)]
+    log.add_pending("T-1", "first", "timeout")  # seen again: stays parked, one row
+    assert log.parked_count() == 1 and log.pending_count() == 0
+    assert log.resolve_pending(["T-1"]) == 1  # labelled another way: leaves for good
+    assert log.parked_count() == 0
+
+
+def test_log_from_before_parking_is_migrated(tmp_path):
+    """A training log written by the previous release (no `parked` column) opens and drains."""
+    path = tmp_path / "old.sqlite3"
+    conn = sqlite3.connect(path)
+    conn.executescript(
+        "CREATE TABLE pending (ticket_id TEXT PRIMARY KEY, text TEXT NOT NULL,"
+        " reason TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 1,"
+        " first_seen TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),"
+        " last_seen TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')));"
+        "INSERT INTO pending (ticket_id, text, reason) VALUES ('T-old', 'old text', 'timeout');"
+    )
+    conn.commit()
+    conn.close()
+    with TrainingLog(path) as first:
+        assert first.pending(10) == [("T-old", "old text")] and first.parked_count() == 0
+        assert first.record_failure("T-old", "timeout", max_attempts=2) is True  # 1 + 1
+    with TrainingLog(path) as again:  # migrating twice is a no-op
+        assert again.stats()["parked"] == 1 and again.stats()["pending"] == 0
