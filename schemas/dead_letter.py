@@ -1,8 +1,13 @@
-"""What the dead-letter topic carries: the reason and the original bytes, losslessly."""
+"""What the dead-letter topic carries: the reason, and the original bytes up to a bound.
+
+The record must itself fit the producer's request limit (a ~1 MB original re-encoded as base64
+would not), so it keeps the original's size and sha256 always and a copy of its first
+`original_copy_limit` bytes; `original_truncated` says whether that copy is whole."""
 
 from __future__ import annotations
 
 import base64
+import hashlib
 from datetime import datetime, timezone
 
 from pydantic import BaseModel, Field
@@ -15,12 +20,26 @@ class DeadLetter(BaseModel):
     partition: int
     offset: int
     key_b64: str | None = None
-    original_b64: str = Field(description="the message value exactly as consumed, base64")
+    original_b64: str = Field(description="the message value as consumed (a prefix when truncated), base64")
+    original_size: int = Field(default=0, ge=0, description="bytes of the original message value")
+    original_sha256: str = Field(default="", description="sha256 of the whole original value (hex)")
+    original_truncated: bool = Field(default=False, description="original_b64 holds only a prefix")
+    ticket_id: str | None = Field(default=None, description="when the message parsed as a ticket")
     dead_lettered_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
 
     @staticmethod
     def encode(raw: bytes | None) -> str:
         return base64.b64encode(raw or b"").decode("ascii")
+
+    @classmethod
+    def of(cls, raw: bytes | None, *, copy_limit: int, **fields: object) -> DeadLetter:
+        """A record for `raw`: size + sha256 always, the bytes themselves up to `copy_limit`."""
+        raw = raw or b""
+        return cls(
+            original_b64=cls.encode(raw[:copy_limit]), original_size=len(raw),
+            original_sha256=hashlib.sha256(raw).hexdigest(), original_truncated=len(raw) > copy_limit,
+            **fields,
+        )
 
     def original(self) -> bytes:
         return base64.b64decode(self.original_b64)

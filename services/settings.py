@@ -43,6 +43,17 @@ class Settings(BaseSettings):
     max_text_chars: int = Field(default=4_000, ge=1)
     # Raw message size limit (bytes), checked before JSON parsing.
     max_message_bytes: int = Field(default=64_000, ge=1)
+    # Dead-letter records keep the original's size + sha256 and at most this many of its bytes
+    # (the record itself must stay under the producer's 1 MiB request limit).
+    dead_letter_copy_bytes: int = Field(default=64_000, ge=0, le=512_000)
+
+    # --- Failure policy ----------------------------------------------------------------
+    # A batch that fails as a whole (broker, engine) is retried from its first offset with
+    # exponential backoff (base, max); after max_attempts in a row the replica stops itself
+    # (crash-only: uncommitted, readiness false, exit 1) for the orchestrator to restart.
+    batch_retry_base_s: float = Field(default=0.5, gt=0)
+    batch_retry_max_s: float = Field(default=30.0, gt=0)
+    batch_max_attempts: int = Field(default=8, ge=1)
 
     # --- Student engine (vLLM) ----------------------------------------------------------
     # HF model folder of the student. Default: SmolLM2-135M converted from the packaged GGUF.
@@ -78,6 +89,8 @@ class Settings(BaseSettings):
     confidence_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
     # Fraction of confident tickets also sent to the teacher to estimate live accuracy.
     audit_rate: float = Field(default=0.05, ge=0.0, le=1.0)
+    # Audits in flight at most; past it a confident ticket is not audited (counted, not queued).
+    max_inflight_audits: int = Field(default=32, ge=0)
 
     # --- Teacher (any OpenAI-compatible endpoint) ---------------------------------------
     # Empty = no teacher: low-confidence answers are published as `unverified` (the demo and
@@ -102,6 +115,9 @@ class Settings(BaseSettings):
     # Circuit breaker: open after this many consecutive failures, probe again after reset_s.
     teacher_breaker_failures: int = Field(default=5, ge=1)
     teacher_breaker_reset_s: float = Field(default=15.0, gt=0)
+    # Backlog tickets are parked after this many failed teacher attempts (never retried
+    # automatically; TrainingLog.parked() / unpark()).
+    teacher_backlog_max_attempts: int = Field(default=5, ge=1)
     # Few-shot examples put in the teacher prompt.
     teacher_few_shot: int = Field(default=8, ge=0)
 

@@ -81,3 +81,29 @@ async def create_topics(settings) -> None:
     from services.stream.kafka_io import all_topics, ensure_topics
 
     await ensure_topics(settings.bootstrap_servers, all_topics(settings), settings.topic_partitions)
+
+
+def make_lora(model_path, out_dir, seed: int, task=None, threshold: float | None = 0.0, rank: int = 8) -> None:
+    """A real PEFT LoRA adapter with random (non-zero) weights, registrable and servable for
+    `task` (default BANKING77): its metadata carries the compact prompt's fingerprint, as the
+    trainer writes it. threshold 0.0 = calibrated to accept everything."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from schemas.task import TaskSpec, default_task_path
+    from services.student.prompting import PromptStyle, build_all_codes, prompt_fingerprint
+    from services.student.registry import write_meta
+
+    task = task or TaskSpec.from_file(default_task_path())
+    codes = build_all_codes(task, AutoTokenizer.from_pretrained(model_path))
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(model, config).save_pretrained(out_dir)
+    write_meta(out_dir, {
+        "base_model": str(model_path), "prompt_style": "compact",
+        "task": {"name": task.name,
+                 "prompt_fingerprint": prompt_fingerprint(task, PromptStyle.compact, list(codes.values()))},
+        "threshold": None if threshold is None else {"value": threshold},
+    })

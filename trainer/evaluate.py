@@ -51,17 +51,21 @@ class HeldOut:
 
 
 def score(task: TaskSpec, rows: Sequence[Row], predictions: Sequence[Any]) -> dict[str, Any]:
-    """Per-ticket confidence (min over fields, as the service escalates) and correctness."""
-    confidence = [p.confidence for p in predictions]
-    correct = [all(p.fields[f.name].label == r.labels[f.name] for f in task.fields)
-               for r, p in zip(rows, predictions)]
+    """Per-ticket confidence (min over fields, as the service escalates) and correctness.
+    A ticket the engine rejected (no `fields`) counts as wrong with confidence 0: the service
+    would dead-letter it, the student never answers it."""
+    answered = [hasattr(p, "fields") for p in predictions]
+    confidence = [p.confidence if ok else 0.0 for p, ok in zip(predictions, answered)]
+    correct = [ok and all(p.fields[f.name].label == r.labels[f.name] for f in task.fields)
+               for r, p, ok in zip(rows, predictions, answered)]
     fields = {}
     for f in task.fields:
         truth = [r.labels[f.name] for r in rows]
-        pred = [p.fields[f.name].label for p in predictions]
+        pred = [p.fields[f.name].label if ok else "<rejected>" for p, ok in zip(predictions, answered)]
         fields[f.name] = {"accuracy": sum(t == q for t, q in zip(truth, pred)) / len(rows),
                           "macro_f1": cal.macro_f1(truth, pred)}
-    return {"confidence": confidence, "correct": correct, "fields": fields}
+    return {"confidence": confidence, "correct": correct, "fields": fields,
+            "rejected": len(answered) - sum(answered)}
 
 
 def report(

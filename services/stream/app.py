@@ -59,7 +59,8 @@ class TriageService:
         self.replica_id = f"{socket.gethostname()}:{os.getpid()}"
         self._swap_lock = asyncio.Lock()
         self.exit_code = 0  # what `triage serve` exits with: non-zero when this replica broke
-        self._failing_since: float | None = None  # first failure of the current retry streak
+        self._failed_attempts = 0  # consecutive failed attempts of the current batch
+        self._dead: str | None = None  # why this replica stopped itself (readiness stays false)
         # acks="all": a result counts as published only once every in-sync replica has it.
         self.broker = KafkaBroker(settings.bootstrap_servers, acks="all", logger=log)
         self.subscriber = self.broker.subscriber(
@@ -116,6 +117,8 @@ class TriageService:
                 metrics=self.metrics,
                 max_message_bytes=s.max_message_bytes,
                 max_text_chars=s.max_text_chars,
+                dead_letter_copy_bytes=s.dead_letter_copy_bytes,
+                max_inflight_audits=s.max_inflight_audits,
             )
             self.metrics.set_live_adapter(getattr(classifier.live_adapter, "adapter_id", None))
             stack.push_async_callback(self.pipeline.wait_for_audits)
@@ -153,7 +156,7 @@ class TriageService:
         arrived = time.monotonic()
         raw = msg.raw_message if isinstance(msg.raw_message, tuple) else (msg.raw_message,)
         records = [
-            InboundRecord(r.value, r.key, r.topic, r.partition, r.offset, arrived) for r in raw
+            InboundRecord(r.value, r.key, r.topic, r.partition, r.offset, arrived, r.timestamp) for r in raw
         ]
         self.metrics.ticket_consumed(len(records))
         with log_context(topic=records[0].topic, partition=_span({r.partition for r in records}),
@@ -161,51 +164,59 @@ class TriageService:
                          adapter_id=getattr(self.pipeline.classifier.live_adapter, "adapter_id", None)):
             try:
                 outcomes = await self.pipeline.process(records)
-                await self._publish(outcomes)
+                outcomes = await self._publish(outcomes)
             except Exception as exc:
                 await self._batch_failed(msg, len(records), exc)
                 return
-        self._failing_since = None
+        self._failed_attempts = 0
+        self.metrics.set_retry_streak(0)
         await msg.ack()  # commit: every record of this batch has an acknowledged outcome
         now_wall = time.time()
-        for outcome, record in zip(outcomes, raw):
+        for outcome in outcomes:
+            record = outcome.record
             if outcome.kind == "dead_letter":
                 self.metrics.dead_lettered(_reason(outcome))
             else:
-                e2e = max(0.0, now_wall - record.timestamp / 1000) if record.timestamp else None
+                e2e = max(0.0, now_wall - record.timestamp_ms / 1000) if record.timestamp_ms else None
                 self.metrics.observe_result(outcome.route, outcome.confidence, e2e)
 
     async def _batch_failed(self, msg: KafkaMessage, size: int, exc: BaseException) -> None:
-        """Rewind and retry later: one log line per failed attempt, the traceback only for the
-        first failure of a streak."""
-        first = self._failing_since is None
-        if first:
-            self._failing_since = time.monotonic()
-        log.error("batch of %d failed (%s: %s); rewinding to retry", size, type(exc).__name__,
-                  str(exc)[:300], exc_info=exc if first else None)
-        await msg.nack()  # seek back: the same records come again, nothing is skipped
-        if type(exc).__name__ == "EngineDeadError":
-            # Crash-only: a dead vLLM engine does not come back in-process. Stop cleanly
-            # (nothing of this batch was committed) and let the orchestrator restart us.
-            log.critical("student engine is dead; shutting down for a restart")
-            self.metrics.set_ready(False, "engine dead")
-            self.exit_code = 1
-            os.kill(os.getpid(), signal.SIGTERM)
-        await asyncio.sleep(1.0)
-
-    async def _publish(self, outcomes: list[Outcome]) -> None:
+        """Rewind and retry with exponential backoff; past the cap (or with a dead engine),
+        crash-only: stop, uncommitted, and let the orchestrator restart the replica. One log
+        line per failed attempt, the traceback only for the first failure of a streak."""
         s = self.settings
-        pending = []
-        for outcome in outcomes:
-            topic = s.results_topic if outcome.kind == "result" else s.dead_letter_topic
-            pending.append(
-                await self.broker.publish(
-                    outcome.payload, topic, key=outcome.key,
-                    headers={"content-type": "application/json", "triage-replica": self.replica_id},
-                    no_confirm=True,
-                )
-            )
-        await asyncio.gather(*pending)  # broker acks for all, or raise
+        self._failed_attempts += 1
+        reason = type(exc).__name__
+        self.metrics.batch_failed(reason)
+        self.metrics.set_retry_streak(self._failed_attempts)
+        log.error("batch of %d failed (%s: %s); attempt %d of %d, rewinding to retry", size, reason,
+                  str(exc)[:300], self._failed_attempts, s.batch_max_attempts,
+                  exc_info=exc if self._failed_attempts == 1 else None, extra={"attempt": self._failed_attempts})
+        await msg.nack()  # seek back: the same records come again, nothing is skipped
+        if reason == "EngineDeadError":
+            # A dead vLLM engine does not come back in-process.
+            self._crash("student engine is dead")
+        elif self._failed_attempts >= s.batch_max_attempts:
+            self._crash(f"batch failed {self._failed_attempts} times in a row ({reason})")
+        else:
+            await asyncio.sleep(min(s.batch_retry_max_s, s.batch_retry_base_s * 2 ** (self._failed_attempts - 1)))
+
+    def _crash(self, why: str) -> None:
+        log.critical("%s; shutting down for a restart (nothing of the batch was committed)", why)
+        self._dead = why
+        self.metrics.set_ready(False, why)
+        self.exit_code = 1
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    async def _publish(self, outcomes: list[Outcome]) -> list[Outcome]:
+        from services.stream.publisher import publish_outcomes
+
+        assert self.pipeline is not None
+        return await publish_outcomes(
+            self.broker, outcomes, results_topic=self.settings.results_topic,
+            dead_letter_topic=self.settings.dead_letter_topic, replica_id=self.replica_id,
+            dead_letter=self.pipeline.dead_letter,
+        )
 
     # ---- adapters ------------------------------------------------------------------------
     def _registry(self) -> Any:
@@ -249,12 +260,26 @@ class TriageService:
 
     # ---- background: backlog, lag, readiness ---------------------------------------------
     async def _drain_backlog_forever(self) -> None:
-        assert self.pipeline is not None
+        from services.teacher.backlog import drain_backlog
+
+        pipeline = self.pipeline
+        assert pipeline is not None
+        if pipeline.teacher is None or pipeline.training_log is None:
+            return
+
+        def on_labelled(ticket_id: str, text: str, answer: Any) -> None:
+            pipeline.log_example(text, answer, source="backlog", ticket_id=ticket_id)
+
         while True:
             await asyncio.sleep(2.0)
             try:
-                while await self.pipeline.drain_backlog() > 0:
-                    pass
+                while True:
+                    done = await drain_backlog(
+                        pipeline.teacher, pipeline.training_log, limit=64, concurrency=4,
+                        max_attempts=self.settings.teacher_backlog_max_attempts, on_labelled=on_labelled)
+                    pipeline.stats.backlog_labelled += done.labelled
+                    if done.labelled == 0 or done.stopped:
+                        break
             except Exception:
                 log.exception("backlog drain failed; will retry")
 
@@ -266,7 +291,9 @@ class TriageService:
             for tp in reported - assignment:  # revoked by a rebalance: not ours to report
                 self.metrics.remove_lag(tp.topic, tp.partition)
             reported = assignment
-            if assignment:
+            if self._dead is not None:
+                self.metrics.set_ready(False, self._dead)  # never ready again: a restart is due
+            elif assignment:
                 self.metrics.set_ready(True, f"engine warm; {len(assignment)} partitions assigned")
                 for tp in assignment:
                     high = consumer.highwater(tp)
@@ -275,6 +302,8 @@ class TriageService:
                             self.metrics.set_lag(tp.topic, tp.partition, high - await consumer.position(tp))
             else:
                 self.metrics.set_ready(False, "waiting for partition assignment")
+            if self._dead is not None:
+                return
             await asyncio.sleep(1.0)
 
 

@@ -115,6 +115,12 @@ class ServiceMetrics:
         self.training_examples = counter(
             "triage_training_examples_total", "Examples newly written to the training log.")
         self.ready = gauge("triage_ready", "1 when this replica is ready to consume.")
+        # --- failure policy ----------------------------------------------------------------
+        self.batch_failures = counter(
+            "triage_batch_failures_total", "Batches that failed as a whole and were rewound, by error.",
+            ["reason"])
+        self.batch_retry_streak = gauge(
+            "triage_batch_retry_streak", "Consecutive failed attempts of the current batch (0 = healthy).")
         self._ready, self._ready_reason = False, "starting"
         # Known label values start at 0 so rate() and dashboards see them from the first scrape.
         for route in ROUTES:
@@ -199,6 +205,12 @@ class ServiceMetrics:
 
     def training_examples_logged(self, n: int = 1) -> None:
         self.training_examples.inc(n)
+
+    def batch_failed(self, reason: str) -> None:
+        self.batch_failures.labels(reason=reason).inc()
+
+    def set_retry_streak(self, attempts: int) -> None:
+        self.batch_retry_streak.set(attempts)
 
     def set_ready(self, ready: bool, reason: str = "") -> None:
         self.ready.set(1 if ready else 0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from schemas.classification import Classification, Route
 from schemas.dead_letter import DeadLetter
 from schemas.ticket import Ticket
 from schemas.training import TrainingExample
-from services.student.engine import Classifier, StudentPrediction
+from services.student.engine import LIVE, Classifier, EngineRejection, StudentPrediction
 from services.teacher.escalation import AuditEstimator, RollingRate, should_audit, should_escalate
 from services.stream.validation import Rejection, parse_ticket
 
@@ -42,6 +43,7 @@ class InboundRecord:
     partition: int
     offset: int
     received_at: float  # time.monotonic() when the batch arrived
+    timestamp_ms: int | None = None  # the record's Kafka timestamp (producer's create time)
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,8 @@ class PipelineStats:
     dead_letter: Counter[str] = field(default_factory=Counter)
     escalations: int = 0
     audits: int = 0
+    audits_skipped: int = 0  # confident tickets not audited: too many audits in flight
+    truncated: int = 0
     teacher_failures: Counter[str] = field(default_factory=Counter)
     examples_logged: int = 0
     backlog_labelled: int = 0
@@ -84,6 +88,8 @@ class TicketPipeline:
         metrics: ServiceMetrics | None = None,
         max_message_bytes: int = 64_000,
         max_text_chars: int = 4_000,
+        dead_letter_copy_bytes: int = 64_000,
+        max_inflight_audits: int = 32,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.classifier = classifier
@@ -93,14 +99,19 @@ class TicketPipeline:
         self.metrics = metrics
         self.max_message_bytes = max_message_bytes
         self.max_text_chars = max_text_chars
+        self.dead_letter_copy_bytes = dead_letter_copy_bytes
+        self.max_inflight_audits = max_inflight_audits
         self.clock = clock
         self.stats = PipelineStats()
         self.audit = AuditEstimator()
         self.escalation_rate = RollingRate(window=1000)
         self._audit_tasks: set[asyncio.Task[None]] = set()
+        self._counter_lock = threading.Lock()
 
     # ---- the batch path ------------------------------------------------------------------
     async def process(self, records: Sequence[InboundRecord]) -> list[Outcome]:
+        """One outcome per record, in order. A ticket the engine cannot classify is its own
+        dead-letter; only batch-level failures (engine dead) raise."""
         self.stats.consumed += len(records)
         parsed = [
             parse_ticket(r.value, max_bytes=self.max_message_bytes, max_text_chars=self.max_text_chars)
@@ -110,47 +121,63 @@ class TicketPipeline:
         valid = [(i, t) for i, t in enumerate(parsed) if isinstance(t, Ticket)]
         for i, item in enumerate(parsed):
             if isinstance(item, Rejection):
-                outcomes[i] = self._dead_letter(records[i], item)
+                outcomes[i] = self.dead_letter(records[i], item)
         if valid:
+            # Pinned for the whole batch: a hot-swap while the engine runs must not judge these
+            # answers by the new adapter's threshold.
+            adapter = self.classifier.live_adapter
             engine_started = self.clock()
-            predictions = await self.classifier.classify([t.full_text() for _, t in valid])
+            predictions = await self.classifier.classify([t.full_text() for _, t in valid], adapter=adapter)
             engine_s = self.clock() - engine_started
             if self.metrics:
                 self.metrics.observe_batch(len(valid), engine_s)
+            threshold = self.threshold(adapter)
+            answerable = []
+            for (i, ticket), prediction in zip(valid, predictions):
+                if isinstance(prediction, EngineRejection):
+                    outcomes[i] = self.dead_letter(records[i], Rejection(prediction.reason, prediction.detail),
+                                                   ticket_id=ticket.id)
+                else:
+                    answerable.append((i, ticket, prediction))
             answered = await asyncio.gather(
-                *(self._answer(records[i], t, p) for (i, t), p in zip(valid, predictions))
+                *(self._answer(records[i], t, p, threshold) for i, t, p in answerable)
             )
-            for (i, _), outcome in zip(valid, answered):
+            for (i, _, _), outcome in zip(answerable, answered):
                 outcomes[i] = outcome
         return [o for o in outcomes if o is not None]
 
-    def _dead_letter(self, record: InboundRecord, rejection: Rejection) -> Outcome:
+    def dead_letter(self, record: InboundRecord, rejection: Rejection, *, ticket_id: str | None = None) -> Outcome:
+        """The record's dead-letter outcome: reason + bounded copy of the original bytes."""
         self.stats.dead_letter[rejection.reason] += 1
         log.warning("dead-lettered: %s (%s)", rejection.reason, rejection.detail,
-                    extra={"topic": record.topic, "partition": record.partition,
+                    extra={"topic": record.topic, "partition": record.partition, "ticket_id": ticket_id,
                            "offset": record.offset, "reason": rejection.reason})
-        envelope = DeadLetter(
+        envelope = DeadLetter.of(
+            record.value, copy_limit=self.dead_letter_copy_bytes,
             reason=rejection.reason,
-            detail=rejection.detail,
+            detail=rejection.detail[:1000],
             source_topic=record.topic,
             partition=record.partition,
             offset=record.offset,
-            key_b64=DeadLetter.encode(record.key) if record.key is not None else None,
-            original_b64=DeadLetter.encode(record.value),
+            key_b64=DeadLetter.encode(record.key[:1024]) if record.key is not None else None,
+            ticket_id=ticket_id,
         )
         return Outcome("dead_letter", record.key, envelope.model_dump_json().encode(), record)
 
-    def threshold(self) -> float:
+    def threshold(self, adapter: Any = LIVE) -> float:
+        """The escalation threshold for answers of `adapter` (default: the live one)."""
         if self.escalation.threshold_override is not None:
             return self.escalation.threshold_override
-        live = self.classifier.live_adapter
-        if live is not None and live.threshold is not None:
-            return float(live.threshold)
+        chosen = self.classifier.live_adapter if adapter is LIVE else adapter
+        if chosen is not None and chosen.threshold is not None:
+            return float(chosen.threshold)
         return DEFAULT_UNCALIBRATED_THRESHOLD
 
-    async def _answer(self, record: InboundRecord, ticket: Ticket, pred: StudentPrediction) -> Outcome:
+    async def _answer(self, record: InboundRecord, ticket: Ticket, pred: StudentPrediction, threshold: float) -> Outcome:
         student_labels = {name: p.label for name, p in pred.fields.items()}
-        escalate = should_escalate(pred.fields, self.threshold())
+        escalate = should_escalate(pred.fields, threshold)
+        if pred.truncated:
+            self.stats.truncated += 1
         self.escalation_rate.record(escalate)
         if self.metrics:
             self.metrics.set_escalation_rate(self.escalation_rate.rate())
@@ -167,7 +194,11 @@ class TicketPipeline:
             else:
                 route = Route.unverified
         elif self.teacher is not None and should_audit(ticket.id, self.escalation.audit_rate, self.escalation.audit_salt):
-            audited = True
+            if len(self._audit_tasks) >= self.max_inflight_audits:
+                self.stats.audits_skipped += 1  # bounded: audits never queue without limit
+            else:
+                audited = True
+        if audited:
             self.stats.audits += 1
             if self.metrics:
                 self.metrics.audited()
@@ -185,6 +216,7 @@ class TicketPipeline:
             teacher=teacher_answer.labels if teacher_answer else None,
             teacher_model=teacher_answer.model if teacher_answer else None,
             audited=audited,
+            truncated=pred.truncated,
             latency_ms=max(0.0, (self.clock() - record.received_at) * 1000),
             engine_ms=pred.engine_ms,
         )
@@ -199,15 +231,15 @@ class TicketPipeline:
         from services.teacher.client import TeacherUnavailable
 
         if self.teacher is None:
-            self._keep_for_later(ticket, "no_teacher")
+            await self._keep_for_later(ticket, "no_teacher")
             return None
         try:
             answer = await self.teacher.label(ticket.full_text())
         except TeacherUnavailable as exc:
             self.stats.teacher_failures[exc.reason] += 1
-            self._keep_for_later(ticket, exc.reason)
+            await self._keep_for_later(ticket, exc.reason, attempted=exc.scope != "teacher")
             return None
-        self._log_example(ticket.full_text(), answer, source=source, ticket_id=ticket.id)
+        await asyncio.to_thread(self.log_example, ticket.full_text(), answer, source=source, ticket_id=ticket.id)
         return answer
 
     async def _audit(self, ticket: Ticket, student_labels: dict[str, str]) -> None:
@@ -224,11 +256,13 @@ class TicketPipeline:
             accuracy, n, _, _ = self.audit.estimate()
             self.metrics.set_audit(accuracy, n)
 
-    def _keep_for_later(self, ticket: Ticket, reason: str) -> None:
-        if self.training_log is not None:
-            self.training_log.add_pending(ticket.id, ticket.full_text(), reason)
+    async def _keep_for_later(self, ticket: Ticket, reason: str, *, attempted: bool = False) -> None:
+        if self.training_log is not None:  # SQLite + fsync: off the event loop
+            await asyncio.to_thread(self.training_log.add_pending, ticket.id, ticket.full_text(), reason,
+                                    attempted=attempted)
 
-    def _log_example(self, text: str, answer: TeacherAnswer, *, source: str, ticket_id: str | None) -> None:
+    def log_example(self, text: str, answer: TeacherAnswer, *, source: str, ticket_id: str | None) -> None:
+        """Append one teacher answer to the training log (blocking: call it from a thread)."""
         if self.training_log is None:
             return
         example = TrainingExample(
@@ -236,43 +270,10 @@ class TicketPipeline:
             prompt_hash=answer.prompt_hash, source=source, ticket_id=ticket_id,
         )
         added = self.training_log.append([example])
-        self.stats.examples_logged += added
+        with self._counter_lock:  # runs in worker threads
+            self.stats.examples_logged += added
         if self.metrics and added:
             self.metrics.training_examples_logged(added)
-
-    async def drain_backlog(self, limit: int = 64, concurrency: int = 4) -> int:
-        """Label tickets the teacher missed (outage, budget). Returns how many got labelled.
-
-        Small concurrency so live escalations keep most of the teacher's slots after an
-        outage; a pass stops at the first failure instead of hammering a teacher that is
-        still down (each failure would also count against the circuit breaker).
-        """
-        from services.teacher.client import TeacherUnavailable
-
-        if self.teacher is None or self.training_log is None:
-            return 0
-        pending = self.training_log.pending(limit)
-        done: list[str] = []
-        for start in range(0, len(pending), concurrency):
-            chunk = pending[start : start + concurrency]
-            answers = await asyncio.gather(
-                *(self.teacher.label(text) for _, text in chunk), return_exceptions=True
-            )
-            failed = False
-            for (ticket_id, text), answer in zip(chunk, answers):
-                if isinstance(answer, TeacherUnavailable):
-                    failed = True
-                elif isinstance(answer, BaseException):
-                    raise answer
-                else:
-                    self._log_example(text, answer, source="backlog", ticket_id=ticket_id)
-                    done.append(ticket_id)
-            if failed:
-                break
-        if done:
-            self.training_log.resolve_pending(done)
-            self.stats.backlog_labelled += len(done)
-        return len(done)
 
     async def wait_for_audits(self, timeout_s: float = 30.0) -> None:
         if self._audit_tasks:
@@ -290,6 +291,8 @@ class TicketPipeline:
             "audited_samples": n,
             "audited_ci95": (low, high),
             "teacher_failures": dict(self.stats.teacher_failures),
+            "audits_skipped": self.stats.audits_skipped,
+            "truncated": self.stats.truncated,
             "examples_logged": self.stats.examples_logged,
             "backlog_labelled": self.stats.backlog_labelled,
             "threshold": self.threshold(),

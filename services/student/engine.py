@@ -19,7 +19,15 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Protocol, Sequence
 
 from schemas.classification import FieldPrediction, LabelScore
 from schemas.task import TaskSpec
-from services.student.prompting import LabelCodes, PromptStyle, build_all_codes, render_prompt
+from services.student.prompting import (
+    LabelCodes,
+    PromptStyle,
+    build_all_codes,
+    check_adapter_servable,
+    normalise_text,
+    render_prompt,
+    truncate_tokens,
+)
 
 if TYPE_CHECKING:
     from services.student.registry import AdapterRef
@@ -137,6 +145,37 @@ def field_prediction(codes: LabelCodes, probs: list[float], top_k: int = 3) -> F
     )
 
 
+LOGPROB_IDS_PER_REQUEST = 128  # vllm.sampling_params.MAX_LOGPROB_TOKEN_IDS in 0.32
+
+
+def _is_engine_level(exc: BaseException) -> bool:
+    """A failure of the engine (or of this process), not of one request: the batch fails."""
+    if isinstance(exc, (asyncio.CancelledError, KeyboardInterrupt, SystemExit, MemoryError)):
+        return True
+    return type(exc).__name__ == "EngineDeadError"
+
+
+def fit_prompt(
+    task: TaskSpec, field_name: str, text: str, style: PromptStyle, codes: LabelCodes,
+    tokenizer: Any, max_tokens: int,
+) -> tuple[list[int], bool] | None:
+    """Token ids of the field's prompt with the ticket cut (head + tail, by tokens) to fit
+    `max_tokens`: (ids, truncated), or None when even an empty ticket does not fit."""
+    ids = encode_prompt(tokenizer, render_prompt(task, field_name, text, style, codes))
+    if len(ids) <= max_tokens:
+        return ids, False
+    overhead = len(encode_prompt(tokenizer, render_prompt(task, field_name, "", style, codes)))
+    budget = max_tokens - overhead - 4  # the joiner and re-tokenisation at the cut points
+    body = tokenizer.encode(normalise_text(text), add_special_tokens=False)
+    while budget > 0:
+        cut = truncate_tokens(tokenizer, body, budget)
+        ids = encode_prompt(tokenizer, render_prompt(task, field_name, cut, style, codes))
+        if len(ids) <= max_tokens:
+            return ids, True
+        budget -= max(1, len(ids) - max_tokens)
+    return None
+
+
 def _lora_int_id(adapter_id: str) -> int:
     # vLLM keys its LoRA (and prefix) caches by this int: derive it from the content hash,
     # so new weights always get a new id and never hit a stale cache entry.
@@ -212,46 +251,93 @@ class VllmClassifier:
         return self._tokenizer
 
     async def use_adapter(self, adapter: AdapterRef | None) -> None:
-        """Hot-swap: new requests use `adapter`; requests already in flight finish on theirs."""
+        """Hot-swap: new requests use `adapter`; requests already in flight finish on theirs.
+
+        Refuses (ValueError) an adapter this engine cannot serve as it was trained: another
+        prompt fingerprint (task, label codes or style) or a rank above max_lora_rank."""
         if adapter is not None:
+            check_adapter_servable(adapter, self.task, self.codes, self.config.max_lora_rank)
             # Load before switching so the first live request doesn't pay the load, and a
             # broken adapter fails here instead of in the stream.
-            await self._classify_one("warm-up", adapter)
+            warm = await self._classify_one("warm-up", adapter)
+            if isinstance(warm, EngineRejection):
+                raise ValueError(f"adapter {adapter.adapter_id} failed to load: {warm.detail}")
         self._live = adapter
 
-    async def classify(self, texts: Sequence[str], *, adapter: Any = LIVE) -> list[StudentPrediction]:
+    async def classify(
+        self, texts: Sequence[str], *, adapter: Any = LIVE
+    ) -> list[StudentPrediction | EngineRejection]:
+        """One outcome per text, in order; raises only when the engine itself is dead."""
         chosen = self._live if adapter is LIVE else adapter  # pinned for the whole batch
         return list(await asyncio.gather(*(self._classify_one(t, chosen) for t in texts)))
 
-    async def _classify_one(self, text: str, adapter: AdapterRef | None) -> StudentPrediction:
+    async def _classify_one(self, text: str, adapter: AdapterRef | None) -> StudentPrediction | EngineRejection:
         started = time.perf_counter()
-        probs = await asyncio.gather(*(self._field_distribution(text, name, adapter) for name in self.codes))
-        distribution = dict(zip(self.codes, probs))
+        adapter_id = adapter.adapter_id if adapter else None
+        style = adapter.prompt_style if adapter else PromptStyle.instruct
+        prompts: dict[str, list[int]] = {}
+        truncated = False
+        for name in self.codes:
+            fitted = fit_prompt(self.task, name, text, style, self.codes[name], self._tokenizer,
+                                self.config.max_model_len - 1)  # room for the one output token
+            if fitted is None:
+                return EngineRejection("too_many_tokens", f"the {name!r} prompt does not fit "
+                                       f"max_model_len {self.config.max_model_len} even with an empty ticket",
+                                       adapter_id)
+            prompts[name], cut = fitted
+            truncated = truncated or cut
+        # Every request of this ticket runs to its end (no sibling is left running on failure);
+        # a request vLLM refuses is this ticket's outcome, a dead engine is everyone's.
+        results = await asyncio.gather(
+            *(self._field_distribution(ids, name, adapter) for name, ids in prompts.items()),
+            return_exceptions=True,
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                if _is_engine_level(result):
+                    raise result
+                return EngineRejection("engine_rejected", f"{type(result).__name__}: {str(result)[:300]}",
+                                       adapter_id)
+        distribution = dict(zip(prompts, results))
         fields = {name: field_prediction(self.codes[name], p) for name, p in distribution.items()}
         return StudentPrediction(
             fields=fields,
             distribution=distribution,
-            adapter_id=adapter.adapter_id if adapter else None,
+            adapter_id=adapter_id,
             engine_ms=(time.perf_counter() - started) * 1000,
+            truncated=truncated,
         )
 
-    async def _field_distribution(self, text: str, field_name: str, adapter: AdapterRef | None) -> list[float]:
+    async def _field_distribution(self, prompt_ids: list[int], field_name: str, adapter: AdapterRef | None) -> list[float]:
+        codes = self.codes[field_name]
+        # vLLM caps logprob_token_ids at 128 per request: a field with more labels asks for
+        # its codes in chunks on the same prompt (the prefix cache makes the repeats cheap).
+        # The values are raw log-probabilities of the same forward pass, so the merged set
+        # renormalises to exactly what one request would give.
+        chunks = [codes.token_ids[i : i + LOGPROB_IDS_PER_REQUEST]
+                  for i in range(0, len(codes.token_ids), LOGPROB_IDS_PER_REQUEST)]
+        parts = await asyncio.gather(*(self._logprobs(prompt_ids, codes.token_ids, chunk, adapter)
+                                       for chunk in chunks))
+        merged: dict[int, Any] = {}
+        for part in parts:
+            merged.update(part)
+        return distribution_from_logprobs(codes, merged)
+
+    async def _logprobs(self, prompt_ids: list[int], allowed: Sequence[int], wanted: Sequence[int],
+                        adapter: AdapterRef | None) -> dict[int, Any]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        codes = self.codes[field_name]
-        style = adapter.prompt_style if adapter else PromptStyle.instruct
-        prompt = render_prompt(self.task, field_name, text, style, codes)
         params = SamplingParams(
             max_tokens=1,
             temperature=0.0,
-            allowed_token_ids=list(codes.token_ids),
-            logprob_token_ids=list(codes.token_ids),
+            allowed_token_ids=list(allowed),
+            logprob_token_ids=list(wanted),
             detokenize=False,
         )
         final = None
         async for output in self._engine.generate(
-            TokensPrompt(prompt_token_ids=encode_prompt(self._tokenizer, prompt)),
+            TokensPrompt(prompt_token_ids=prompt_ids),
             params,
             request_id=uuid.uuid4().hex,
             lora_request=self._lora_request(adapter),
@@ -259,7 +345,7 @@ class VllmClassifier:
             final = output
         if final is None or not final.outputs or not final.outputs[0].logprobs:
             raise RuntimeError("engine returned no logprobs")
-        return distribution_from_logprobs(codes, final.outputs[0].logprobs[0])
+        return final.outputs[0].logprobs[0]
 
     @staticmethod
     def _lora_request(adapter: AdapterRef | None) -> Any:

@@ -18,7 +18,7 @@ import hashlib
 import string
 from dataclasses import dataclass
 from enum import Enum
-from typing import Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
 from schemas.task import FieldSpec, TaskSpec
 from schemas.text import normalise_whitespace
@@ -31,6 +31,8 @@ class PromptStyle(str, Enum):
 
 class TokenizerLike(Protocol):
     def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -97,9 +99,43 @@ def build_all_codes(task: TaskSpec, tokenizer: TokenizerLike) -> dict[str, Label
     return {f.name: build_label_codes(f, tokenizer) for f in task.fields}
 
 
-def normalise_text(text: str, max_chars: int = 2000) -> str:
-    """Collapse whitespace so training and serving see identical token streams."""
-    return normalise_whitespace(text)[:max_chars]
+def normalise_text(text: str) -> str:
+    """Ticket text as the student sees it: whitespace collapsed (training and serving alike),
+    and `<|` / `|>` broken apart so typed text can never become a special token
+    (`<|im_end|>`, `<|im_start|>`) or forge the compact markers (`<|ticket|>`, `<|field|>`):
+    the template's markers are the only ones in a prompt."""
+    return normalise_whitespace(text).replace("<|", "< |").replace("|>", "| >")
+
+
+def truncate_tokens(tokenizer: TokenizerLike, body_ids: Sequence[int], budget: int) -> str:
+    """A long ticket cut by tokens to `budget`: its head (2/3) and tail (1/3), joined by " … ".
+    Deterministic, so the trainer and the engine cut the same ticket the same way."""
+    if len(body_ids) <= budget:
+        return tokenizer.decode(list(body_ids))
+    head = max(1, budget * 2 // 3)
+    tail = max(0, budget - head)
+    kept_tail = tokenizer.decode(list(body_ids[len(body_ids) - tail:])) if tail else ""
+    return tokenizer.decode(list(body_ids[:head])) + " … " + kept_tail
+
+
+def check_adapter_servable(adapter: Any, task: TaskSpec, codes: dict[str, LabelCodes], max_lora_rank: int) -> None:
+    """ValueError unless the adapter was trained for exactly this prompt (task, label codes,
+    style: the fingerprint stored in its metadata) and fits the engine's LoRA rank."""
+    import json
+    from pathlib import Path
+
+    meta = getattr(adapter, "meta", None) or {}
+    task_meta = meta.get("task") if isinstance(meta.get("task"), dict) else {}
+    stored = task_meta.get("prompt_fingerprint")
+    expected = prompt_fingerprint(task, adapter.prompt_style, list(codes.values()))
+    if stored != expected:
+        raise ValueError(f"adapter {adapter.adapter_id} was trained for prompt fingerprint {stored!r}; "
+                         f"this engine renders {expected!r} (task {task.name!r}): refusing to serve it")
+    config = Path(adapter.path) / "adapter_config.json"
+    rank = json.loads(config.read_text()).get("r", 0) if config.is_file() else 0
+    if rank > max_lora_rank:
+        raise ValueError(f"adapter {adapter.adapter_id} has LoRA rank {rank} > this engine's "
+                         f"max_lora_rank {max_lora_rank}: refusing to load it")
 
 
 def render_prompt(

@@ -22,11 +22,16 @@ def _lora_matmul(inputs: Any, weights: Any, indices: Any, dtype: Any) -> Any:
         weights = weights.squeeze(1)
     if indices.numel() == 0:
         return inputs.new_zeros((0, weights.shape[1]))
-    first = indices[0]
-    if bool((indices == first).all()):
+    first = int(indices[0])
+    if first >= 0 and bool((indices == first).all()):
         return inputs @ weights[first].to(dtype=dtype).transpose(0, 1)
-    out = inputs.new_empty((inputs.shape[0], weights.shape[1]))
+    # Tokens without a LoRA carry index -1: they get a zero delta. (vLLM's stock CPU ops
+    # index weights[-1] there, i.e. the LAST adapter slot's weights: base-model requests
+    # sharing a step with LoRA requests got that adapter's answers.)
+    out = inputs.new_zeros((inputs.shape[0], weights.shape[1]))
     for index in torch.unique(indices).tolist():
+        if index < 0:
+            continue
         mask = indices == index
         out[mask] = inputs[mask] @ weights[index].to(dtype=dtype).transpose(0, 1)
     return out

@@ -15,8 +15,8 @@ The backlog is the training log's `pending` table. One pass:
 - each labelled ticket goes to `on_labelled(ticket_id, text, answer)` (the caller logs the
   training example) and then leaves the backlog.
 
-TrainingLog calls are synchronous SQLite: they run in a worker thread. `on_labelled` runs on
-the event loop (it is the caller's code and usually touches the caller's counters).
+TrainingLog calls are synchronous SQLite: they run in a worker thread, and so does
+`on_labelled` (it usually appends to the training log; it must be thread-safe).
 """
 
 from __future__ import annotations
@@ -74,7 +74,9 @@ async def drain_backlog(
                                 ticket_id, max_attempts, exc)
                 continue
             if on_labelled is not None:
-                on_labelled(ticket_id, text, answer)  # before resolving: a crash re-asks, never loses
+                # In a worker thread (it usually writes the training log: SQLite + fsync);
+                # before resolving: a crash re-asks, never loses.
+                await asyncio.to_thread(on_labelled, ticket_id, text, answer)
             await asyncio.to_thread(training_log.resolve_pending, [ticket_id])
             result.labelled += 1
 

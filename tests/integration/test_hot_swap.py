@@ -11,26 +11,10 @@ from schemas.classification import Classification
 from services.stream.app import TriageService
 from services.dev.datasets import load_split
 from services.stream.kafka_io import produce, read_topic, ticket_message, unique_keys
-from services.student.registry import AdapterRegistry, write_meta
-from tests.conftest import create_topics
+from services.student.registry import AdapterRegistry
+from tests.conftest import create_topics, make_lora
 
 pytestmark = pytest.mark.integration
-
-
-def make_lora(model_path, out_dir, seed: int) -> None:
-    """A real PEFT LoRA adapter with random (non-zero) weights: changes the student's outputs."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-    config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-    get_peft_model(model, config).save_pretrained(out_dir)
-    write_meta(out_dir, {
-        "base_model": str(model_path), "prompt_style": "compact", "task": "banking77",
-        "threshold": {"value": 0.0},  # calibrated to accept everything: answers come from it
-    })
 
 
 async def _stream(settings, ids_and_texts):

@@ -84,3 +84,68 @@ def test_replica_id_names_host_and_process(tmp_path):
     settings = Settings(_env_file=None, bootstrap_servers="127.0.0.1:9", metrics_port=0,
                         registry_dir=tmp_path / "registry", data_dir=tmp_path / "data")
     assert TriageService(settings).replica_id == f"{socket.gethostname()}:{os.getpid()}"
+
+
+# ---- failure policy: bounded retries, then crash-only; readiness stays false ------------------
+class FakeMessage:
+    def __init__(self):
+        self.nacks = 0
+
+    async def nack(self):
+        self.nacks += 1
+
+
+def _service(tmp_path, **overrides):
+    values = dict(bootstrap_servers="127.0.0.1:9", metrics_port=0, registry_dir=tmp_path / "registry",
+                  data_dir=tmp_path / "data", batch_retry_base_s=0.01, batch_retry_max_s=0.02,
+                  batch_max_attempts=3)
+    values.update(overrides)
+    return TriageService(Settings(_env_file=None, **values))
+
+
+def _value(metric, **labels):
+    for family in metric.collect():
+        for s in family.samples:
+            if s.labels == labels and not s.name.endswith("_created"):
+                return s.value
+    return None
+
+
+async def test_batch_failures_back_off_then_stop_the_replica_for_a_restart(tmp_path, monkeypatch):
+    import os
+    import signal
+    import time
+
+    service = _service(tmp_path)
+    killed = []
+    monkeypatch.setattr(os, "kill", lambda pid, sig: killed.append((pid, sig)))
+    msg = FakeMessage()
+    started = time.monotonic()
+    await service._batch_failed(msg, 8, ConnectionError("broker unreachable"))
+    await service._batch_failed(msg, 8, ConnectionError("broker unreachable"))
+    assert time.monotonic() - started >= 0.03  # 0.01 s, then 0.02 s (doubling, capped)
+    assert killed == [] and service.exit_code == 0
+    assert _value(service.metrics.batch_retry_streak) == 2
+    await service._batch_failed(msg, 8, ConnectionError("broker unreachable"))  # the cap
+    assert killed == [(os.getpid(), signal.SIGTERM)] and service.exit_code == 1
+    assert msg.nacks == 3  # every attempt rewound: nothing skipped, nothing committed
+    assert _value(service.metrics.batch_failures, reason="ConnectionError") == 3
+    assert service.metrics.readiness()[0] is False
+
+
+async def test_readiness_stays_false_after_the_engine_died(tmp_path, monkeypatch):
+    import os
+
+    service = _service(tmp_path)
+    monkeypatch.setattr(os, "kill", lambda pid, sig: None)
+    tps = [TopicPartition(service.settings.tickets_topic, 0)]
+    service.subscriber = FakeSubscriber(FakeConsumer(high={tps[0]: 5}, pos={tps[0]: 5}, assigned=set(tps)))
+
+    class EngineDeadError(Exception):
+        pass
+
+    await service._batch_failed(FakeMessage(), 4, EngineDeadError("engine core died"))
+    assert service.exit_code == 1
+    await asyncio.wait_for(service._watch_consumer(), 3)  # returns: the replica is dead
+    ready, reason = service.metrics.readiness()
+    assert ready is False and "engine is dead" in reason  # partitions assigned, still not ready

@@ -103,3 +103,19 @@ def test_coverage_curve_and_macro_f1():
     assert cal.macro_f1(["a", "a", "b"], ["a", "b", "b"]) == pytest.approx((2 / 3 + 2 / 3) / 2)
     applied = cal.apply_threshold([0.9, 0.8, 0.7, 0.6], [True, True, False, False], 0.75)
     assert applied["coverage"] == 0.5 and applied["error_accepted"] == 0.0
+
+
+def test_score_counts_an_engine_rejection_as_wrong_with_zero_confidence():
+    from schemas.classification import FieldPrediction
+    from schemas.task import TaskSpec, default_task_path
+    from services.student.engine import EngineRejection, StudentPrediction
+    from trainer.dataset import Row
+    from trainer.evaluate import score
+
+    task = TaskSpec.from_file(default_task_path())
+    rows = [Row("a", {"intent": "card_arrival"}), Row("b", {"intent": "card_arrival"})]
+    good = StudentPrediction(fields={"intent": FieldPrediction(label="card_arrival", confidence=0.8)},
+                             distribution={}, adapter_id=None)
+    out = score(task, rows, [good, EngineRejection("too_many_tokens", "x")])
+    assert out["confidence"] == [0.8, 0.0] and out["correct"] == [True, False]
+    assert out["rejected"] == 1 and out["fields"]["intent"]["accuracy"] == 0.5

@@ -450,3 +450,22 @@ def test_dashboard_has_the_required_views(dashboard: dict) -> None:
     assert "max by (topic, partition) (triage_consumer_lag)" in exprs
     assert "sum(triage_ready)" in exprs
     assert any(p["type"] == "heatmap" for p in _panels(dashboard))
+
+
+def test_alert_rules_use_registered_metrics_and_are_wired_in(compose: dict) -> None:
+    from services.stream.metrics import ServiceMetrics
+
+    rules = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())
+    alerts = [r for g in rules["groups"] for r in g["rules"]]
+    names = {a["alert"] for a in alerts}
+    assert {"TriageBatchesFailing", "TriagePartitionStalled", "TriageReplicaNotReady"} <= names
+    samples = {f.name + suffix for f in ServiceMetrics().registry.collect()
+               for suffix in ("", "_total", "_count", "_sum", "_bucket")}
+    for alert in alerts:
+        used = set(re.findall(r"\btriage_[a-zA-Z0-9_]+", alert["expr"]))
+        assert used and used <= samples, (alert["alert"], sorted(used - samples))
+        assert alert["annotations"]["summary"]
+    config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    assert "/etc/prometheus/alerts.yml" in config["rule_files"]
+    mounts = compose["services"]["prometheus"]["volumes"]
+    assert any(m.startswith("./prometheus/alerts.yml:/etc/prometheus/alerts.yml") for m in mounts)

@@ -36,6 +36,8 @@ CONTRACT = {
     "triage_consumer_lag": "gauge",
     "triage_training_examples": "counter",
     "triage_ready": "gauge",
+    "triage_batch_failures": "counter",
+    "triage_batch_retry_streak": "gauge",
 }
 
 

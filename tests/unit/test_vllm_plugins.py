@@ -8,10 +8,13 @@ from services.student.vllm_plugins import bgmv_expand, bgmv_expand_slice, bgmv_s
 
 
 def reference(inputs, weights, indices):
-    selected = weights[indices]
+    """vLLM's per-token gather, with the semantics vLLM intends: index -1 = no LoRA (zero
+    delta). vLLM 0.32's CPU ops index weights[-1] there, the last slot's adapter."""
+    selected = weights[indices.clamp(min=0)]
     if selected.dim() == 4:
         selected = selected.squeeze(1)
-    return torch.einsum("bi, boi -> bo", inputs, selected)
+    out = torch.einsum("bi, boi -> bo", inputs, selected)
+    return out * (indices >= 0).unsqueeze(1).to(out.dtype)
 
 
 @pytest.mark.parametrize("indices", [[1, 1, 1, 1, 1], [0, 1, 1, -1, 0], [-1, -1, -1, -1, -1]])
@@ -35,3 +38,17 @@ def test_matches_per_token_gather(indices):
     bgmv_expand_slice(h, b, wide, idx, slice_offset=2, slice_size=6, add_inputs=False)
     torch.testing.assert_close(wide[:, 2:8], reference(h, b, idx))
     assert torch.count_nonzero(wide[:, :2]) == 0
+
+
+def test_no_lora_rows_get_no_delta_even_beside_lora_rows():
+    """The mixed-batch defect: base-model tokens (index -1) next to LoRA tokens."""
+    torch.manual_seed(1)
+    h, b = torch.randn(4, 4), torch.randn(2, 1, 6, 4)
+    base = torch.randn(4, 6)
+    got = base.clone()
+    bgmv_expand(h, b, got, torch.tensor([-1, 1, -1, 1]), add_inputs=True)
+    torch.testing.assert_close(got[[0, 2]], base[[0, 2]])  # untouched: no adapter's delta
+    assert not torch.allclose(got[[1, 3]], base[[1, 3]])
+    shrunk = torch.full((4, 4), 7.0)
+    bgmv_shrink(torch.randn(4, 4), torch.randn(2, 1, 4, 4), shrunk, torch.tensor([-1, -1, -1, -1]))
+    assert torch.count_nonzero(shrunk) == 0
