@@ -3,7 +3,7 @@ PY := .venv/bin/python
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install model demo test test-unit bench clean
+.PHONY: install model demo test test-unit bench faults clean
 
 install:
 	@bash scripts/install.sh
@@ -23,6 +23,9 @@ test-unit: install
 bench: model
 	$(PY) bench/throughput.py
 	$(PY) bench/latency.py
+
+faults: model
+	$(PY) bench/faults.py --json var/bench/faults.json
 
 clean:
 	rm -rf var .pytest_cache
