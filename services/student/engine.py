@@ -13,7 +13,7 @@ import os
 import time
 import uuid
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, AsyncIterator, Protocol, Sequence
 
@@ -95,18 +95,9 @@ class EngineConfig:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> EngineConfig:
-        return cls(
-            model_path=Path(settings.model_path),
-            dtype=settings.dtype,
-            block_size=settings.block_size,
-            enforce_eager=settings.enforce_eager,
-            max_model_len=settings.max_model_len,
-            max_num_seqs=settings.max_num_seqs,
-            max_lora_rank=settings.max_lora_rank,
-            gpu_memory_utilization=settings.gpu_memory_utilization,
-            cpu_kv_cache_gib=settings.cpu_kv_cache_gib,
-            seed=settings.seed,
-        )
+        """Every engine field that Settings defines (same names), nothing else."""
+        names = [f.name for f in fields(cls) if f.name in type(settings).model_fields]
+        return cls(**{name: getattr(settings, name) for name in names})
 
 
 def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:

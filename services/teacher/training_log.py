@@ -80,6 +80,15 @@ class ParkedTicket:
     last_seen: str
 
 
+def _for_ids(conn: sqlite3.Connection, statement: str, ids: list[str]) -> int:
+    """`statement IN (...)` over `ids` in chunks (SQLite's bound-parameter limit); rows changed."""
+    changed = 0
+    for i in range(0, len(ids), _CHUNK):
+        chunk = ids[i : i + _CHUNK]
+        changed += conn.execute(f"{statement} IN ({','.join('?' * len(chunk))})", chunk).rowcount
+    return changed
+
+
 def _labels_json(labels: dict[str, str]) -> str:
     return json.dumps(labels, sort_keys=True, ensure_ascii=False)
 
@@ -283,32 +292,12 @@ class TrainingLog:
         if ticket_ids is None:
             return self._write(lambda conn: conn.execute(reset).rowcount)
         ids = list(ticket_ids)
-
-        def unpark_some(conn: sqlite3.Connection) -> int:
-            done = 0
-            for i in range(0, len(ids), _CHUNK):
-                chunk = ids[i : i + _CHUNK]
-                marks = ",".join("?" * len(chunk))
-                done += conn.execute(f"{reset} AND ticket_id IN ({marks})", chunk).rowcount
-            return done
-
-        return self._write(unpark_some) if ids else 0
+        return self._write(lambda conn: _for_ids(conn, f"{reset} AND ticket_id", ids)) if ids else 0
 
     def resolve_pending(self, ticket_ids: Iterable[str]) -> int:
         """Drop tickets from the backlog (parked ones too); returns how many were there."""
         ids = list(ticket_ids)
-
-        def delete(conn: sqlite3.Connection) -> int:
-            removed = 0
-            for i in range(0, len(ids), _CHUNK):
-                chunk = ids[i : i + _CHUNK]
-                marks = ",".join("?" * len(chunk))
-                removed += conn.execute(
-                    f"DELETE FROM pending WHERE ticket_id IN ({marks})", chunk
-                ).rowcount
-            return removed
-
-        return self._write(delete) if ids else 0
+        return self._write(lambda conn: _for_ids(conn, "DELETE FROM pending WHERE ticket_id", ids)) if ids else 0
 
     def pending_count(self) -> int:
         """Tickets still to be tried (parked ones excluded: see `parked_count`)."""
