@@ -75,13 +75,16 @@ async def test_a_field_with_150_labels_gets_the_whole_distribution(student_model
 
 async def test_base_model_answers_do_not_change_beside_lora_requests(student, student_model_path, tmp_path, task):
     """vLLM marks no-LoRA tokens with index -1; indexing weights[-1] gave base-model requests
-    the last adapter slot's delta whenever they shared a step with LoRA requests."""
-    make_lora(student_model_path, tmp_path / "lora", seed=3, task=task)
-    lora = AdapterRef.from_dir(tmp_path / "lora")
+    the last adapter slot's delta whenever they shared a step with LoRA requests. Two adapters
+    fill both slots (max_loras=2), so the last slot is not empty."""
+    refs = []
+    for seed in (3, 5):
+        make_lora(student_model_path, tmp_path / f"lora{seed}", seed=seed, task=task)
+        refs.append(AdapterRef.from_dir(tmp_path / f"lora{seed}"))
     texts = [row.text for row in load_split("dev")[:24]]
     alone = await student.classify(texts, adapter=None)
-    with_lora, _ = await asyncio.gather(student.classify(texts, adapter=None),
-                                        student.classify(texts, adapter=lora))
+    with_lora, *_ = await asyncio.gather(student.classify(texts, adapter=None),
+                                         *(student.classify(texts, adapter=r) for r in refs))
     assert [p.fields["intent"].label for p in with_lora] == [p.fields["intent"].label for p in alone]
     for a, b in zip(alone, with_lora):
         assert math.isclose(a.confidence, b.confidence, rel_tol=1e-3, abs_tol=1e-6)
