@@ -3,7 +3,7 @@
 Rows come from the training log (up to a recorded version, so a run can be reproduced) or
 from a labelled TSV. Every row becomes one prompt per field, rendered by the shared prompt
 builder (`services.student.prompting.render_prompt`, compact style) and tokenised exactly as the
-serving engine does (`services.student.engine.encode_prompt`); the target is the index of the
+serving engine does (`services.student.prompting.encode_prompt`); the target is the index of the
 label's single-token code among the field's codes.
 
 The train/validation split is a pure function of each text's content hash, so a text stays
@@ -22,7 +22,7 @@ from typing import Any, Iterable, Sequence
 from schemas.task import TaskSpec
 from schemas.training import content_hash
 from services.teacher.corpus import read_records
-from services.student.prompting import LabelCodes, PromptStyle, render_prompt
+from services.student.prompting import LabelCodes, PromptStyle, encode_prompt, fit_prompt, render_prompt
 
 
 @dataclass(frozen=True)
@@ -144,15 +144,19 @@ def encode(
     style: PromptStyle = PromptStyle.compact,
     max_tokens: int | None = None,
 ) -> list[Encoded]:
-    """One `Encoded` per (row, field); prompts longer than max_tokens are skipped."""
-    from services.student.engine import encode_prompt  # the serving tokenisation, not a copy of it
-
+    """One `Encoded` per (row, field). A prompt longer than max_tokens has its ticket cut
+    (head + tail, by tokens) exactly as the engine cuts it, so a long ticket trains on the text
+    the service will see; only a ticket whose empty prompt cannot fit is skipped."""
     out = []
     for n, row in enumerate(rows):
         for spec in task.fields:
             field_codes = codes[spec.name]
-            prompt = render_prompt(task, spec.name, row.text, style, field_codes)
-            ids = tuple(encode_prompt(tokenizer, prompt))
-            if max_tokens is None or len(ids) <= max_tokens:
-                out.append(Encoded(ids, spec.name, field_codes.labels.index(row.labels[spec.name]), n))
+            if max_tokens is None:
+                ids = encode_prompt(tokenizer, render_prompt(task, spec.name, row.text, style, field_codes))
+            else:
+                fitted = fit_prompt(task, spec.name, row.text, style, field_codes, tokenizer, max_tokens)
+                if fitted is None:
+                    continue
+                ids = fitted[0]
+            out.append(Encoded(tuple(ids), spec.name, field_codes.labels.index(row.labels[spec.name]), n))
     return out

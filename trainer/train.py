@@ -76,7 +76,7 @@ class TrainArgs:
     weight_decay: float = 0.0
     epochs: float = 6.0
     batch_size: int = 32
-    max_tokens: int = field(default=256, metadata={"help": "longer prompts are skipped"})
+    max_tokens: int = field(default=256, metadata={"help": "longer tickets are cut head+tail to fit, as in serving"})
     max_minutes: float = field(default=28.0, metadata={"help": "whole run, load to save"})
     max_steps: int = field(default=0, metadata={"help": "0 = epochs decide (tests use it)"})
     prefix_share: float = field(default=0.4, metadata={"help": "max share of the budget for the "

@@ -193,8 +193,8 @@ class TriageService:
                   str(exc)[:300], self._failed_attempts, s.batch_max_attempts,
                   exc_info=exc if self._failed_attempts == 1 else None, extra={"attempt": self._failed_attempts})
         await msg.nack()  # seek back: the same records come again, nothing is skipped
-        if reason == "EngineDeadError":
-            # A dead vLLM engine does not come back in-process.
+        if _engine_dead(exc):
+            # A dead vLLM engine does not come back in-process: no point in backing off.
             self._crash("student engine is dead")
         elif self._failed_attempts >= s.batch_max_attempts:
             self._crash(f"batch failed {self._failed_attempts} times in a row ({reason})")
@@ -305,6 +305,18 @@ class TriageService:
             if self._dead is not None:
                 return
             await asyncio.sleep(1.0)
+
+
+def _engine_dead(exc: BaseException | None) -> bool:
+    """vLLM's EngineDeadError (a subclass, or the cause of a wrapper) anywhere in the chain;
+    by name, so the stream needs no vLLM import."""
+    for _ in range(8):  # a bounded walk: a cause chain can be cyclic
+        if exc is None:
+            return False
+        if any(t.__name__ == "EngineDeadError" for t in type(exc).__mro__):
+            return True
+        exc = exc.__cause__
+    return False
 
 
 def _span(values: set[int]) -> str:

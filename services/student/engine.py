@@ -24,9 +24,7 @@ from services.student.prompting import (
     PromptStyle,
     build_all_codes,
     check_adapter_servable,
-    normalise_text,
-    render_prompt,
-    truncate_tokens,
+    fit_prompt,
 )
 
 if TYPE_CHECKING:
@@ -100,11 +98,6 @@ class EngineConfig:
         return cls(**{name: getattr(settings, name) for name in names})
 
 
-def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
-    """Prompt -> token ids, identically in serving and training (no implicit BOS)."""
-    return list(tokenizer.encode(prompt, add_special_tokens=False))
-
-
 def distribution_from_logprobs(codes: LabelCodes, logprobs: dict[int, Any]) -> list[float]:
     """Renormalise the code tokens' log-probabilities into a distribution over labels.
 
@@ -139,32 +132,30 @@ def field_prediction(codes: LabelCodes, probs: list[float], top_k: int = 3) -> F
 LOGPROB_IDS_PER_REQUEST = 128  # vllm.sampling_params.MAX_LOGPROB_TOKEN_IDS in 0.32
 
 
-def _is_engine_level(exc: BaseException) -> bool:
-    """A failure of the engine (or of this process), not of one request: the batch fails."""
+def _is_engine_level(exc: BaseException, engine: Any = None) -> bool:
+    """A failure of the engine (or of this process), not of one request: the batch fails.
+
+    vLLM raises EngineDeadError once the core is gone; its EngineGenerateError is
+    "recoverable" (one request aborted) unless the engine has meanwhile errored."""
     if isinstance(exc, (asyncio.CancelledError, KeyboardInterrupt, SystemExit, MemoryError)):
         return True
-    return type(exc).__name__ == "EngineDeadError"
+    if any(t.__name__ == "EngineDeadError" for t in type(exc).__mro__):  # no vLLM import needed
+        return True
+    return bool(getattr(engine, "errored", False))
 
 
-def fit_prompt(
-    task: TaskSpec, field_name: str, text: str, style: PromptStyle, codes: LabelCodes,
-    tokenizer: Any, max_tokens: int,
-) -> tuple[list[int], bool] | None:
-    """Token ids of the field's prompt with the ticket cut (head + tail, by tokens) to fit
-    `max_tokens`: (ids, truncated), or None when even an empty ticket does not fit."""
-    ids = encode_prompt(tokenizer, render_prompt(task, field_name, text, style, codes))
-    if len(ids) <= max_tokens:
-        return ids, False
-    overhead = len(encode_prompt(tokenizer, render_prompt(task, field_name, "", style, codes)))
-    budget = max_tokens - overhead - 4  # the joiner and re-tokenisation at the cut points
-    body = tokenizer.encode(normalise_text(text), add_special_tokens=False)
-    while budget > 0:
-        cut = truncate_tokens(tokenizer, body, budget)
-        ids = encode_prompt(tokenizer, render_prompt(task, field_name, cut, style, codes))
-        if len(ids) <= max_tokens:
-            return ids, True
-        budget -= max(1, len(ids) - max_tokens)
-    return None
+async def _gather_or_cancel(coros: Sequence[Any]) -> list[Any]:
+    """asyncio.gather that, when one awaitable fails, cancels the others (a cancelled vLLM
+    generate() aborts its request) and waits for them before re-raising: nothing of the
+    batch is left running in the engine."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 def _lora_int_id(adapter_id: str) -> int:
@@ -259,8 +250,11 @@ class VllmClassifier:
         self, texts: Sequence[str], *, adapter: Any = LIVE
     ) -> list[StudentPrediction | EngineRejection]:
         """One outcome per text, in order; raises only when the engine itself is dead."""
+        if self._engine is None:
+            raise RuntimeError("the student engine is shut down")
         chosen = self._live if adapter is LIVE else adapter  # pinned for the whole batch
-        return list(await asyncio.gather(*(self._classify_one(t, chosen) for t in texts)))
+        # Per-ticket failures come back as EngineRejection; only engine-level ones raise here.
+        return await _gather_or_cancel([self._classify_one(t, chosen) for t in texts])
 
     async def _classify_one(self, text: str, adapter: AdapterRef | None) -> StudentPrediction | EngineRejection:
         started = time.perf_counter()
@@ -277,18 +271,17 @@ class VllmClassifier:
                                        adapter_id)
             prompts[name], cut = fitted
             truncated = truncated or cut
-        # Every request of this ticket runs to its end (no sibling is left running on failure);
-        # a request vLLM refuses is this ticket's outcome, a dead engine is everyone's.
-        results = await asyncio.gather(
-            *(self._field_distribution(ids, name, adapter) for name, ids in prompts.items()),
-            return_exceptions=True,
-        )
-        for result in results:
-            if isinstance(result, BaseException):
-                if _is_engine_level(result):
-                    raise result
-                return EngineRejection("engine_rejected", f"{type(result).__name__}: {str(result)[:300]}",
-                                       adapter_id)
+        # A request vLLM refuses is this ticket's outcome (its other requests are cancelled,
+        # i.e. aborted in the engine); a dead engine is everyone's.
+        try:
+            results = await _gather_or_cancel(
+                [self._field_distribution(ids, name, adapter) for name, ids in prompts.items()])
+        except Exception as exc:
+            if _is_engine_level(exc, self._engine):
+                raise
+            cause = exc.__cause__ or exc  # EngineGenerateError wraps the real reason
+            return EngineRejection("engine_rejected", f"{type(cause).__name__}: {str(cause)[:300]}",
+                                   adapter_id)
         distribution = dict(zip(prompts, results))
         fields = {name: field_prediction(self.codes[name], p) for name, p in distribution.items()}
         return StudentPrediction(
@@ -307,8 +300,8 @@ class VllmClassifier:
         # renormalises to exactly what one request would give.
         chunks = [codes.token_ids[i : i + LOGPROB_IDS_PER_REQUEST]
                   for i in range(0, len(codes.token_ids), LOGPROB_IDS_PER_REQUEST)]
-        parts = await asyncio.gather(*(self._logprobs(prompt_ids, codes.token_ids, chunk, adapter)
-                                       for chunk in chunks))
+        parts = await _gather_or_cancel([self._logprobs(prompt_ids, codes.token_ids, chunk, adapter)
+                                         for chunk in chunks])
         merged: dict[int, Any] = {}
         for part in parts:
             merged.update(part)

@@ -118,6 +118,34 @@ def truncate_tokens(tokenizer: TokenizerLike, body_ids: Sequence[int], budget: i
     return tokenizer.decode(list(body_ids[:head])) + " … " + kept_tail
 
 
+def encode_prompt(tokenizer: TokenizerLike, prompt: str) -> list[int]:
+    """Prompt -> token ids, identically in serving and training (no implicit BOS)."""
+    return list(tokenizer.encode(prompt, add_special_tokens=False))
+
+
+def fit_prompt(
+    task: TaskSpec, field_name: str, text: str, style: PromptStyle, codes: LabelCodes,
+    tokenizer: TokenizerLike, max_tokens: int,
+) -> tuple[list[int], bool] | None:
+    """Token ids of the field's prompt with the ticket cut (head + tail, by tokens) to fit
+    `max_tokens`: (ids, truncated), or None when even an empty ticket does not fit.
+    The engine calls it with max_model_len - 1 (room for the code token); the trainer should
+    too, so a long ticket is cut identically in training and serving."""
+    ids = encode_prompt(tokenizer, render_prompt(task, field_name, text, style, codes))
+    if len(ids) <= max_tokens:
+        return ids, False
+    overhead = len(encode_prompt(tokenizer, render_prompt(task, field_name, "", style, codes)))
+    budget = max_tokens - overhead - 4  # the joiner and re-tokenisation at the cut points
+    body = tokenizer.encode(normalise_text(text), add_special_tokens=False)
+    while budget > 0:
+        cut = truncate_tokens(tokenizer, body, budget)
+        ids = encode_prompt(tokenizer, render_prompt(task, field_name, cut, style, codes))
+        if len(ids) <= max_tokens:
+            return ids, True
+        budget -= max(1, len(ids) - max_tokens)
+    return None
+
+
 def check_adapter_servable(adapter: Any, task: TaskSpec, codes: dict[str, LabelCodes], max_lora_rank: int) -> None:
     """ValueError unless the adapter was trained for exactly this prompt (task, label codes,
     style: the fingerprint stored in its metadata) and fits the engine's LoRA rank."""

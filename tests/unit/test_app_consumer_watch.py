@@ -149,3 +149,22 @@ async def test_readiness_stays_false_after_the_engine_died(tmp_path, monkeypatch
     await asyncio.wait_for(service._watch_consumer(), 3)  # returns: the replica is dead
     ready, reason = service.metrics.readiness()
     assert ready is False and "engine is dead" in reason  # partitions assigned, still not ready
+
+
+async def test_an_engine_dead_cause_or_subclass_stops_at_once(tmp_path, monkeypatch):
+    import os
+
+    class EngineDeadError(Exception):
+        pass
+
+    class CoreGone(EngineDeadError):
+        pass
+
+    wrapped = RuntimeError("generate failed")
+    wrapped.__cause__ = EngineDeadError("engine core died")
+    for exc in (CoreGone("subclass"), wrapped):
+        service = _service(tmp_path, batch_max_attempts=10)
+        killed = []
+        monkeypatch.setattr(os, "kill", lambda pid, sig: killed.append(sig))
+        await service._batch_failed(FakeMessage(), 4, exc)  # first attempt: no backoff, no retry
+        assert killed and service.exit_code == 1, exc

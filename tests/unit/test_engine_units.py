@@ -1,19 +1,21 @@
 """The engine's pure parts with the real SmolLM2 tokenizer: token budget (head + tail cut),
-special-token neutralisation, and the adapter-servability check. No vLLM here."""
+special-token neutralisation, the adapter-servability check, and per-ticket isolation over
+a fake request layer. No vLLM engine here."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
 import pytest
 
 from schemas.task import TaskSpec, default_task_path
-from services.student.engine import fit_prompt
 from services.student.prompting import (
     PromptStyle,
     build_all_codes,
     check_adapter_servable,
+    fit_prompt,
     prompt_fingerprint,
     render_prompt,
 )
@@ -92,3 +94,95 @@ def test_adapters_for_another_prompt_or_a_bigger_rank_are_refused(tmp_path, code
     with pytest.raises(ValueError, match="rank 32"):
         check_adapter_servable(_adapter(tmp_path, good, 32), TASK, codes, max_lora_rank=16)
     assert Path(tmp_path / "adapter_config.json").exists()
+
+
+class EngineDeadError(RuntimeError):
+    """Stands in for vllm.v1.engine.exceptions.EngineDeadError (matched by name)."""
+
+
+class FakeRequests:
+    """The engine's request layer (`_logprobs`): tickets containing POISON are refused,
+    DEAD kills the engine; every request is tracked while it runs."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.running: set[object] = set()
+        self.cancelled = 0
+        self.errored = False
+
+    async def __call__(self, prompt_ids, allowed, wanted, adapter):
+        key = object()
+        self.running.add(key)
+        try:
+            text = self.tokenizer.decode(prompt_ids)
+            await asyncio.sleep(0.01 if ("POISON" in text or "DEAD" in text) else 0.2)
+            if "POISON" in text:
+                raise ValueError("prompt refused by the engine")
+            if "DEAD" in text:
+                self.errored = True
+                raise EngineDeadError("core gone")
+            return {t: -1.0 - i * 0.1 for i, t in enumerate(wanted)}
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        finally:
+            self.running.discard(key)
+
+
+@pytest.fixture
+def fake_classifier(tokenizer):
+    from services.student.engine import EngineConfig, VllmClassifier
+
+    requests = FakeRequests(tokenizer)
+    classifier = VllmClassifier(requests, tokenizer, TASK, EngineConfig(model_path=Path("m"), max_model_len=2048))
+    classifier._logprobs = requests  # the instance attribute shadows the vLLM call
+    return classifier, requests
+
+
+async def test_a_refused_request_is_that_tickets_rejection_only(fake_classifier):
+    from services.student.engine import EngineRejection, StudentPrediction
+
+    classifier, requests = fake_classifier
+    out = await classifier.classify(["my card is lost", "POISON here", "top up failed"])
+    assert [type(o) for o in out] == [StudentPrediction, EngineRejection, StudentPrediction]
+    assert out[1].reason == "engine_rejected" and "prompt refused" in out[1].detail
+    assert not requests.running
+
+
+async def test_a_dead_engine_fails_the_batch_and_leaves_nothing_running(fake_classifier):
+    classifier, requests = fake_classifier
+    with pytest.raises(EngineDeadError):
+        await classifier.classify(["my card is lost", "DEAD", "top up failed"])
+    assert not requests.running and requests.cancelled >= 2  # the siblings were aborted
+
+
+async def test_a_shut_down_engine_raises(fake_classifier):
+    classifier, _ = fake_classifier
+    classifier._engine = None
+    with pytest.raises(RuntimeError, match="shut down"):
+        await classifier.classify(["hello"])
+
+
+def test_150_look_alike_labels_get_distinct_single_token_codes(tokenizer):
+    """CLINC150-sized field whose labels share their initials: the fallback pool must cope."""
+    from schemas.task import FieldSpec
+    from services.student.prompting import build_label_codes
+
+    labels = [f"intent_{i:03d}" for i in range(150)]
+    codes = build_label_codes(FieldSpec(name="intent", description="d", labels=labels), tokenizer)
+    assert len(set(codes.codes)) == len(set(codes.token_ids)) == 150
+    assert all(encode(tokenizer, c) == [t] for c, t in zip(codes.codes, codes.token_ids))
+
+
+def test_the_trainer_cuts_a_long_ticket_exactly_as_the_engine_does(tokenizer, codes):
+    """Training = serving: a long ticket is not dropped from training, it trains on the very
+    ids the engine will send for it (same cut, same budget)."""
+    from trainer.dataset import Row, encode as encode_rows
+
+    long_text = "my card never arrived " * 400 + "please send a new one"
+    rows = [Row("where is my card?", {"intent": TASK.fields[0].labels[0]}),
+            Row(long_text, {"intent": TASK.fields[0].labels[1]})]
+    encoded = encode_rows(rows, TASK, codes, tokenizer, style=PromptStyle.compact, max_tokens=255)
+    assert [e.row for e in encoded] == [0, 1]
+    served, truncated = fit_prompt(TASK, "intent", long_text, PromptStyle.compact, codes["intent"], tokenizer, 255)
+    assert truncated and list(encoded[1].input_ids) == served and len(served) <= 255

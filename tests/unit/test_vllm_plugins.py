@@ -52,3 +52,35 @@ def test_no_lora_rows_get_no_delta_even_beside_lora_rows():
     shrunk = torch.full((4, 4), 7.0)
     bgmv_shrink(torch.randn(4, 4), torch.randn(2, 1, 4, 4), shrunk, torch.tensor([-1, -1, -1, -1]))
     assert torch.count_nonzero(shrunk) == 0
+
+
+def test_every_cpu_punica_path_uses_the_fixed_ops():
+    """After the plugin runs, vLLM's own entry points (sgmv_* for prefill, bgmv_* for decode
+    and logits, as punica_cpu calls them) give no-LoRA tokens no delta."""
+    pytest.importorskip("vllm")
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        pytest.skip("the plugin only patches the CPU platform")
+    import vllm.lora.ops.torch_ops.lora_ops as ops
+    import vllm.lora.punica_wrapper.punica_cpu as punica_cpu
+
+    from services.student.vllm_plugins import fast_cpu_lora
+
+    fast_cpu_lora()
+    torch.manual_seed(2)
+    b = torch.randn(2, 1, 6, 4)
+    seq_lens, lora_per_seq = torch.tensor([2, 3]), torch.tensor([-1, 1])  # seq 0: base model
+    h, base = torch.randn(5, 4), torch.randn(5, 6)
+    got = base.clone()
+    punica_cpu.sgmv_expand(h, b, got, None, seq_lens, lora_per_seq, 2, 3, 5, add_inputs=True)
+    torch.testing.assert_close(got[:2], base[:2])
+    shrunk = torch.full((5, 4), 7.0)  # shrink: hidden 6 -> rank 4
+    ops.sgmv_shrink(base, torch.randn(2, 1, 4, 6), shrunk, None, seq_lens, lora_per_seq, 2, 3, 5, 1.0)
+    assert torch.count_nonzero(shrunk[:2]) == 0 and torch.count_nonzero(shrunk[2:]) > 0
+    sliced = base.clone()
+    ops.sgmv_expand_slice(h, b, sliced, None, seq_lens, lora_per_seq, 2, 3, 5, 0, 6, add_inputs=True)
+    torch.testing.assert_close(sliced[:2], base[:2])
+    logits = base.clone()  # add_lora_logits: bgmv_* with sampler indices, -1 = base model
+    punica_cpu.bgmv_expand(h, b, logits, torch.tensor([-1, 1, 1, -1, 1]), add_inputs=True)
+    torch.testing.assert_close(logits[[0, 3]], base[[0, 3]])
