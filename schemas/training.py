@@ -27,3 +27,23 @@ class TrainingExample(BaseModel):
     @property
     def content_hash(self) -> str:
         return content_hash(self.text)
+
+
+# --- the held-out slice ------------------------------------------------------------------------
+# Calibration and the promotion gate need rows distributed like live traffic and never trained
+# on. Bootstrap rows (a uniform sample of historical tickets) and audit rows (a uniform sample
+# of confident live tickets) are; escalations are not: they were chosen *because* the student
+# was unsure, so they teach (training) but must not calibrate. Which rows are held out is a pure
+# function of (text, source): the same text is on the same side in every run, at every log
+# version, in the trainer and in the evaluator.
+HELDOUT_SOURCES = ("bootstrap", "audit")
+DEFAULT_HELDOUT_FRACTION = 0.2  # of bootstrap rows; every audit row is held out
+
+
+def is_heldout(text: str, source: str, fraction: float = DEFAULT_HELDOUT_FRACTION) -> bool:
+    if source == "audit":
+        return True  # audits exist to measure the student: they never train it
+    if source not in HELDOUT_SOURCES:
+        return False
+    bucket = int(hashlib.sha256(("heldout:" + content_hash(text)).encode()).hexdigest()[:8], 16)
+    return bucket < fraction * 16**8

@@ -64,7 +64,7 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
         async with AsyncExitStack() as stack:
             ready = s if dev is None else await stack.enter_async_context(dev.standin_teacher(s))
             return await bootstrap_from_settings(
-                ready, path, limit=args.limit, concurrency=args.concurrency,
+                ready, path, limit=args.limit, seed=args.seed, concurrency=args.concurrency,
                 progress=sys.stderr.isatty() and not args.no_progress)
 
     try:
@@ -152,7 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     source = p.add_mutually_exclusive_group()
     source.add_argument("--tsv", type=Path, help="tickets to label: TSV or JSONL with a 'text' column")
     source.add_argument("--split", default="train", help="dev only: a BANKING77 split (default train)")
-    p.add_argument("--limit", type=int, default=None, help="at most N texts")
+    p.add_argument("--limit", type=int, default=None,
+                   help="label a uniform random sample of N texts (not the first N)")
+    p.add_argument("--seed", type=int, default=0, help="the sample's seed (a rerun resumes the same sample)")
     p.add_argument("--concurrency", type=int, default=None, help="default TRIAGE_TEACHER_CONCURRENCY")
     p.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
     p.set_defaults(fn=cmd_bootstrap)
@@ -193,7 +195,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    configure_logging(args.log_level, args.log_format, verbose=args.verbose)
+    configure_logging(args.log_level, args.log_format, verbose=args.verbose,
+                      quiet=args.command == "demo")  # the demo prints its own story
     return args.fn(args)
 
 

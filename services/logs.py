@@ -24,7 +24,7 @@ from typing import Any, Iterator
 CONTEXT_FIELDS = ("ticket_id", "topic", "partition", "offset", "offsets", "adapter_id", "task",
                   "replica", "reason", "attempt")
 NOISY_LOGGERS = ("vllm", "aiokafka", "httpx", "httpx2", "httpcore", "openai", "faststream",
-                 "transformers", "aiohttp.access", "urllib3", "filelock", "matplotlib")
+                 "transformers", "aiohttp.access", "urllib3", "filelock", "matplotlib", "torch")
 _context: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("triage_log_context", default={})
 
 
@@ -81,11 +81,22 @@ class TextFormatter(logging.Formatter):
         return f"{head} [{context}]{sep}{rest}"
 
 
-def configure_logging(level: str = "INFO", fmt: str = "auto", *, verbose: bool = False) -> None:
+def configure_logging(level: str = "INFO", fmt: str = "auto", *, verbose: bool = False,
+                      quiet: bool = False) -> None:
     """Root handler on stderr. fmt: json | text | auto (json unless stderr is a terminal).
 
     Library loggers stay at WARNING unless `verbose`; vLLM's own logger follows the same rule.
+    `quiet` (the demo, which prints its own story): errors only, no Python/torch warnings.
     """
+    if quiet and not verbose:
+        # The demo narrates what happens (dead letters included); libraries' deprecation notes,
+        # torch's C++ notices and progress bars of engine subprocesses are noise there.
+        level = logging.getLevelName(max(logging.getLevelName(level.upper()), logging.ERROR))
+        import warnings
+
+        warnings.filterwarnings("ignore")
+        os.environ.setdefault("PYTHONWARNINGS", "ignore")  # vLLM's engine processes too
+        os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if use_json else TextFormatter())
@@ -95,9 +106,10 @@ def configure_logging(level: str = "INFO", fmt: str = "auto", *, verbose: bool =
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
+    floor = logging.ERROR if quiet else logging.WARNING
     library_level = logging.getLevelName(level.upper()) if verbose else max(
-        logging.WARNING, logging.getLevelName(level.upper()))
+        floor, logging.getLevelName(level.upper()))
     for name in NOISY_LOGGERS:
         logging.getLogger(name).setLevel(library_level)
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO" if verbose else logging.getLevelName(max(floor, logging.WARNING)))
     os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "1")

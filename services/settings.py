@@ -11,6 +11,7 @@ from pydantic import AliasChoices, Field, SecretStr, field_validator, model_vali
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from schemas.task import default_task_path
+from schemas.training import DEFAULT_HELDOUT_FRACTION
 from services.student.model_store import default_cache_dir, default_model_dir
 
 
@@ -75,6 +76,9 @@ class Settings(BaseSettings):
     gpu_memory_utilization: float = Field(default=0.85, gt=0.0, le=1.0)
     # KV cache size on CPU in GiB (sets VLLM_CPU_KVCACHE_SPACE if unset).
     cpu_kv_cache_gib: int = Field(default=1, ge=1)
+    # Cores vLLM-CPU keeps for its scheduler (VLLM_CPU_NUM_OF_RESERVED_CPU if unset); None:
+    # 0 on machines with <= 4 cores (the model gets both of a laptop's/CI's 2), else vLLM's 1.
+    cpu_reserved_cores: int | None = Field(default=None, ge=0)
     seed: int = 0
 
     # --- Adapters ----------------------------------------------------------------------
@@ -124,8 +128,13 @@ class Settings(BaseSettings):
     # --- Training log ------------------------------------------------------------------
     data_dir: Path = Field(default_factory=lambda: default_cache_dir() / "data")
 
-    # Held-out files for `triage distill` / `triage eval` (TSV/JSONL with the task's labels):
-    # calibration = threshold + promotion gate (required by distill); report = optional extra.
+    # Calibration + promotion gate run on the training log's held-out slice (teacher labels;
+    # schemas.training.is_heldout): this share of bootstrap rows and every audit row, never
+    # trained on. Changing it moves rows between training and held-out: keep it fixed.
+    heldout_fraction: float = Field(default=DEFAULT_HELDOUT_FRACTION, gt=0.0, lt=1.0)
+    # Optional files (TSV/JSONL with the task's labels) for `triage distill` / `triage eval`:
+    # calibration = a curated set used INSTEAD of the held-out slice; report = an extra report
+    # (e.g. a gold set), never used for a decision.
     calibration_path: str = ""
     report_path: str = ""
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from schemas.task import TaskSpec
-from schemas.training import content_hash
+from schemas.training import DEFAULT_HELDOUT_FRACTION, content_hash, is_heldout
 from services.teacher.corpus import read_records
 from services.student.prompting import LabelCodes, PromptStyle, encode_prompt, fit_prompt, render_prompt
 
@@ -31,6 +31,7 @@ class Row:
 
     text: str
     labels: dict[str, str] = field(hash=False)
+    source: str = field(default="", compare=False)  # the training log's source; "" for files
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,7 @@ def rows_from_log(path: str | Path, up_to_version: int | None = None) -> tuple[l
 
     with TrainingLog(path) as log:
         version = log.version() if up_to_version is None else int(up_to_version)
-        rows = [Row(e.text, dict(e.labels)) for e in log.examples(up_to_version=version)]
+        rows = [Row(e.text, dict(e.labels), e.source) for e in log.examples(up_to_version=version)]
     return rows, version
 
 
@@ -112,21 +113,36 @@ def in_validation(text: str, fraction: float) -> bool:
     return bucket < fraction * 16**8
 
 
+def split_heldout(rows: Iterable[Row], fraction: float = DEFAULT_HELDOUT_FRACTION) -> tuple[list[Row], list[Row]]:
+    """(trainable, held out) by `schemas.training.is_heldout`: bootstrap rows by content hash,
+    every audit row; held-out rows calibrate and gate, they are never trained on."""
+    trainable, heldout = [], []
+    for row in rows:
+        (heldout if is_heldout(row.text, row.source, fraction) else trainable).append(row)
+    return trainable, heldout
+
+
 def data_hash(rows: Iterable[Row]) -> str:
     pairs = sorted((r.text, json.dumps(r.labels, sort_keys=True)) for r in rows)
     return hashlib.sha256(json.dumps(pairs, ensure_ascii=False).encode()).hexdigest()
 
 
 def build(
-    rows: Sequence[Row], task: TaskSpec, *, val_fraction: float, data_version: int | None = None
+    rows: Sequence[Row], task: TaskSpec, *, val_fraction: float, data_version: int | None = None,
+    heldout_fraction: float | None = None,
 ) -> TrainingData:
+    """Train/validation rows. `heldout_fraction` (log rows): the held-out slice is removed first."""
     unique = dedup(rows)
+    heldout: list[Row] = []
+    if heldout_fraction is not None:
+        unique, heldout = split_heldout(unique, heldout_fraction)
     usable = valid_rows(unique, task)
     train = [r for r in usable if not in_validation(r.text, val_fraction)]
     validation = [r for r in usable if in_validation(r.text, val_fraction)]
     counts = {
         "rows": len(rows),
-        "duplicates": len(rows) - len(unique),
+        "duplicates": len(rows) - len(unique) - len(heldout),
+        "heldout_excluded": len(heldout),
         "invalid": len(unique) - len(usable),
         "train": len(train),
         "validation": len(validation),

@@ -3,12 +3,21 @@
     HF_HUB_OFFLINE=1 python -m trainer.distill --max-minutes 28
     HF_HUB_OFFLINE=1 python -m trainer.distill --help
 
-1. pin the training log's current version (rows appended meanwhile wait for the next cycle);
+1. pin the training log's current version (rows appended meanwhile wait for the next cycle)
+   and take its held-out slice at that version (`schemas.training.is_heldout`: a content-hash
+   share of bootstrap rows + every audit row, distributed like live traffic, teacher-labelled,
+   never trained on); refuse before training when it is too small to certify epsilon;
 2. train a candidate with `python -m trainer.train` in a subprocess, into a fresh run folder
    outside the registry (a killed or failed run leaves the registry untouched; the child
-   also keeps torch's memory and any CUDA context out of the process that starts vLLM);
-3. start ONE serving engine and evaluate the candidate and the live adapter (the base model
-   when none is live) on the calibration set; thresholds at target error epsilon;
+   also keeps torch's memory and any CUDA context out of the process that starts vLLM); the
+   trainer drops the held-out rows by the same rule and lists what it trained on in
+   <run>/trained_rows.txt;
+3. start ONE serving engine and evaluate the candidate and the live adapter on the held-out
+   slice; thresholds at target error epsilon; a gold file (--report-tsv) only adds a report.
+   With no adapter live the service trusts nothing the base model says (no calibrated
+   threshold: it escalates every ticket), so there is nothing to beat and the base model is
+   only scored with --score-base. Each adapter's predictions are cached per text
+   (<work-dir>/eval-cache): the next cycle scores the live adapter only on new held-out rows;
 4. `trainer.promote.decide` (a candidate above the serving `max_lora_rank` is rejected: the
    service could not load it): on promote, write eval + threshold into the candidate's
    metadata, `registry.add` it and move the `current` pointer (the service hot-swaps by
@@ -34,10 +43,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from schemas.task import TaskSpec
+from schemas.training import DEFAULT_HELDOUT_FRACTION
 from services.student.registry import (
     CONFIG_FILE, AdapterRef, AdapterRegistry, CurrentMoved, read_meta, write_meta,
 )
-from trainer.evaluate import HeldOut, evaluate, fit_lora_rank, summary_line
+from trainer.evaluate import HeldOut, evaluate, fit_lora_rank, min_heldout, summary_line
 from trainer.promote import decide
 
 
@@ -48,9 +58,12 @@ class DistillConfig:
     model_path: Path
     task_path: Path
     work_dir: Path = Path("var/distill")
-    calibration_tsv: str = ""  # gate + threshold set (TSV/JSONL with the task's labels); required
-    report_tsv: str = ""  # final report set (candidate only); "" or "none" skips it
-    eval_limit: int = 0  # first N rows of each held-out set (0 = all)
+    calibration_tsv: str = ""  # a curated gate/threshold file instead of the log's held-out slice
+    report_tsv: str = ""  # extra report set, e.g. gold (candidate only); "" or "none" skips it
+    eval_limit: int = 0  # held-out rows per evaluation, newest first (0 = all)
+    heldout_fraction: float = DEFAULT_HELDOUT_FRACTION  # Settings.heldout_fraction
+    warm_start: bool = True  # start from the live adapter's weights when its shape matches
+    score_base: bool = False  # with no adapter live, also score the base model (report only)
     epsilon: float = 0.03  # target error of tickets the student answers
     delta: float = 0.05  # the bound holds with probability 1 - delta
     margin: float = 0.01  # coverage (or, on a tie, accuracy) gain needed to promote
@@ -85,21 +98,23 @@ async def run_distill_async(
 
     started = time.monotonic()
     task = TaskSpec.from_file(cfg.task_path)
-    if not cfg.calibration_tsv:  # before training: a 28-minute run nobody can gate is waste
-        raise ValueError("no held-out data: pass --calibration-tsv or set TRIAGE_CALIBRATION_PATH")
-    calib = HeldOut.from_tsv("calibration", cfg.calibration_tsv, task, cfg.eval_limit)
-    final = None if cfg.report_tsv in ("", "none") else HeldOut.from_tsv(
-        "report", cfg.report_tsv, task, cfg.eval_limit)
     registry = AdapterRegistry(cfg.registry_dir)
     live_at_start = registry.current_id()  # promotion is a compare-and-swap against this
     with TrainingLog(cfg.log_path) as log:
-        version = log.version()
+        version = log.version()  # pinned: rows appended meanwhile wait for the next cycle
+    calib = load_calibration(cfg, task, version)  # before training: raises if it cannot gate
+    final = None if cfg.report_tsv in ("", "none") else HeldOut.from_tsv(
+        "report", cfg.report_tsv, task, cfg.eval_limit)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
     run_dir = Path(cfg.work_dir) / f"run-{stamp}-v{version}-{uuid.uuid4().hex[:6]}"
     run_dir.mkdir(parents=True, exist_ok=False)
     candidate_dir = run_dir / "adapter"
     flags = {"base_model": cfg.model_path, "task_path": cfg.task_path, "log_path": cfg.log_path,
-             "log_version": version, "max_minutes": cfg.max_minutes, **cfg.train_args}
+             "log_version": version, "max_minutes": cfg.max_minutes,
+             "heldout_fraction": cfg.heldout_fraction, "rows_manifest": run_dir / "trained_rows.txt",
+             "prefix_cache": Path(cfg.work_dir) / "frozen-cache",  # the next cycle reuses it
+             "init_adapter": registry.get(live_at_start).path if cfg.warm_start and live_at_start else None,
+             **cfg.train_args}
     timeout = cfg.train_timeout_s or cfg.max_minutes * 60 + 600
     # In a thread: a service sharing this event loop (the demo) keeps heartbeating meanwhile.
     await asyncio.to_thread(train_fn, candidate_dir, flags, run_dir / "train.log", timeout)  # raises: registry untouched
@@ -107,12 +122,16 @@ async def run_distill_async(
 
     candidate = AdapterRef.from_dir(candidate_dir)
     live = registry.current()
-    engine = fit_lora_rank(cfg.engine or EngineConfig(model_path=Path(cfg.model_path)),
-                           {"candidate": candidate, "live": live})
-    results = await evaluate(engine, task, {"candidate": candidate, "live": live}, calib, final,
+    adapters = {"candidate": candidate}
+    if live is not None or cfg.score_base:
+        adapters["live"] = live
+    engine = fit_lora_rank(cfg.engine or EngineConfig(model_path=Path(cfg.model_path)), adapters)
+    results = await evaluate(engine, task, adapters, calib, final,
                              epsilon=cfg.epsilon, delta=cfg.delta, out_dir=run_dir / "eval",
-                             final_names={"candidate"}, classifier=classifier)
-    cand, current = results["candidate"]["calibration"], results["live"]["calibration"]
+                             final_names={"candidate"}, classifier=classifier,
+                             cache_dir=Path(cfg.work_dir) / "eval-cache")
+    cand = results["candidate"]["calibration"]
+    current = results["live"]["calibration"] if live is not None else None
     adapter_config = json.loads((candidate_dir / CONFIG_FILE).read_text(encoding="utf-8"))
     decision = decide(cand, current, cfg.margin, adapter_config=adapter_config,
                       max_lora_rank=cfg.max_lora_rank)
@@ -138,6 +157,7 @@ async def run_distill_async(
     summary = {
         "run_dir": str(run_dir),
         "data_version": version,
+        "heldout": calib.describe(),
         "candidate_id": candidate.adapter_id,
         "live_id": live.adapter_id if live else None,
         "live_at_start": live_at_start,
@@ -148,7 +168,8 @@ async def run_distill_async(
         "threshold": meta["threshold"],
         "train_metrics": meta.get("train_metrics"),
         "candidate": meta["eval"],
-        "live": {k: current.get(k) for k in ("accuracy", "macro_f1", "ece", "coverage_at_epsilon")},
+        "live": {k: current.get(k) for k in ("accuracy", "macro_f1", "ece", "coverage_at_epsilon")}
+                if current is not None else None,
         "lines": [summary_line(name, r) for name, r in results.items()],
         "train_minutes": round(train_minutes, 2),
         "total_minutes": round((time.monotonic() - started) / 60, 2),
@@ -157,9 +178,35 @@ async def run_distill_async(
     return summary
 
 
+def load_calibration(cfg: DistillConfig, task: TaskSpec, version: int) -> HeldOut:
+    """The gate's data: a curated file when given, else the log's held-out slice at `version`.
+    ValueError when it is too small to certify epsilon: a run nobody can gate is waste."""
+    if cfg.calibration_tsv:
+        calib = HeldOut.from_tsv("calibration", cfg.calibration_tsv, task, cfg.eval_limit)
+    else:
+        calib = HeldOut.from_log(cfg.log_path, task, version=version,
+                                 fraction=cfg.heldout_fraction, limit=cfg.eval_limit)
+    need = min_heldout(cfg.epsilon, cfg.delta)
+    if len(calib.rows) < need:
+        where = (cfg.calibration_tsv if cfg.calibration_tsv else
+                 f"the training log's held-out slice (v{version}: {cfg.heldout_fraction:.0%} of "
+                 f"bootstrap rows + every audit row; sources {calib.sources or 'none'})")
+        raise ValueError(
+            f"{len(calib.rows)} held-out rows in {where}; certifying a {cfg.epsilon:.0%} error "
+            f"target needs at least {need} (and ~{10 * need} for useful coverage): label more "
+            f"tickets with `triage bootstrap` or let audits accumulate")
+    return calib
+
+
 def run_distill(cfg: DistillConfig, **kwargs: Any) -> dict[str, Any]:
     """Synchronous entry point (CLI, CronJob); use `run_distill_async` inside an event loop."""
     return asyncio.run(run_distill_async(cfg, **kwargs))
+
+
+def heldout_line(heldout: dict[str, Any]) -> str:
+    sources = ", ".join(f"{n} {k}" for k, n in sorted(heldout["sources"].items()))
+    origin = f"training log v{heldout['version']}" if heldout["version"] is not None else heldout["path"]
+    return f"held-out: {heldout['n']} rows ({sources}) from {origin}, never trained on"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -170,11 +217,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epsilon", type=float, default=0.03, help="target error of accepted tickets")
     parser.add_argument("--margin", type=float, default=0.01, help="gain needed to promote")
     parser.add_argument("--calibration-tsv", default=None,
-                        help="gate/threshold set (default TRIAGE_CALIBRATION_PATH)")
+                        help="a curated gate/threshold file instead of the training log's "
+                             "held-out slice (default TRIAGE_CALIBRATION_PATH, usually unset)")
     parser.add_argument("--report-tsv", default=None,
-                        help="final report set (default TRIAGE_REPORT_PATH; 'none' skips)")
-    parser.add_argument("--eval-limit", type=int, default=0, help="first N held-out rows (0 = all)")
+                        help="extra report set, e.g. a gold file (default TRIAGE_REPORT_PATH; "
+                             "'none' skips); never used for the decision")
+    parser.add_argument("--eval-limit", type=int, default=0,
+                        help="held-out rows per evaluation, the newest N (0 = all)")
     parser.add_argument("--work-dir", default="var/distill")
+    parser.add_argument("--score-base", action="store_true",
+                        help="with no adapter live, also score the base model (report only)")
+    parser.add_argument("--cold-start", action="store_true",
+                        help="train from scratch instead of from the live adapter's weights")
     parser.add_argument("--train-arg", action="append", default=[], metavar="KEY=VALUE",
                         help="extra trainer.train flag, e.g. lora_layers=8 (repeatable)")
     opts = parser.parse_args(argv)
@@ -186,12 +240,18 @@ def main(argv: list[str] | None = None) -> int:
         model_path=settings.model_path, task_path=settings.task_path, work_dir=Path(opts.work_dir),
         calibration_tsv=str(opts.calibration_tsv or settings.calibration_path or ""),
         report_tsv=str(settings.report_path if opts.report_tsv is None else opts.report_tsv),
-        eval_limit=opts.eval_limit,
+        eval_limit=opts.eval_limit, heldout_fraction=settings.heldout_fraction,
+        warm_start=not opts.cold_start, score_base=opts.score_base,
         epsilon=opts.epsilon, margin=opts.margin, max_minutes=opts.max_minutes,
         train_args=dict(a.split("=", 1) for a in opts.train_arg),
         engine=EngineConfig.from_settings(settings), max_lora_rank=settings.max_lora_rank,
     )
-    summary = run_distill(cfg)
+    try:
+        summary = run_distill(cfg)
+    except ValueError as exc:  # no usable held-out data: nothing was trained
+        print(f"triage distill: {exc}", file=sys.stderr)
+        return 2
+    print(heldout_line(summary["heldout"]))
     print("\n".join(summary["lines"]))
     print(("PROMOTED " if summary["promoted"] else "NOT PROMOTED ") + summary["reason"])
     print(f"summary: {summary['run_dir']}/summary.json")

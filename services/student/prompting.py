@@ -8,8 +8,10 @@ step, which is ~5x faster on CPU than decoding label strings under a grammar (se
 Two prompt styles:
 - "instruct": instructions + the code table, for a base model that was never trained on the
   task (zero-shot). Long, but the shared prefix is served from vLLM's prefix cache.
-- "compact": ticket text + field name only, for a distilled adapter that learnt the codes.
-  Short prompts make training cheap; the adapter's metadata records which style it expects.
+- "compact": `Message: <ticket>\n<field>:` only, for a distilled adapter that learnt the codes.
+  Six tokens around the ticket (the old `<|ticket|>…\n<|field|>` markers took 13, half of a
+  typical BANKING77 prompt): prompt tokens are the trainer's and the engine's whole cost on
+  CPU. The template is part of the prompt fingerprint the adapter's metadata records.
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ from schemas.text import normalise_whitespace
 class PromptStyle(str, Enum):
     instruct = "instruct"
     compact = "compact"
+
+
+COMPACT_TEMPLATE = "Message: {body}\n{field}:"  # "Message:" is a stable first token (no BOS)
 
 
 class TokenizerLike(Protocol):
@@ -102,8 +107,7 @@ def build_all_codes(task: TaskSpec, tokenizer: TokenizerLike) -> dict[str, Label
 def normalise_text(text: str) -> str:
     """Ticket text as the student sees it: whitespace collapsed (training and serving alike),
     and `<|` / `|>` broken apart so typed text can never become a special token
-    (`<|im_end|>`, `<|im_start|>`) or forge the compact markers (`<|ticket|>`, `<|field|>`):
-    the template's markers are the only ones in a prompt."""
+    (`<|im_end|>`, `<|im_start|>`) in either prompt style."""
     return normalise_whitespace(text).replace("<|", "< |").replace("|>", "| >")
 
 
@@ -173,7 +177,7 @@ def render_prompt(
     body = normalise_text(text)
     if PromptStyle(style) is PromptStyle.compact:
         # No instructions: the adapter learnt the task. The field name keeps fields apart.
-        return f"<|ticket|>{body}\n<|{field}|>"
+        return COMPACT_TEMPLATE.format(body=body, field=field)
     spec = task.field(field)
     table = "\n".join(f"{c} = {label}" for c, label in zip(codes.codes, codes.labels))
     # Shared prefix first (instructions + table), ticket last: maximises prefix-cache hits.
@@ -187,5 +191,7 @@ def render_prompt(
 def prompt_fingerprint(task: TaskSpec, style: PromptStyle, codes: Sequence[LabelCodes]) -> str:
     """Hash of everything that shapes the prompt: stored with adapters and training rows."""
     material = task.model_dump_json() + str(PromptStyle(style).value)
+    if PromptStyle(style) is PromptStyle.compact:
+        material += COMPACT_TEMPLATE  # a new template is a new prompt: old adapters must not load
     material += "".join(f"{c.field}:{','.join(c.codes)}" for c in codes)
     return hashlib.sha256(material.encode()).hexdigest()[:16]

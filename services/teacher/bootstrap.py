@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
+from schemas.task import TaskSpec
 from schemas.training import TrainingExample, content_hash
 from services.teacher.client import Teacher, TeacherUnavailable
 from services.teacher.training_log import TrainingLog
@@ -127,26 +128,69 @@ def _progress_bar(total: int, enabled: bool):
     return tqdm(total=total, unit="text", desc="bootstrap", file=sys.stderr)
 
 
+# --- what to label -----------------------------------------------------------------------------
+def sample_texts(texts: Sequence[str], limit: int | None, seed: int = 0) -> list[str]:
+    """`limit` texts drawn uniformly at random (file order kept), not the first `limit`:
+    exports are often sorted by queue, date or label, and a prefix would teach the student a
+    slice of the traffic. Seeded: a resumed run draws the same texts and pays for none twice."""
+    if limit is None or limit >= len(texts):
+        return list(texts)
+    import random
+
+    keep = sorted(random.Random(seed).sample(range(len(texts)), max(0, limit)))
+    return [texts[i] for i in keep]
+
+
+def label_coverage(task: TaskSpec, examples: Sequence[TrainingExample]) -> list[str]:
+    """Lines describing the labels of `examples` per field: how many of the task's labels
+    occur, the most and least frequent, and the labels never seen (the student cannot learn
+    those: label more, or sample differently)."""
+    lines = []
+    for spec in task.fields:
+        counts = Counter(e.labels.get(spec.name) for e in examples)
+        total = sum(counts.values()) or 1
+        seen = [label for label in spec.labels if counts[label]]
+        ranked = sorted(seen, key=lambda label: (-counts[label], label))
+        top = ", ".join(f"{label} {counts[label] / total:.1%}" for label in ranked[:3])
+        rare = ", ".join(f"{label} {counts[label]}" for label in ranked[-3:][::-1])
+        line = (f"labels ({spec.name}): {len(seen)} of {len(spec.labels)} seen in {sum(counts.values())} "
+                f"examples; most frequent {top}; least {rare}")
+        missing = [label for label in spec.labels if not counts[label]]
+        if missing:
+            shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+            line += f"\n  WARNING: {len(missing)} label(s) never seen, the student cannot learn them: {shown}"
+        lines.append(line)
+    return lines
+
+
 # --- the one entry point (`triage bootstrap`) -------------------------------------------------
 async def bootstrap_from_settings(
-    settings: Settings, path: str | Path, *, limit: int | None = None,
+    settings: Settings, path: str | Path, *, limit: int | None = None, seed: int = 0,
     concurrency: int | None = None, progress: bool = False,
 ) -> BootstrapReport:
-    """Label the texts of a TSV/JSONL file into the settings' training log with the settings'
-    teacher (`build_teacher`: the same client, retries, breaker and budget as the service)."""
-    from schemas.task import TaskSpec
+    """Label the texts of a TSV/JSONL file (a seeded uniform sample of `limit` of them) into
+    the settings' training log with the settings' teacher (`build_teacher`: the same client,
+    retries, breaker and budget as the service); then print the labels' distribution."""
     from services.teacher.client import build_teacher
     from services.teacher.corpus import read_texts
 
     if not settings.teacher_base_url:
         raise SystemExit("no teacher: set TRIAGE_TEACHER_BASE_URL (or OPENAI_BASE_URL)")
-    texts = read_texts(path)[:limit]
-    teacher = build_teacher(settings, TaskSpec.from_file(settings.task_path))
+    every = read_texts(path)
+    texts = sample_texts(every, limit, seed)
+    if len(texts) < len(every):
+        print(f"bootstrap: a uniform sample (seed {seed}) of {len(texts)} of the {len(every)} texts in {path}")
+    task = TaskSpec.from_file(settings.task_path)
+    teacher = build_teacher(settings, task)
     try:
         with TrainingLog(settings.training_log_path) as training_log:
             report = await run_bootstrap(
                 teacher=teacher, log=training_log, texts=texts,
                 concurrency=concurrency or settings.teacher_concurrency, progress=progress)
+            wanted = {content_hash(t) for t in texts}
+            labelled = [e for e in await asyncio.to_thread(training_log.examples) if e.content_hash in wanted]
+            for line in label_coverage(task, labelled):
+                print(line)
             print(f"training log: {training_log.count()} examples, version {training_log.version()}")
             return report
     finally:

@@ -80,10 +80,10 @@ def test_perfect_model_accepts_everything():
 
 
 def test_ties_are_accepted_together():
-    conf = np.array([0.9] * 200 + [0.5] * 10)
-    correct = np.array([True] * 200 + [False] * 10)
+    conf = np.array([0.9] * 300 + [0.5] * 10)
+    correct = np.array([True] * 300 + [False] * 10)
     choice = cal.choose_threshold(conf, correct, 0.03)
-    assert choice.threshold == 0.9 and choice.accepted == 200
+    assert choice.threshold == 0.9 and choice.accepted == 300
 
 
 def test_ece_and_reliability():
@@ -119,3 +119,23 @@ def test_score_counts_an_engine_rejection_as_wrong_with_zero_confidence():
     out = score(task, rows, [good, EngineRejection("too_many_tokens", "x")])
     assert out["confidence"] == [0.8, 0.0] and out["correct"] == [True, False]
     assert out["rejected"] == 1 and out["fields"]["intent"]["accuracy"] == 0.5
+
+
+def test_a_few_confident_mistakes_at_the_top_do_not_end_the_walk():
+    """The shape measured on the demo's held-out slice (1,600 rows): 2 errors among the 200
+    most confident, ~1% errors down to 60% coverage, then many. The old walk (first test at
+    159 tickets, one allowed error, a test at every ticket) stopped near 12% coverage; the
+    walk now starts where three errors still certify and tests every 2%."""
+    n = 1600
+    conf = np.linspace(1.0, 0.0, n, endpoint=False)
+    correct = np.ones(n, bool)
+    correct[[60, 150]] = False
+    rng = np.random.default_rng(4)
+    middle = np.arange(200, int(0.6 * n))
+    correct[rng.choice(middle, size=int(0.01 * len(middle)), replace=False)] = False
+    correct[int(0.6 * n):] = rng.random(n - int(0.6 * n)) < 0.7
+    choice = cal.choose_threshold(conf, correct, 0.03)
+    assert choice.feasible and choice.upper_bound <= 0.03
+    assert choice.coverage >= 0.55, choice
+    assert cal.walk_start(0.03, 0.05) == cal.min_certifiable_n(0.03, 0.05, errors=3)
+    assert not cal.choose_threshold(conf[:250], correct[:250], 0.03).feasible  # below the start

@@ -116,7 +116,7 @@ def distill_setup(tmp_path):
     from services.teacher.training_log import TrainingLog
     from trainer.distill import DistillConfig
 
-    gold = {f"ticket number {i}": LABELS[i % len(LABELS)] for i in range(160)}
+    gold = {f"ticket number {i}": LABELS[i % len(LABELS)] for i in range(300)}
     calib = tmp_path / "calib.tsv"
     calib.write_text("text\tlabel\n" + "".join(f"{t}\t{lab}\n" for t, lab in gold.items()))
     TrainingLog(tmp_path / "log.sqlite3").close()

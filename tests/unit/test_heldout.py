@@ -1,0 +1,136 @@
+"""The held-out slice of the training log: which rows calibrate and gate, and that they are
+never trained on; distill runs on teacher labels alone (no calibration file)."""
+
+from __future__ import annotations
+
+import pytest
+
+from schemas.task import TaskSpec, default_task_path
+from schemas.training import TrainingExample, content_hash, is_heldout
+from services.teacher.training_log import TrainingLog
+from trainer import dataset
+from trainer.evaluate import HeldOut, min_heldout
+
+TASK = TaskSpec.from_file(default_task_path())
+LABELS = TASK.field("intent").labels
+
+
+def example(i: int, source: str) -> TrainingExample:
+    return TrainingExample(text=f"ticket {source} number {i}", labels={"intent": LABELS[i % len(LABELS)]},
+                           teacher_model="t", prompt_hash="p", source=source)
+
+
+def test_policy_by_source_and_content_hash():
+    texts = [f"my card number {i} is blocked" for i in range(4000)]
+    share = sum(is_heldout(t, "bootstrap", 0.2) for t in texts) / len(texts)
+    assert 0.17 < share < 0.23  # ~ the fraction, by content hash
+    assert all(is_heldout(t, "audit") for t in texts[:50])  # audits measure, never train
+    assert not any(is_heldout(t, s) for t in texts[:200] for s in ("live", "backlog", ""))  # escalations teach
+    # the same text is on the same side whatever its case or spacing (content hash)
+    assert [is_heldout(t, "bootstrap") for t in texts[:300]] == \
+           [is_heldout("  " + t.upper() + " ", "bootstrap") for t in texts[:300]]
+
+
+def test_training_rows_exclude_the_slice_and_the_slice_is_the_evaluators(tmp_path):
+    log_path = tmp_path / "log.sqlite3"
+    with TrainingLog(log_path) as log:
+        log.append([example(i, "bootstrap") for i in range(600)])
+        log.append([example(i, "live") for i in range(100)])
+        log.append([example(i, "audit") for i in range(30)])
+        version = log.version()
+    rows, v = dataset.rows_from_log(log_path)
+    assert v == version and {r.source for r in rows} == {"bootstrap", "live", "audit"}
+    data = dataset.build(rows, TASK, val_fraction=0.05, data_version=v, heldout_fraction=0.2)
+    heldout = HeldOut.from_log(log_path, TASK, fraction=0.2)
+    trained = {content_hash(r.text) for r in data.train + data.validation}
+    held = {content_hash(r.text) for r in heldout.rows}
+    assert held and trained and not trained & held
+    assert len(trained) + len(held) == 730  # nothing lost between the two sides
+    assert heldout.sources["audit"] == 30 and "live" not in heldout.sources
+    assert data.counts["heldout_excluded"] == len(held)
+    # grows with audits; a pinned version reproduces the old slice; limit keeps the newest
+    with TrainingLog(log_path) as log:
+        log.append([example(i, "audit") for i in range(30, 40)])
+    assert len(HeldOut.from_log(log_path, TASK, fraction=0.2).rows) == len(held) + 10
+    assert HeldOut.from_log(log_path, TASK, version=version, fraction=0.2).digest == heldout.digest
+    newest = HeldOut.from_log(log_path, TASK, fraction=0.2, limit=5).rows
+    assert [r.text for r in newest] == [f"ticket audit number {i}" for i in range(35, 40)]
+
+
+async def test_distill_gates_on_the_logs_slice_and_refuses_one_too_small(tmp_path):
+    from services.student.registry import AdapterRegistry
+    from trainer.distill import DistillConfig, run_distill_async
+
+    log_path = tmp_path / "log.sqlite3"
+    with TrainingLog(log_path) as log:
+        log.append([example(i, "bootstrap") for i in range(300)])  # ~60 held out
+    called = []
+    cfg = DistillConfig(registry_dir=tmp_path / "reg", log_path=log_path, model_path=tmp_path / "m",
+                        task_path=default_task_path(), work_dir=tmp_path / "work")
+    with pytest.raises(ValueError, match=r"held-out rows in the training log's held-out slice.*"
+                                         r"needs at least \d+.*triage bootstrap"):
+        await run_distill_async(cfg, train_fn=lambda *a: called.append(a))
+    assert not called and AdapterRegistry(tmp_path / "reg").current_id() is None  # nothing trained
+    assert min_heldout(0.03, 0.05) > 60
+
+
+async def test_distill_without_any_file_trains_off_the_slice_and_gates_on_it(tmp_path):
+    from services.student.registry import AdapterRegistry, content_id
+    from tests.unit.test_gate import GoldForOne, fake_adapter
+    from trainer.distill import DistillConfig, run_distill_async
+
+    log_path = tmp_path / "log.sqlite3"
+    examples = [example(i, "bootstrap") for i in range(1200)] + [example(i, "live") for i in range(50)]
+    with TrainingLog(log_path) as log:
+        log.append(examples)
+    candidate = fake_adapter(tmp_path / "cand", b"new")
+    seen_flags = {}
+
+    def train_fn(out_dir, flags, log_file, timeout):
+        seen_flags.update(flags)
+        import shutil
+
+        shutil.copytree(candidate, out_dir)
+
+    gold = {e.text: e.labels["intent"] for e in examples}
+    cfg = DistillConfig(registry_dir=tmp_path / "reg", log_path=log_path, model_path=tmp_path / "m",
+                        task_path=default_task_path(), work_dir=tmp_path / "work", heldout_fraction=0.2)
+    summary = await run_distill_async(cfg, train_fn=train_fn, classifier=GoldForOne(gold, content_id(candidate)))
+    assert seen_flags["heldout_fraction"] == 0.2 and seen_flags["log_path"] == log_path
+    assert str(seen_flags["rows_manifest"]).endswith("trained_rows.txt")
+    held = summary["heldout"]
+    assert held["sources"] == {"bootstrap": held["n"]} and 180 < held["n"] < 300  # ~20%, no escalations
+    assert held["version"] == summary["data_version"]
+    assert summary["promoted"] and AdapterRegistry(tmp_path / "reg").current_id() == content_id(candidate)
+    assert summary["candidate"]["calibration"]["data"]["name"] == "heldout"
+
+
+async def test_the_gate_scores_each_adapter_once_per_text_across_cycles(tmp_path):
+    """The live adapter is re-scored every cycle on a held-out slice that mostly did not
+    change: its predictions are cached per text, so only new rows reach the engine."""
+    from tests.unit.test_gate import GoldForOne
+    from trainer.evaluate import evaluate
+    from trainer.dataset import Row
+
+    class Counting(GoldForOne):
+        texts: list[str] = []
+
+        async def classify(self, texts, *, adapter=None):
+            self.texts.extend(texts)
+            return await super().classify(texts, adapter=adapter)
+
+    class Ref:
+        adapter_id, path = "a-00000000000000aa", tmp_path
+
+    rows = [Row(f"ticket number {i}", {"intent": LABELS[i % 5]}, "audit") for i in range(300)]
+    gold = {r.text: r.labels["intent"] for r in rows}
+    clf = Counting(gold, Ref.adapter_id)
+    first = await evaluate(None, TASK, {"live": Ref}, HeldOut("heldout", "log", rows[:250]),
+                           classifier=clf, cache_dir=tmp_path / "cache")
+    assert len(clf.texts) == 250
+    clf.texts.clear()
+    second = await evaluate(None, TASK, {"live": Ref}, HeldOut("heldout", "log", rows),
+                            classifier=clf, cache_dir=tmp_path / "cache")
+    assert clf.texts == [r.text for r in rows[250:]]  # only the 50 new rows
+    assert first["live"]["calibration"]["accuracy"] == second["live"]["calibration"]["accuracy"] == 1.0
+    assert second["live"]["calibration"]["data"]["n"] == 300
