@@ -45,5 +45,11 @@ def is_heldout(text: str, source: str, fraction: float = DEFAULT_HELDOUT_FRACTIO
         return True  # audits exist to measure the student: they never train it
     if source not in HELDOUT_SOURCES:
         return False
-    bucket = int(hashlib.sha256(("heldout:" + content_hash(text)).encode()).hexdigest()[:8], 16)
+    return in_hash_share(text, "heldout", fraction)
+
+
+def in_hash_share(text: str, salt: str, fraction: float) -> bool:
+    """Deterministic, content-based membership of a `fraction` share: the same text is always
+    on the same side; different salts give independent splits."""
+    bucket = int(hashlib.sha256((salt + ":" + content_hash(text)).encode()).hexdigest()[:8], 16)
     return bucket < fraction * 16**8

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from schemas.task import TaskSpec
-from schemas.training import DEFAULT_HELDOUT_FRACTION, content_hash, is_heldout
+from schemas.training import DEFAULT_HELDOUT_FRACTION, content_hash, in_hash_share, is_heldout
 from services.teacher.corpus import read_records
 from services.student.prompting import LabelCodes, PromptStyle, encode_prompt, fit_prompt, render_prompt
 
@@ -109,8 +109,7 @@ def valid_rows(rows: Iterable[Row], task: TaskSpec) -> list[Row]:
 
 def in_validation(text: str, fraction: float) -> bool:
     """Deterministic, content-based: the same text is always on the same side."""
-    bucket = int(hashlib.sha256(("split:" + content_hash(text)).encode()).hexdigest()[:8], 16)
-    return bucket < fraction * 16**8
+    return in_hash_share(text, "split", fraction)
 
 
 def split_heldout(rows: Iterable[Row], fraction: float = DEFAULT_HELDOUT_FRACTION) -> tuple[list[Row], list[Row]]:

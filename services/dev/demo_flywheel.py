@@ -30,7 +30,9 @@ async def flywheel(
         f"historical (BANKING77 train) tickets into the training log")
     boot = await run_bootstrap(teacher=pipeline.teacher, log=pipeline.training_log, texts=texts,
                                concurrency=16, progress=sys.stderr.isatty())
-    for line in label_coverage(TaskSpec.from_file(settings.task_path), pipeline.training_log.examples()):
+    # off the event loop: the service shares it, and reading the log is a scan
+    examples = await asyncio.to_thread(pipeline.training_log.examples)
+    for line in label_coverage(TaskSpec.from_file(settings.task_path), examples):
         print(f"  {line}")
     out: dict[str, Any] = {"bootstrap": boot.summary(), "bootstrap_cost_usd": round(boot.cost_usd, 4),
                            "distill": []}
