@@ -44,6 +44,7 @@ class Classification(BaseModel):
     teacher_model: str | None = None
     audited: bool = Field(default=False, description="confident ticket also sent to the teacher")
     truncated: bool = Field(default=False, description="the student saw the ticket cut to fit (head + tail)")
-    latency_ms: float = Field(ge=0.0, description="consume -> result ready, this service")
+    latency_ms: float = Field(ge=0.0, description="student: consume -> result ready; teacher worker "
+                              "(teacher, unverified): ticket arrival -> result ready")
     engine_ms: float = Field(ge=0.0, description="time inside the student engine")
     classified_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))

@@ -38,12 +38,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from services.stream.kafka_io import all_topics, ensure_topics
     from services.student.model_store import ensure_student_model
 
-    s = settings()
+    s = settings(role=args.role)
     if s.embedded_broker:
         print("TRIAGE_BOOTSTRAP_SERVERS is not set: point it at Kafka "
               "(for a local broker: `triage broker` in another terminal)", file=sys.stderr)
         return 2
-    ensure_student_model(s.model_path)
+    if s.role != "teacher":  # the teacher worker needs no model
+        ensure_student_model(s.model_path)
     if args.create_topics:
         asyncio.run(ensure_topics(s.bootstrap_servers, all_topics(s), s.topic_partitions))
     service = TriageService(s)
@@ -147,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("model", help="convert the packaged SmolLM2 GGUF to an HF folder (once)").set_defaults(fn=cmd_model)
     p = sub.add_parser("serve", help="run the service (FastStream consumer + vLLM student)")
     p.add_argument("--create-topics", action="store_true", help="create missing topics first")
+    p.add_argument("--role", choices=("all", "student", "teacher"), default=None,
+                   help="student consumer, teacher worker, or both in one process (default TRIAGE_ROLE, all)")
     p.set_defaults(fn=cmd_serve)
     p = sub.add_parser("bootstrap", help="label historical tickets with the teacher (resumable)")
     source = p.add_mutually_exclusive_group()

@@ -23,13 +23,20 @@ class Settings(BaseSettings):
     # --- Kafka -------------------------------------------------------------------------
     # Comma-separated bootstrap servers. Empty = start the embedded Tansu broker (dev only).
     bootstrap_servers: str = ""
-    # Topics: input tickets, published results, rejected input, adapter hot-swap commands.
+    # Topics: input tickets, published results (a changelog keyed by ticket id: latest record
+    # wins, compacted in production), rejected input, adapter hot-swap commands, and tickets
+    # waiting for the teacher (escalations + audits, read by the teacher worker).
     tickets_topic: str = "triage.tickets"
     results_topic: str = "triage.results"
     dead_letter_topic: str = "triage.dead-letter"
     control_topic: str = "triage.control"
-    # Consumer group shared by all replicas; partitions are split between them.
+    escalations_topic: str = "triage.escalations"
+    # Consumer group shared by all student replicas; partitions are split between them.
     consumer_group: str = "triage"
+    # The teacher worker's own group: it scales on the escalations topic's lag.
+    teacher_consumer_group: str = "triage-teacher"
+    # What `triage serve` runs: the student consumer, the teacher worker, or both (one process).
+    role: str = Field(default="all", pattern="^(all|student|teacher)$")
     # Tansu joins a group in ~session_timeout/2, so dev uses 3000; real Kafka wants >= 6000.
     session_timeout_ms: int = Field(default=10_000, ge=1_000)
     heartbeat_interval_ms: int = Field(default=1_000, ge=100)
@@ -93,12 +100,15 @@ class Settings(BaseSettings):
     confidence_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
     # Fraction of confident tickets also sent to the teacher to estimate live accuracy.
     audit_rate: float = Field(default=0.05, ge=0.0, le=1.0)
-    # Audits in flight at most; past it a confident ticket is not audited (counted, not queued).
-    max_inflight_audits: int = Field(default=32, ge=0)
+    # Seconds from a ticket's arrival until an escalated ticket gets the student's answer as
+    # `unverified` if the teacher has not answered; the teacher's answer follows under the same
+    # key. 30 s: a frontier call takes 1-3 s, so normally users only ever see the teacher's
+    # answer; when the teacher is down, no ticket sits unrouted for more than half a minute.
+    escalation_deadline_s: float = Field(default=30.0, ge=0.0)
 
     # --- Teacher (any OpenAI-compatible endpoint) ---------------------------------------
-    # Empty = no teacher: low-confidence answers are published as `unverified` (the demo and
-    # `triage bootstrap` start the gold-label stand-in instead). OPENAI_* work as fallbacks.
+    # Empty = no teacher: the teacher worker publishes escalated answers as `unverified` (the
+    # demo and `triage bootstrap` start the gold-label stand-in instead). OPENAI_* work as fallbacks.
     teacher_base_url: str = Field(
         default="", validation_alias=AliasChoices("TRIAGE_TEACHER_BASE_URL", "OPENAI_BASE_URL", "teacher_base_url")
     )
@@ -109,19 +119,22 @@ class Settings(BaseSettings):
     )
     teacher_timeout_s: float = Field(default=20.0, gt=0)
     teacher_max_retries: int = Field(default=4, ge=0)
-    teacher_concurrency: int = Field(default=16, ge=1)
+    # Teacher calls in flight per worker; audits get at most a quarter, escalations go first.
+    teacher_concurrency: int = Field(default=64, ge=1)
     # USD per 1M tokens, for cost accounting.
     teacher_input_price_per_mtok: float = Field(default=0.15, ge=0)
     teacher_output_price_per_mtok: float = Field(default=0.60, ge=0)
-    # Optional spend caps in USD; over a cap the teacher is skipped (tickets kept for later).
+    # Optional spend caps in USD; over a cap escalations wait in Kafka (unverified answers at
+    # the deadline) until the window has room again.
     teacher_budget_per_hour_usd: float | None = Field(default=None, ge=0)
     teacher_budget_per_day_usd: float | None = Field(default=None, ge=0)
     # Circuit breaker: open after this many consecutive failures, probe again after reset_s.
     teacher_breaker_failures: int = Field(default=5, ge=1)
     teacher_breaker_reset_s: float = Field(default=15.0, gt=0)
-    # Backlog tickets are parked after this many failed teacher attempts (never retried
-    # automatically; TrainingLog.parked() / unpark()).
-    teacher_backlog_max_attempts: int = Field(default=5, ge=1)
+    # While the teacher is down, each waiting escalation retries with backoff capped here.
+    teacher_retry_max_s: float = Field(default=10.0, gt=0)
+    # Escalations the teacher worker holds at once; past it, it stops reading (they wait in Kafka).
+    teacher_max_waiting: int = Field(default=5000, ge=1)
     # Few-shot examples put in the teacher prompt.
     teacher_few_shot: int = Field(default=8, ge=0)
 

@@ -23,15 +23,15 @@ async def flywheel(
     from services.teacher.bootstrap import label_coverage, run_bootstrap, sample_texts
     from trainer.distill import DistillConfig, heldout_line, run_distill_async
 
-    pipeline = service.pipeline
+    pipeline, worker = service.pipeline, service.worker
     train_texts = [row.text for row in load_split("train")]
     texts = sample_texts(train_texts, options.bootstrap, seed=0)
     say(f"bootstrap: the teacher labels a random sample of {len(texts)} of the {len(train_texts)} "
         f"historical (BANKING77 train) tickets into the training log")
-    boot = await run_bootstrap(teacher=pipeline.teacher, log=pipeline.training_log, texts=texts,
+    boot = await run_bootstrap(teacher=worker.teacher, log=worker.training_log, texts=texts,
                                concurrency=16, progress=sys.stderr.isatty())
     # off the event loop: the service shares it, and reading the log is a scan
-    examples = await asyncio.to_thread(pipeline.training_log.examples)
+    examples = await asyncio.to_thread(worker.training_log.examples)
     for line in label_coverage(TaskSpec.from_file(settings.task_path), examples):
         print(f"  {line}")
     out: dict[str, Any] = {"bootstrap": boot.summary(), "bootstrap_cost_usd": round(boot.cost_usd, 4),
@@ -45,7 +45,7 @@ async def flywheel(
     )
     for round_no in (1, 2):
         config.train_args = {"epochs": options.epochs if round_no == 1 else options.epochs_warm}
-        version = pipeline.training_log.version()
+        version = worker.training_log.version()
         say(f"distil #{round_no}: train a LoRA adapter on training log v{version} (teacher labels "
             f"only), calibrate its escalation threshold and gate it against the live model on the "
             f"log's held-out slice, promote if better")

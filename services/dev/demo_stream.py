@@ -29,7 +29,7 @@ class StreamReport:
     dead_lettered: int
     seconds: float
     latencies_ms: list[float] = field(default_factory=list)  # produce -> result read back
-    service_ms: list[float] = field(default_factory=list)  # consume -> result ready (the service)
+    service_ms: list[float] = field(default_factory=list)  # student answers: consume -> published
     published_correct: int = 0
     student_correct: int = 0
     student_answered: int = 0  # route "student": published without the teacher
@@ -42,10 +42,12 @@ class StreamReport:
     def valid(self) -> int:
         return self.produced - self.malformed
 
+    student_e2e_ms: list[float] = field(default_factory=list)  # student answers: produce -> read back
+
     @property
     def queueing_ms(self) -> list[float]:
         """Waiting in Kafka before the service took the ticket (and after, for the reader)."""
-        return [max(0.0, e2e - svc) for e2e, svc in zip(self.latencies_ms, self.service_ms)]
+        return [max(0.0, e2e - svc) for e2e, svc in zip(self.student_e2e_ms, self.service_ms)]
 
     def percentile(self, q: float, values: Sequence[float] | None = None) -> float:
         values = self.latencies_ms if values is None else values
@@ -162,10 +164,12 @@ async def stream_tickets(
     )
     last = started
     firsts: dict[bytes, Received] = {}
+    latest: dict[bytes, Received] = {}
     for item in received:
         if item.key in wanted:
-            firsts.setdefault(item.key, item)  # at-least-once: score the first answer only
-    for key, item in firsts.items():
+            firsts.setdefault(item.key, item)  # when the ticket first had an answer
+            latest[item.key] = item  # the results topic is a changelog: the latest record wins
+    for key, item in latest.items():
         result = Classification.model_validate_json(item.value)
         truth = gold[key.decode()]
         report.results += 1
@@ -178,8 +182,10 @@ async def stream_tickets(
         report.routes[result.route.value] = report.routes.get(result.route.value, 0) + 1
         adapter = result.adapter_id or "base"
         report.adapters[adapter] = report.adapters.get(adapter, 0) + 1
-        report.latencies_ms.append((item.received_at - sent_at[key]) * 1000)
-        report.service_ms.append(result.latency_ms)
+        report.latencies_ms.append((firsts[key].received_at - sent_at[key]) * 1000)
+        if result.route.value == "student":
+            report.service_ms.append(result.latency_ms)
+            report.student_e2e_ms.append((item.received_at - sent_at[key]) * 1000)
         last = max(last, item.received_at)
     report.seconds = max(1e-6, last - started)
     return report

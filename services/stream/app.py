@@ -2,6 +2,8 @@
 
     faststream run services.stream.app:create_app --factory     # or: triage serve
 
+`TRIAGE_ROLE` picks what this process runs: the student consumer (tickets -> results or
+escalations), the teacher worker (escalations -> teacher -> results + training log), or both.
 Heavy resources (vLLM engine, teacher client, training log, metrics server) are created in
 an async context manager before consuming starts and closed in `finally`.
 """
@@ -25,6 +27,7 @@ from faststream.kafka.annotations import KafkaMessage
 from schemas.task import TaskSpec
 from services.student.engine import Classifier, EngineConfig, VllmClassifier
 from services.stream.pipeline import EscalationConfig, InboundRecord, Outcome, TicketPipeline
+from services.stream.teacher_lane import TeacherWorker
 from services.logs import configure_logging, log_context
 from services.settings import Settings
 
@@ -32,7 +35,7 @@ log = logging.getLogger(__name__)
 
 
 class TriageService:
-    """Owns the broker, the subscriber and the resources one replica needs."""
+    """Owns the broker, the subscribers and the resources one replica needs."""
 
     def __init__(
         self,
@@ -47,7 +50,8 @@ class TriageService:
             raise ValueError("TRIAGE_BOOTSTRAP_SERVERS is empty: start a broker (triage demo does)")
         self.settings = settings
         self.task = TaskSpec.from_file(settings.task_path)
-        self._injected = {"classifier": classifier, "teacher": teacher, "training_log": training_log}
+        self.runs_student = settings.role in ("all", "student")
+        self._injected = {"classifier": classifier}
         if metrics is None:
             from services.stream.metrics import ServiceMetrics
 
@@ -63,26 +67,34 @@ class TriageService:
         self._dead: str | None = None  # why this replica stopped itself (readiness stays false)
         # acks="all": a result counts as published only once every in-sync replica has it.
         self.broker = KafkaBroker(settings.bootstrap_servers, acks="all", logger=log)
-        self.subscriber = self.broker.subscriber(
-            settings.tickets_topic,
-            group_id=settings.consumer_group,
-            batch=True,
-            max_records=settings.max_batch,
-            batch_timeout_ms=settings.batch_timeout_ms,
-            auto_offset_reset="earliest",
-            session_timeout_ms=settings.session_timeout_ms,
-            heartbeat_interval_ms=settings.heartbeat_interval_ms,
-            ack_policy=AckPolicy.MANUAL,  # commit only after every outcome is acknowledged
-        )
-        self.subscriber(self._handle_batch)
-        # No group: every replica sees every control message (hot-swap now, not at next poll).
-        self.control = self.broker.subscriber(settings.control_topic, auto_offset_reset="latest")
-        self.control(self._handle_control)
+        self.subscriber: Any = None
+        if self.runs_student:
+            self.subscriber = self.broker.subscriber(
+                settings.tickets_topic,
+                group_id=settings.consumer_group,
+                batch=True,
+                max_records=settings.max_batch,
+                batch_timeout_ms=settings.batch_timeout_ms,
+                auto_offset_reset="earliest",
+                session_timeout_ms=settings.session_timeout_ms,
+                heartbeat_interval_ms=settings.heartbeat_interval_ms,
+                ack_policy=AckPolicy.MANUAL,  # commit only after every outcome is acknowledged
+            )
+            self.subscriber(self._handle_batch)
+            # No group: every replica sees every control message (hot-swap now, not at next poll).
+            self.control = self.broker.subscriber(settings.control_topic, auto_offset_reset="latest")
+            self.control(self._handle_control)
+        self.worker: TeacherWorker | None = None
+        if settings.role in ("all", "teacher"):
+            self.worker = TeacherWorker(self.broker, settings, self.task, metrics, replica_id=self.replica_id,
+                                        teacher=teacher, training_log=training_log)
         self.app = FastStream(self.broker, lifespan=self._lifespan, logger=log)
+        if self.worker is not None:  # before the consumer closes: commit what is finished
+            self.app.on_shutdown(self.worker.stop)
 
     # ---- lifecycle ---------------------------------------------------------------------------
     @asynccontextmanager
-    async def resources(self) -> AsyncIterator[TicketPipeline]:
+    async def resources(self) -> AsyncIterator[TicketPipeline | None]:
         s = self.settings
         async with AsyncExitStack() as stack:
             self.metrics.set_ready(False, "starting engine")
@@ -92,41 +104,26 @@ class TriageService:
                 self.metrics_port = await stack.enter_async_context(
                     serve_metrics(self.metrics, "0.0.0.0", s.metrics_port)
                 )
-            classifier = self._injected["classifier"]
-            if classifier is None:
-                classifier = await stack.enter_async_context(
-                    VllmClassifier.started(EngineConfig.from_settings(s), self.task, self._current_adapter())
+            if self.worker is not None:
+                await stack.enter_async_context(self.worker.resources())
+            background = []
+            if self.runs_student:
+                classifier = self._injected["classifier"]
+                if classifier is None:
+                    classifier = await stack.enter_async_context(
+                        VllmClassifier.started(EngineConfig.from_settings(s), self.task, self._current_adapter())
+                    )
+                self.pipeline = TicketPipeline(
+                    classifier=classifier,
+                    escalation=EscalationConfig(s.confidence_threshold, s.audit_rate),
+                    metrics=self.metrics,
+                    max_message_bytes=s.max_message_bytes,
+                    max_text_chars=s.max_text_chars,
+                    dead_letter_copy_bytes=s.dead_letter_copy_bytes,
                 )
-            training_log = self._injected["training_log"]
-            if training_log is None:
-                from services.teacher.training_log import TrainingLog
-
-                training_log = TrainingLog(s.training_log_path)
-                stack.callback(training_log.close)
-            teacher = self._injected["teacher"]
-            if teacher is None and s.teacher_base_url:
-                from services.teacher.client import build_teacher
-
-                teacher = build_teacher(s, self.task, self.metrics)
-                stack.push_async_callback(teacher.aclose)
-            self.pipeline = TicketPipeline(
-                classifier=classifier,
-                teacher=teacher,
-                training_log=training_log,
-                escalation=EscalationConfig(s.confidence_threshold, s.audit_rate),
-                metrics=self.metrics,
-                max_message_bytes=s.max_message_bytes,
-                max_text_chars=s.max_text_chars,
-                dead_letter_copy_bytes=s.dead_letter_copy_bytes,
-                max_inflight_audits=s.max_inflight_audits,
-            )
-            self.metrics.set_live_adapter(getattr(classifier.live_adapter, "adapter_id", None))
-            stack.push_async_callback(self.pipeline.wait_for_audits)
-            background = [
-                asyncio.create_task(self._watch_registry(), name="registry-watch"),
-                asyncio.create_task(self._drain_backlog_forever(), name="backlog-drain"),
-                asyncio.create_task(self._watch_consumer(), name="consumer-watch"),
-            ]
+                self.metrics.set_live_adapter(getattr(classifier.live_adapter, "adapter_id", None))
+                background.append(asyncio.create_task(self._watch_registry(), name="registry-watch"))
+            background.append(asyncio.create_task(self._watch_consumer(), name="consumer-watch"))
             try:
                 yield self.pipeline
             finally:
@@ -176,9 +173,11 @@ class TriageService:
             record = outcome.record
             if outcome.kind == "dead_letter":
                 self.metrics.dead_lettered(_reason(outcome))
-            else:
+            elif outcome.kind == "result":
                 e2e = max(0.0, now_wall - record.timestamp_ms / 1000) if record.timestamp_ms else None
                 self.metrics.observe_result(outcome.route, outcome.confidence, e2e)
+            elif outcome.route == "escalation":  # its result comes from the teacher worker
+                self.metrics.observe_confidence(outcome.confidence)
 
     async def _batch_failed(self, msg: KafkaMessage, size: int, exc: BaseException) -> None:
         """Rewind and retry with exponential backoff; past the cap (or with a dead engine),
@@ -213,8 +212,9 @@ class TriageService:
 
         assert self.pipeline is not None
         return await publish_outcomes(
-            self.broker, outcomes, results_topic=self.settings.results_topic,
-            dead_letter_topic=self.settings.dead_letter_topic, replica_id=self.replica_id,
+            self.broker, outcomes, replica_id=self.replica_id,
+            topics={"result": self.settings.results_topic, "dead_letter": self.settings.dead_letter_topic,
+                    "escalation": self.settings.escalations_topic},
             dead_letter=self.pipeline.dead_letter,
         )
 
@@ -258,33 +258,14 @@ class TriageService:
             with contextlib.suppress(Exception):
                 await self.reload_adapter()
 
-    # ---- background: backlog, lag, readiness ---------------------------------------------
-    async def _drain_backlog_forever(self) -> None:
-        from services.teacher.backlog import drain_backlog
-
-        pipeline = self.pipeline
-        assert pipeline is not None
-        if pipeline.teacher is None or pipeline.training_log is None:
-            return
-
-        def on_labelled(ticket_id: str, text: str, answer: Any) -> None:
-            pipeline.log_example(text, answer, source="backlog", ticket_id=ticket_id)
-
-        while True:
-            await asyncio.sleep(2.0)
-            try:
-                while True:
-                    done = await drain_backlog(
-                        pipeline.teacher, pipeline.training_log, limit=64, concurrency=4,
-                        max_attempts=self.settings.teacher_backlog_max_attempts, on_labelled=on_labelled)
-                    pipeline.stats.backlog_labelled += done.labelled
-                    if done.labelled == 0 or done.stopped:
-                        break
-            except Exception:
-                log.exception("backlog drain failed; will retry")
-
+    # ---- background: lag, readiness ---------------------------------------------------------
     async def _watch_consumer(self) -> None:
         reported: set[Any] = set()
+        while self.subscriber is None:  # teacher worker only: ready once it has partitions
+            assigned = self.worker.assigned() if self.worker is not None else 0
+            self.metrics.set_ready(bool(assigned), f"teacher worker; {assigned} partitions assigned"
+                                   if assigned else "waiting for partition assignment")
+            await asyncio.sleep(1.0)
         while True:
             consumer = getattr(self.subscriber, "consumer", None)
             assignment = set(consumer.assignment()) if consumer is not None else set()

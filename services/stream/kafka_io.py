@@ -93,7 +93,8 @@ def unique_keys(received: Sequence[Received]) -> set[bytes | None]:
 
 def all_topics(settings: Settings) -> list[str]:
     """Every topic a replica reads or writes, in a stable order."""
-    return [settings.tickets_topic, settings.results_topic, settings.dead_letter_topic, settings.control_topic]
+    return [settings.tickets_topic, settings.results_topic, settings.dead_letter_topic, settings.control_topic,
+            settings.escalations_topic]
 
 
 async def ensure_topics(bootstrap_servers: str, topics: Iterable[str], partitions: int) -> None:

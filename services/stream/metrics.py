@@ -72,7 +72,8 @@ class ServiceMetrics:
         self.dead_letter = counter(
             "triage_dead_letter_total", "Messages sent to the dead-letter topic.", ["reason"])
         self.e2e_latency = histogram(
-            "triage_end_to_end_latency_seconds", "Ticket consumed -> its result acked.",
+            "triage_end_to_end_latency_seconds",
+            "Ticket produced -> its first result acked (a teacher correction is not counted again).",
             buckets=E2E_BUCKETS)
         # --- engine ----------------------------------------------------------------------
         self.engine_latency = histogram(
@@ -94,6 +95,12 @@ class ServiceMetrics:
             "triage_audited_accuracy", "Student accuracy on audited tickets (rolling).")
         self.audited_samples = gauge(
             "triage_audited_samples", "Audited tickets behind triage_audited_accuracy.")
+        self.escalations_waiting = gauge(
+            "triage_escalations_waiting",
+            "Escalations and audits the teacher worker holds (read, not yet answered and committed).")
+        self.corrections = counter(
+            "triage_corrections_total",
+            "Teacher results published after the student's unverified answer (same key).")
         # --- teacher ---------------------------------------------------------------------
         self.teacher_requests = counter(
             "triage_teacher_requests_total", "Teacher calls, by outcome.", ["outcome"])
@@ -145,6 +152,11 @@ class ServiceMetrics:
         if e2e_seconds is not None:
             self.e2e_latency.observe(e2e_seconds)
 
+    def observe_confidence(self, confidence: float | None) -> None:
+        """The student's confidence for a ticket whose result another component publishes."""
+        if confidence is not None:
+            self.confidence.observe(confidence)
+
     def dead_lettered(self, reason: str) -> None:
         self.dead_letter.labels(reason=reason).inc()
 
@@ -157,6 +169,12 @@ class ServiceMetrics:
 
     def audited(self, n: int = 1) -> None:
         self.audits.inc(n)
+
+    def corrected(self, n: int = 1) -> None:
+        self.corrections.inc(n)
+
+    def set_escalations_waiting(self, n: int) -> None:
+        self.escalations_waiting.set(n)
 
     def set_escalation_rate(self, rate: float) -> None:
         self.escalation_rate.set(rate)

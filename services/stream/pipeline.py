@@ -1,15 +1,15 @@
-"""Domain logic for one batch of consumed records: validate -> student -> (teacher) -> outcomes.
+"""Domain logic for one batch of consumed records: validate -> student -> outcomes.
 
 No Kafka here: the handler in app.py turns records into `InboundRecord`s, calls
 `TicketPipeline.process`, publishes the outcomes and only then commits offsets.
-One ticket takes exactly one path: a result, or a dead-letter record.
+One ticket takes exactly one path: a result, a dead-letter record, or an escalation record
+(the teacher worker publishes its result). The teacher is never awaited here: an uncertain
+ticket costs this consumer one Kafka record, so confident tickets never wait for the teacher.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -17,16 +17,14 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from schemas.classification import Classification, Route
 from schemas.dead_letter import DeadLetter
+from schemas.escalation import Escalation
 from schemas.ticket import Ticket
-from schemas.training import TrainingExample
 from services.student.engine import LIVE, Classifier, EngineRejection, StudentPrediction
-from services.teacher.escalation import AuditEstimator, RollingRate, should_audit, should_escalate
+from services.teacher.escalation import RollingRate, should_audit, should_escalate
 from services.stream.validation import Rejection, parse_ticket
 
 if TYPE_CHECKING:
     from services.stream.metrics import ServiceMetrics
-    from services.teacher.client import Teacher, TeacherAnswer
-    from services.teacher.training_log import TrainingLog
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +46,7 @@ class InboundRecord:
 
 @dataclass(frozen=True)
 class Outcome:
-    kind: str  # "result" | "dead_letter"
+    kind: str  # "result" | "dead_letter" | "escalation" (an escalation or an audit request)
     key: bytes | None
     payload: bytes
     record: InboundRecord
@@ -63,11 +61,7 @@ class PipelineStats:
     dead_letter: Counter[str] = field(default_factory=Counter)
     escalations: int = 0
     audits: int = 0
-    audits_skipped: int = 0  # confident tickets not audited: too many audits in flight
     truncated: int = 0
-    teacher_failures: Counter[str] = field(default_factory=Counter)
-    examples_logged: int = 0
-    backlog_labelled: int = 0
 
 
 @dataclass
@@ -82,46 +76,40 @@ class TicketPipeline:
         self,
         *,
         classifier: Classifier,
-        teacher: Teacher | None = None,
-        training_log: TrainingLog | None = None,
         escalation: EscalationConfig | None = None,
         metrics: ServiceMetrics | None = None,
         max_message_bytes: int = 64_000,
         max_text_chars: int = 4_000,
         dead_letter_copy_bytes: int = 64_000,
-        max_inflight_audits: int = 32,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.classifier = classifier
-        self.teacher = teacher
-        self.training_log = training_log
         self.escalation = escalation or EscalationConfig()
         self.metrics = metrics
         self.max_message_bytes = max_message_bytes
         self.max_text_chars = max_text_chars
         self.dead_letter_copy_bytes = dead_letter_copy_bytes
-        self.max_inflight_audits = max_inflight_audits
         self.clock = clock
+        self.wall_clock = wall_clock
         self.stats = PipelineStats()
-        self.audit = AuditEstimator()
         self.escalation_rate = RollingRate(window=1000)
-        self._audit_tasks: set[asyncio.Task[None]] = set()
-        self._counter_lock = threading.Lock()
 
     # ---- the batch path ------------------------------------------------------------------
     async def process(self, records: Sequence[InboundRecord]) -> list[Outcome]:
-        """One outcome per record, in order. A ticket the engine cannot classify is its own
-        dead-letter; only batch-level failures (engine dead) raise."""
+        """Every record's outcomes, in record order: one result, dead-letter or escalation
+        each (plus an audit request after some confident results). A ticket the engine cannot
+        classify is its own dead-letter; only batch-level failures (engine dead) raise."""
         self.stats.consumed += len(records)
         parsed = [
             parse_ticket(r.value, max_bytes=self.max_message_bytes, max_text_chars=self.max_text_chars)
             for r in records
         ]
-        outcomes: list[Outcome | None] = [None] * len(records)
+        outcomes: list[list[Outcome]] = [[] for _ in records]
         valid = [(i, t) for i, t in enumerate(parsed) if isinstance(t, Ticket)]
         for i, item in enumerate(parsed):
             if isinstance(item, Rejection):
-                outcomes[i] = self.dead_letter(records[i], item)
+                outcomes[i] = [self.dead_letter(records[i], item)]
         if valid:
             # Pinned for the whole batch: a hot-swap while the engine runs must not judge these
             # answers by the new adapter's threshold.
@@ -132,19 +120,13 @@ class TicketPipeline:
             if self.metrics:
                 self.metrics.observe_batch(len(valid), engine_s)
             threshold = self.threshold(adapter)
-            answerable = []
             for (i, ticket), prediction in zip(valid, predictions):
                 if isinstance(prediction, EngineRejection):
-                    outcomes[i] = self.dead_letter(records[i], Rejection(prediction.reason, prediction.detail),
-                                                   ticket_id=ticket.id)
+                    outcomes[i] = [self.dead_letter(records[i], Rejection(prediction.reason, prediction.detail),
+                                                    ticket_id=ticket.id)]
                 else:
-                    answerable.append((i, ticket, prediction))
-            answered = await asyncio.gather(
-                *(self._answer(records[i], t, p, threshold) for i, t, p in answerable)
-            )
-            for (i, _, _), outcome in zip(answerable, answered):
-                outcomes[i] = outcome
-        return [o for o in outcomes if o is not None]
+                    outcomes[i] = self._answer(records[i], ticket, prediction, threshold)
+        return [o for per_record in outcomes for o in per_record]
 
     def dead_letter(self, record: InboundRecord, rejection: Rejection, *, ticket_id: str | None = None) -> Outcome:
         """The record's dead-letter outcome: reason + bounded copy of the original bytes."""
@@ -173,127 +155,61 @@ class TicketPipeline:
             return float(chosen.threshold)
         return DEFAULT_UNCALIBRATED_THRESHOLD
 
-    async def _answer(self, record: InboundRecord, ticket: Ticket, pred: StudentPrediction, threshold: float) -> Outcome:
-        student_labels = {name: p.label for name, p in pred.fields.items()}
+    def _answer(self, record: InboundRecord, ticket: Ticket, pred: StudentPrediction,
+                threshold: float) -> list[Outcome]:
         escalate = should_escalate(pred.fields, threshold)
         if pred.truncated:
             self.stats.truncated += 1
         self.escalation_rate.record(escalate)
+        audit = not escalate and should_audit(ticket.id, self.escalation.audit_rate, self.escalation.audit_salt)
         if self.metrics:
             self.metrics.set_escalation_rate(self.escalation_rate.rate())
             if escalate:
                 self.metrics.escalated()
-        route, labels, confidence = Route.student, student_labels, pred.confidence
-        teacher_answer: TeacherAnswer | None = None
-        audited = False
-        if escalate:
-            self.stats.escalations += 1
-            teacher_answer = await self._ask_teacher(ticket, source="live")
-            if teacher_answer is not None:
-                route, labels, confidence = Route.teacher, teacher_answer.labels, 1.0
-            else:
-                route = Route.unverified
-        elif self.teacher is not None and should_audit(ticket.id, self.escalation.audit_rate, self.escalation.audit_salt):
-            if len(self._audit_tasks) >= self.max_inflight_audits:
-                self.stats.audits_skipped += 1  # bounded: audits never queue without limit
-            else:
-                audited = True
-        if audited:
-            self.stats.audits += 1
-            if self.metrics:
+            if audit:
                 self.metrics.audited()
-            task = asyncio.create_task(self._audit(ticket, student_labels))
-            self._audit_tasks.add(task)
-            task.add_done_callback(self._audit_tasks.discard)
         result = Classification(
             ticket_id=ticket.id,
-            fields=labels,
-            confidence=confidence,
-            route=route,
-            model=teacher_answer.model if teacher_answer else self.classifier.model_name,
+            fields={name: p.label for name, p in pred.fields.items()},
+            confidence=pred.confidence,
+            # What users get if the teacher misses the deadline: the student's answer, flagged.
+            route=Route.unverified if escalate else Route.student,
+            model=self.classifier.model_name,
             adapter_id=pred.adapter_id,
             student=pred.fields,
-            teacher=teacher_answer.labels if teacher_answer else None,
-            teacher_model=teacher_answer.model if teacher_answer else None,
-            audited=audited,
+            audited=audit,
             truncated=pred.truncated,
             latency_ms=max(0.0, (self.clock() - record.received_at) * 1000),
             engine_ms=pred.engine_ms,
         )
-        self.stats.results[route.value] += 1
-        return Outcome(
-            "result", ticket.id.encode(), result.model_dump_json().encode(), record,
-            route=route.value, confidence=pred.confidence,
-        )
+        key = ticket.id.encode()
+        if escalate:
+            self.stats.escalations += 1
+            return [self._escalation(record, ticket, result, "escalation")]
+        self.stats.results[Route.student.value] += 1
+        published = Outcome("result", key, result.model_dump_json().encode(), record,
+                            route=Route.student.value, confidence=pred.confidence)
+        if not audit:
+            return [published]
+        self.stats.audits += 1
+        return [published, self._escalation(record, ticket, result, "audit")]
 
-    # ---- teacher paths ----------------------------------------------------------------------
-    async def _ask_teacher(self, ticket: Ticket, *, source: str) -> TeacherAnswer | None:
-        from services.teacher.client import TeacherUnavailable
-
-        if self.teacher is None:
-            await self._keep_for_later(ticket, "no_teacher")
-            return None
-        try:
-            answer = await self.teacher.label(ticket.full_text())
-        except TeacherUnavailable as exc:
-            self.stats.teacher_failures[exc.reason] += 1
-            await self._keep_for_later(ticket, exc.reason, attempted=exc.scope != "teacher")
-            return None
-        await asyncio.to_thread(self.log_example, ticket.full_text(), answer, source=source, ticket_id=ticket.id)
-        return answer
-
-    async def _audit(self, ticket: Ticket, student_labels: dict[str, str]) -> None:
-        try:
-            answer = await self._ask_teacher(ticket, source="audit")
-        except Exception:  # a background task: nobody else would see this
-            log.exception("audit of ticket %s failed", ticket.id)
-            return
-        if answer is None:
-            return
-        agree = all(answer.labels.get(k) == v for k, v in student_labels.items())
-        self.audit.record(agree)
-        if self.metrics:
-            accuracy, n, _, _ = self.audit.estimate()
-            self.metrics.set_audit(accuracy, n)
-
-    async def _keep_for_later(self, ticket: Ticket, reason: str, *, attempted: bool = False) -> None:
-        if self.training_log is not None:  # SQLite + fsync: off the event loop
-            await asyncio.to_thread(self.training_log.add_pending, ticket.id, ticket.full_text(), reason,
-                                    attempted=attempted)
-
-    def log_example(self, text: str, answer: TeacherAnswer, *, source: str, ticket_id: str | None) -> None:
-        """Append one teacher answer to the training log (blocking: call it from a thread)."""
-        if self.training_log is None:
-            return
-        example = TrainingExample(
-            text=text, labels=answer.labels, teacher_model=answer.model,
-            prompt_hash=answer.prompt_hash, source=source, ticket_id=ticket_id,
-        )
-        added = self.training_log.append([example])
-        with self._counter_lock:  # runs in worker threads
-            self.stats.examples_logged += added
-        if self.metrics and added:
-            self.metrics.training_examples_logged(added)
-
-    async def wait_for_audits(self, timeout_s: float = 30.0) -> None:
-        if self._audit_tasks:
-            await asyncio.wait(set(self._audit_tasks), timeout=timeout_s)
+    def _escalation(self, record: InboundRecord, ticket: Ticket, result: Classification, kind: str) -> Outcome:
+        ticket_time_ms = record.timestamp_ms if record.timestamp_ms and record.timestamp_ms > 0 else None
+        if ticket_time_ms is None:  # no producer timestamp: from when this batch arrived
+            ticket_time_ms = int((self.wall_clock() - (self.clock() - record.received_at)) * 1000)
+        request = Escalation(kind=kind, ticket_id=ticket.id, text=ticket.full_text(),
+                             student_result=result, ticket_time_ms=ticket_time_ms)
+        return Outcome("escalation", ticket.id.encode(), request.model_dump_json().encode(), record,
+                       route=kind, confidence=result.confidence)
 
     def summary(self) -> dict[str, Any]:
-        accuracy, n, low, high = self.audit.estimate()
         return {
             "consumed": self.stats.consumed,
             "results": dict(self.stats.results),
             "dead_letter": dict(self.stats.dead_letter),
             "escalations": self.stats.escalations,
             "audits": self.stats.audits,
-            "audited_accuracy": accuracy,
-            "audited_samples": n,
-            "audited_ci95": (low, high),
-            "teacher_failures": dict(self.stats.teacher_failures),
-            "audits_skipped": self.stats.audits_skipped,
             "truncated": self.stats.truncated,
-            "examples_logged": self.stats.examples_logged,
-            "backlog_labelled": self.stats.backlog_labelled,
             "threshold": self.threshold(),
         }

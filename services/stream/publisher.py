@@ -28,16 +28,17 @@ def _per_record_errors() -> tuple[type[BaseException], ...]:
 
 
 async def publish_outcomes(
-    broker: Any, outcomes: Sequence[Outcome], *, results_topic: str, dead_letter_topic: str,
+    broker: Any, outcomes: Sequence[Outcome], *, topics: dict[str, str],
     replica_id: str, dead_letter: Callable[[Any, Rejection], Outcome],
 ) -> list[Outcome]:
     """Publish every outcome and wait for the broker's acks; returns what was published
-    (refused records replaced by their dead-letter). Raises for batch-level failures."""
+    (refused records replaced by their dead-letter). `topics`: outcome kind -> topic.
+    Raises for batch-level failures."""
     per_record = _per_record_errors()
     headers = {**HEADERS, "triage-replica": replica_id}
 
     async def send(outcome: Outcome) -> Any:
-        topic = results_topic if outcome.kind == "result" else dead_letter_topic
+        topic = topics[outcome.kind]
         try:
             future = await broker.publish(outcome.payload, topic, key=outcome.key, headers=headers,
                                           no_confirm=True)

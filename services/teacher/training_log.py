@@ -5,10 +5,9 @@
   it trained up to and `examples(up_to_version=v)` reproduces that data set exactly.
   A second answer for a known text keeps the first; a different label is counted in
   `conflicts` (the teacher disagreeing with itself is worth watching).
-- `pending`: tickets the teacher could not label (down, over budget, a bad answer); drained
-  later by `services.teacher.backlog.drain_backlog`, fewest `attempts` first. `attempts`
-  counts teacher tries that failed for the ticket; at the drain's cap the row is `parked`:
-  kept (and counted) but never picked again until `unpark`.
+- Tickets the teacher has not answered yet wait in Kafka (the escalations topic), not here:
+  the training log holds teacher answers only. (Logs written by older releases may still
+  hold a `pending` table; it is left alone.)
 
 Durability: WAL journal, one transaction per call. `synchronous=FULL` by default: in WAL mode
 that is one fsync per commit, and a commit here follows a paid teacher call (~1 s), so the
@@ -24,7 +23,6 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -51,42 +49,11 @@ CREATE TABLE IF NOT EXISTS conflicts (
     source        TEXT NOT NULL,
     created_at    TEXT NOT NULL
 );
-CREATE TABLE IF NOT EXISTS pending (
-    ticket_id  TEXT PRIMARY KEY,
-    text       TEXT NOT NULL,
-    reason     TEXT NOT NULL,
-    attempts   INTEGER NOT NULL DEFAULT 1,
-    first_seen TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
-    last_seen  TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
-);
 """
-# Added after the first release: logs written before it get the column on open.
-_PARKED_COLUMN = "ALTER TABLE pending ADD COLUMN parked INTEGER NOT NULL DEFAULT 0"
-_PENDING_INDEX = ("CREATE INDEX IF NOT EXISTS pending_pick"
-                  " ON pending (parked, attempts, first_seen)")
 _NOW = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')"
 
 _COLUMNS = "text, labels, teacher_model, prompt_hash, source, ticket_id, created_at"
 _CHUNK = 500  # stays far below SQLite's bound-parameter limit
-
-
-@dataclass(frozen=True)
-class ParkedTicket:
-    ticket_id: str
-    text: str
-    reason: str  # of the last failure
-    attempts: int
-    first_seen: str
-    last_seen: str
-
-
-def _for_ids(conn: sqlite3.Connection, statement: str, ids: list[str]) -> int:
-    """`statement IN (...)` over `ids` in chunks (SQLite's bound-parameter limit); rows changed."""
-    changed = 0
-    for i in range(0, len(ids), _CHUNK):
-        chunk = ids[i : i + _CHUNK]
-        changed += conn.execute(f"{statement} IN ({','.join('?' * len(chunk))})", chunk).rowcount
-    return changed
 
 
 def _labels_json(labels: dict[str, str]) -> str:
@@ -107,14 +74,6 @@ class TrainingLog:
         self._conn.execute(f"PRAGMA synchronous={synchronous.upper()}")
         self._conn.execute("PRAGMA busy_timeout=30000")
         self._conn.executescript(_SCHEMA)
-        self._write(self._migrate)
-
-    @staticmethod
-    def _migrate(conn: sqlite3.Connection) -> None:
-        columns = {row[1] for row in conn.execute("PRAGMA table_info(pending)")}
-        if "parked" not in columns:
-            conn.execute(_PARKED_COLUMN)
-        conn.execute(_PENDING_INDEX)
 
     def __repr__(self) -> str:
         return f"TrainingLog({str(self.path)!r})"
@@ -207,6 +166,17 @@ class TrainingLog:
     def count(self) -> int:
         return int(self._read("SELECT COUNT(*) FROM examples")[0][0])
 
+    def answer_for(self, text: str) -> TrainingExample | None:
+        """The logged teacher answer for this text (same dedup key), or None: asking the
+        teacher again would cost money for an answer the log would not even keep."""
+        rows = self._read(f"SELECT {_COLUMNS} FROM examples WHERE content_hash = ?", (content_hash(text),))
+        if not rows:
+            return None
+        text_, labels, model, prompt_hash, source, ticket_id, created = rows[0]
+        return TrainingExample(text=text_, labels=json.loads(labels), teacher_model=model,
+                               prompt_hash=prompt_hash, source=source, ticket_id=ticket_id,
+                               created_at=datetime.fromisoformat(created))
+
     def contains(self, text: str) -> bool:
         return bool(self.existing_hashes([content_hash(text)]))
 
@@ -231,77 +201,4 @@ class TrainingLog:
             "version": self.version(),
             "by_source": by_source,
             "conflicts": int(self._read("SELECT COUNT(*) FROM conflicts")[0][0]),
-            "pending": self.pending_count(),
-            "parked": self.parked_count(),
         }
-
-    # --- backlog of tickets the teacher could not label --------------------------------
-    def add_pending(self, ticket_id: str, text: str, reason: str, *, attempted: bool = False) -> None:
-        """Queue a ticket for a later teacher pass. `attempted`: the teacher was really asked
-        and failed for this ticket (charges one attempt); False for refusals without a request
-        (circuit open, over budget, no teacher). Re-adding a known ticket keeps one row."""
-        charge = 1 if attempted else 0
-        self._write(
-            lambda conn: conn.execute(
-                "INSERT INTO pending (ticket_id, text, reason, attempts) VALUES (?, ?, ?, ?)"
-                " ON CONFLICT(ticket_id) DO UPDATE SET reason = excluded.reason,"
-                " attempts = attempts + excluded.attempts, last_seen = excluded.last_seen",
-                (ticket_id, text, reason, charge),
-            )
-        )
-
-    def pending(self, limit: int = 100) -> list[tuple[str, str]]:
-        """Tickets to try next, not parked: fewest attempts first, then oldest.
-        [(ticket_id, text), ...]. Ordering by attempts keeps a ticket that keeps failing
-        from sitting at the head of every pass."""
-        rows = self._read(
-            "SELECT ticket_id, text FROM pending WHERE parked = 0"
-            " ORDER BY attempts, first_seen, rowid LIMIT ?", (limit,)
-        )
-        return [(r[0], r[1]) for r in rows]
-
-    def record_failure(self, ticket_id: str, reason: str, *, max_attempts: int) -> bool:
-        """Charge one failed attempt to a backlog ticket; park it once it has `max_attempts`.
-        Returns True when the ticket is parked now (False too when it is not in the backlog)."""
-
-        def charge(conn: sqlite3.Connection) -> bool:
-            conn.execute(
-                f"UPDATE pending SET attempts = attempts + 1, reason = ?, last_seen = {_NOW},"
-                " parked = CASE WHEN attempts + 1 >= ? THEN 1 ELSE parked END"
-                " WHERE ticket_id = ?",
-                (reason, max_attempts, ticket_id),
-            )
-            row = conn.execute("SELECT parked FROM pending WHERE ticket_id = ?",
-                               (ticket_id,)).fetchone()
-            return bool(row and row[0])
-
-        return self._write(charge)
-
-    def parked(self, limit: int = 100) -> list[ParkedTicket]:
-        """Tickets the drain gave up on (most recently failed first), for a person to look at."""
-        rows = self._read(
-            "SELECT ticket_id, text, reason, attempts, first_seen, last_seen FROM pending"
-            " WHERE parked = 1 ORDER BY last_seen DESC, rowid DESC LIMIT ?", (limit,)
-        )
-        return [ParkedTicket(*row) for row in rows]
-
-    def unpark(self, ticket_ids: Iterable[str] | None = None) -> int:
-        """Give parked tickets (all when `ticket_ids` is None) a fresh start: back in the
-        backlog with zero attempts. Returns how many were unparked."""
-        reset = "UPDATE pending SET parked = 0, attempts = 0 WHERE parked = 1"
-        if ticket_ids is None:
-            return self._write(lambda conn: conn.execute(reset).rowcount)
-        ids = list(ticket_ids)
-        return self._write(lambda conn: _for_ids(conn, f"{reset} AND ticket_id", ids)) if ids else 0
-
-    def resolve_pending(self, ticket_ids: Iterable[str]) -> int:
-        """Drop tickets from the backlog (parked ones too); returns how many were there."""
-        ids = list(ticket_ids)
-        return self._write(lambda conn: _for_ids(conn, "DELETE FROM pending WHERE ticket_id", ids)) if ids else 0
-
-    def pending_count(self) -> int:
-        """Tickets still to be tried (parked ones excluded: see `parked_count`)."""
-        return int(self._read("SELECT COUNT(*) FROM pending WHERE parked = 0")[0][0])
-
-    def parked_count(self) -> int:
-        return int(self._read("SELECT COUNT(*) FROM pending WHERE parked = 1")[0][0])

@@ -27,6 +27,8 @@ CONTRACT = {
     "triage_escalation_rate": "gauge",
     "triage_audited_accuracy": "gauge",
     "triage_audited_samples": "gauge",
+    "triage_escalations_waiting": "gauge",
+    "triage_corrections": "counter",
     "triage_teacher_requests": "counter",
     "triage_teacher_tokens": "counter",
     "triage_teacher_cost_usd": "counter",

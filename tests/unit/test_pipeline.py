@@ -1,15 +1,12 @@
-"""TicketPipeline with in-memory fakes: routing decisions, one outcome per record."""
+"""TicketPipeline with in-memory fakes: routing decisions, outcomes in record order."""
 
 import json
 
-import pytest
-
 from schemas.classification import Classification, FieldPrediction
+from schemas.escalation import Escalation
 from services.student.engine import StudentPrediction
 from services.stream.pipeline import EscalationConfig, InboundRecord, TicketPipeline
-from services.teacher.backlog import drain_backlog
-from services.teacher.client import TeacherAnswer, TeacherUnavailable
-from services.teacher.training_log import TrainingLog
+from services.teacher.escalation import should_audit
 
 
 class FakeClassifier:
@@ -33,72 +30,55 @@ class FakeClassifier:
         self.live_adapter = adapter
 
 
-class FakeTeacher:
-    model = "fake-teacher"
-
-    def __init__(self, fail=False):
-        self.fail, self.asked = fail, []
-
-    async def label(self, text):
-        self.asked.append(text)
-        if self.fail:
-            raise TeacherUnavailable("error", "down")
-        return TeacherAnswer({"intent": "lost_or_stolen_card"}, self.model, "ph", 10, 2, 0.001, 0.01)
-
-
-def record(i, value):
-    return InboundRecord(value=value, key=str(i).encode(), topic="t", partition=0, offset=i, received_at=0.0)
+def record(i, value, timestamp_ms=None):
+    return InboundRecord(value=value, key=str(i).encode(), topic="t", partition=0, offset=i, received_at=0.0,
+                         timestamp_ms=timestamp_ms)
 
 
 def ticket(i, text):
     return json.dumps({"id": f"t{i}", "text": text}).encode()
 
 
-@pytest.fixture
-def training_log(tmp_path):
-    with TrainingLog(tmp_path / "log.sqlite3") as log:
-        yield log
-
-
-async def test_routes_by_threshold_and_keeps_record_order(training_log):
-    teacher = FakeTeacher()
-    pipeline = TicketPipeline(
-        classifier=FakeClassifier({"sure": 0.9, "unsure": 0.2}), teacher=teacher,
-        training_log=training_log, escalation=EscalationConfig(threshold_override=0.5),
-    )
-    records = [record(0, ticket(0, "sure")), record(1, b"not json"), record(2, ticket(2, "unsure"))]
+async def test_routes_by_threshold_and_keeps_record_order():
+    pipeline = TicketPipeline(classifier=FakeClassifier({"sure": 0.9, "unsure": 0.2}),
+                              escalation=EscalationConfig(threshold_override=0.5))
+    records = [record(0, ticket(0, "sure")), record(1, b"not json"), record(2, ticket(2, "unsure"), 1_700_000)]
     outcomes = await pipeline.process(records)
-    assert [o.kind for o in outcomes] == ["result", "dead_letter", "result"]
+    assert [o.kind for o in outcomes] == ["result", "dead_letter", "escalation"]
     assert [o.record.offset for o in outcomes] == [0, 1, 2]
     confident = Classification.model_validate_json(outcomes[0].payload)
-    escalated = Classification.model_validate_json(outcomes[2].payload)
     assert confident.route.value == "student" and confident.fields["intent"] == "card_arrival"
-    assert escalated.route.value == "teacher" and escalated.fields["intent"] == "lost_or_stolen_card"
-    assert escalated.student["intent"].label == "card_arrival"  # both answers kept
-    assert teacher.asked == ["unsure"]
-    assert [e.text for e in training_log.examples()] == ["unsure"]
+    # The uncertain ticket goes to the escalations topic, keyed by ticket id, with everything
+    # the teacher worker needs: the text, the student's answer (as published if the teacher is
+    # late) and when the ticket arrived (the deadline counts from there).
+    escalation = Escalation.model_validate_json(outcomes[2].payload)
+    assert outcomes[2].key == b"t2" and escalation.kind == "escalation" and escalation.text == "unsure"
+    assert escalation.student_result.route.value == "unverified"
+    assert escalation.student_result.student["intent"].label == "card_arrival"
+    assert escalation.ticket_time_ms == 1_700_000
+    assert pipeline.summary()["escalations"] == 1 and pipeline.summary()["results"] == {"student": 1}
 
 
-async def test_teacher_down_publishes_unverified_and_keeps_ticket(training_log):
-    pipeline = TicketPipeline(
-        classifier=FakeClassifier({"unsure": 0.1}), teacher=FakeTeacher(fail=True),
-        training_log=training_log, escalation=EscalationConfig(threshold_override=0.5),
-    )
-    [outcome] = await pipeline.process([record(0, ticket(0, "unsure"))])
-    result = Classification.model_validate_json(outcome.payload)
-    assert result.route.value == "unverified" and result.fields["intent"] == "card_arrival"
-    assert training_log.pending_count() == 1
-    pipeline.teacher.fail = False
-    labelled = lambda tid, text, answer: pipeline.log_example(text, answer, source="backlog", ticket_id=tid)  # noqa: E731
-    assert (await drain_backlog(pipeline.teacher, training_log, on_labelled=labelled)).labelled == 1
-    assert training_log.pending_count() == 0
-    assert [e.source for e in training_log.examples()] == ["backlog"]
-
-
-async def test_uncalibrated_student_escalates_everything(training_log):
-    pipeline = TicketPipeline(classifier=FakeClassifier({"x": 0.99}), teacher=FakeTeacher(), training_log=training_log)
+async def test_uncalibrated_student_escalates_everything():
+    pipeline = TicketPipeline(classifier=FakeClassifier({"x": 0.99}))
     [outcome] = await pipeline.process([record(0, ticket(0, "x"))])
-    assert Classification.model_validate_json(outcome.payload).route.value == "teacher"
+    assert outcome.kind == "escalation"
+
+
+async def test_audited_tickets_publish_their_result_and_an_audit_request():
+    texts = {f"a{i}": 0.99 for i in range(40)}
+    pipeline = TicketPipeline(classifier=FakeClassifier(texts),
+                              escalation=EscalationConfig(threshold_override=0.5, audit_rate=0.3))
+    outcomes = await pipeline.process([record(i, ticket(i, t)) for i, t in enumerate(texts)])
+    audited = {f"t{i}" for i in range(40) if should_audit(f"t{i}", 0.3)}
+    assert 0 < len(audited) < 40
+    results = [o for o in outcomes if o.kind == "result"]
+    requests = [Escalation.model_validate_json(o.payload) for o in outcomes if o.kind == "escalation"]
+    assert len(results) == 40  # every confident ticket is answered at once, audited or not
+    assert {r.ticket_id for r in requests} == audited and {r.kind for r in requests} == {"audit"}
+    assert all(r.student_result.route.value == "student" and r.student_result.audited for r in requests)
+    published = [Classification.model_validate_json(o.payload) for o in results]
+    assert {r.ticket_id for r in published if r.audited} == audited
 
 
 # ---- issue 9: no input stops the stream -------------------------------------------------------
@@ -139,9 +119,8 @@ class Ref:
         self.adapter_id, self.threshold = adapter_id, threshold
 
 
-async def test_an_engine_rejection_is_that_tickets_dead_letter_not_the_batchs(training_log):
+async def test_an_engine_rejection_is_that_tickets_dead_letter_not_the_batchs():
     pipeline = TicketPipeline(classifier=ScriptedClassifier({"a": 0.9, "bad": "reject", "c": 0.9}),
-                              teacher=FakeTeacher(), training_log=training_log,
                               escalation=EscalationConfig(threshold_override=0.5))
     outcomes = await pipeline.process([record(i, ticket(i, t)) for i, t in enumerate(["a", "bad", "c"])])
     assert [o.kind for o in outcomes] == ["result", "dead_letter", "result"]
@@ -151,7 +130,7 @@ async def test_an_engine_rejection_is_that_tickets_dead_letter_not_the_batchs(tr
     assert pipeline.stats.dead_letter == {"engine_rejected": 1}
 
 
-async def test_truncated_predictions_are_flagged_in_the_result(training_log):
+async def test_truncated_predictions_are_flagged_in_the_result():
     pipeline = TicketPipeline(classifier=ScriptedClassifier({"long": "truncated:0.9"}),
                               escalation=EscalationConfig(threshold_override=0.5))
     [outcome] = await pipeline.process([record(0, ticket(0, "long"))])
@@ -164,12 +143,11 @@ async def test_threshold_is_the_pinned_adapters_not_the_one_swapped_in_meanwhile
     """Base model (uncalibrated: threshold 1.0) classifies; a calibrated adapter (0.2) is
     swapped in while the engine runs. The batch must be judged by the base model's rule."""
     clf = ScriptedClassifier({"x": 0.6}, live=None, swap_to=Ref("a-0000000000000001", 0.2))
-    pipeline = TicketPipeline(classifier=clf, teacher=None)
+    pipeline = TicketPipeline(classifier=clf)
     [outcome] = await pipeline.process([record(0, ticket(0, "x"))])
-    result = Classification.model_validate_json(outcome.payload)
     assert clf.adapters_used == [None]  # pinned explicitly, not LIVE
-    assert result.route.value == "unverified"  # escalated (no teacher here), not "student"
-    assert result.adapter_id is None
+    assert outcome.kind == "escalation"  # judged by the base model's rule, not "student"
+    assert Escalation.model_validate_json(outcome.payload).student_result.adapter_id is None
 
 
 def test_dead_letter_records_are_bounded_but_keep_size_and_hash():
@@ -190,40 +168,3 @@ def asyncio_run(coro):
     import asyncio
 
     return asyncio.new_event_loop().run_until_complete(coro)
-
-
-async def test_audits_are_bounded_in_flight():
-    import asyncio
-
-    class SlowTeacher(FakeTeacher):
-        async def label(self, text):
-            await asyncio.sleep(0.2)
-            return await super().label(text)
-
-    texts = [f"t{i}" for i in range(10)]
-    pipeline = TicketPipeline(classifier=ScriptedClassifier({t: 0.99 for t in texts}), teacher=SlowTeacher(),
-                              escalation=EscalationConfig(threshold_override=0.5, audit_rate=1.0),
-                              max_inflight_audits=3)
-    outcomes = await pipeline.process([record(i, ticket(i, t)) for i, t in enumerate(texts)])
-    assert len(pipeline._audit_tasks) <= 3
-    assert sum(Classification.model_validate_json(o.payload).audited for o in outcomes) == 3
-    assert pipeline.summary()["audits_skipped"] == 7
-    await pipeline.wait_for_audits()
-
-
-async def test_training_log_writes_happen_off_the_event_loop(training_log, monkeypatch):
-    import threading
-
-    loop_thread = threading.get_ident()
-    seen = []
-    original = training_log.append
-
-    def spy(examples):
-        seen.append(threading.get_ident())
-        return original(examples)
-
-    monkeypatch.setattr(training_log, "append", spy)
-    pipeline = TicketPipeline(classifier=ScriptedClassifier({"u": 0.1}), teacher=FakeTeacher(),
-                              training_log=training_log, escalation=EscalationConfig(threshold_override=0.5))
-    await pipeline.process([record(0, ticket(0, "u"))])
-    assert seen and all(t != loop_thread for t in seen)

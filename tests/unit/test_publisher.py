@@ -43,7 +43,7 @@ def pipeline():
 async def test_a_refused_record_becomes_its_own_dead_letter():
     broker = FakeBroker(refuse_over=1_000)
     outcomes = [outcome(0, 10), outcome(1, 5_000), outcome(2, 10)]
-    published = await publish_outcomes(broker, outcomes, results_topic="res", dead_letter_topic="dlq",
+    published = await publish_outcomes(broker, outcomes, topics={"result": "res", "dead_letter": "dlq"},
                                        replica_id="r1", dead_letter=pipeline().dead_letter)
     assert [o.kind for o in published] == ["result", "dead_letter", "result"]
     assert [(t, k) for t, k, _, _ in broker.sent] == [("res", b"k0"), ("res", b"k2"), ("dlq", b"k1")]
@@ -53,5 +53,5 @@ async def test_a_refused_record_becomes_its_own_dead_letter():
 
 async def test_a_broker_failure_fails_the_batch():
     with pytest.raises(KafkaConnectionError):
-        await publish_outcomes(FakeBroker(down=True), [outcome(0, 10)], results_topic="res",
-                               dead_letter_topic="dlq", replica_id="r1", dead_letter=pipeline().dead_letter)
+        await publish_outcomes(FakeBroker(down=True), [outcome(0, 10)],
+                               topics={"result": "res", "dead_letter": "dlq"}, replica_id="r1", dead_letter=pipeline().dead_letter)

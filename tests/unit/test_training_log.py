@@ -74,10 +74,8 @@ def test_reopen_after_close_keeps_data(tmp_path):
     path = tmp_path / "sub" / "log.sqlite3"
     with TrainingLog(path) as first:
         first.append([ex("one"), ex("two")])
-        first.add_pending("T-9", "later", "timeout")
     with TrainingLog(path) as second:
         assert second.count() == 2 and second.version() == 2
-        assert second.pending(10) == [("T-9", "later")]
         second.append([ex("three"), ex("one")])
         assert second.version() == 3
 
@@ -121,17 +119,12 @@ def test_concurrent_appends_from_threads_and_connections(tmp_path):
         training_log.close()
 
 
-def test_pending_backlog(log):
-    log.add_pending("T-1", "first", "timeout")
-    log.add_pending("T-2", "second", "circuit_open")
-    log.add_pending("T-1", "first", "over_budget")  # re-added: not duplicated
-    assert log.pending_count() == 2
-    assert log.pending(10) == [("T-1", "first"), ("T-2", "second")]
-    assert log.pending(1) == [("T-1", "first")]
-    assert log.resolve_pending(["T-1", "nope"]) == 1
-    assert log.pending(10) == [("T-2", "second")]
-    assert log.resolve_pending([]) == 0
-    assert log.pending_count() == 1
+def test_answer_for_finds_the_logged_answer_by_dedup_key(log):
+    assert log.answer_for("Where is my card?") is None
+    log.append([ex("Where is my card?", ticket_id="T-1")])
+    found = log.answer_for("  where IS my card?")  # same dedup key as the logged text
+    assert found is not None and found.ticket_id == "T-1" and found.labels == ex("x").labels
+    assert log.answer_for("where is my parcel?") is None
 
 
 def test_stats(log):
@@ -139,46 +132,19 @@ def test_stats(log):
     stats = log.stats()
     assert stats["examples"] == 3 and stats["version"] == 3
     assert stats["by_source"] == {"bootstrap": 2, "live": 1}
-    assert stats["pending"] == 0 and stats["conflicts"] == 0
+    assert stats["conflicts"] == 0
 
 
-def test_pending_fewest_attempts_first_and_attempted_adds(log):
-    log.add_pending("T-1", "first", "invalid_answer", attempted=True)
-    log.add_pending("T-2", "second", "circuit_open")  # refused without a request: no attempt
-    assert log.pending(10) == [("T-2", "second"), ("T-1", "first")]
-    log.add_pending("T-2", "second", "invalid_answer", attempted=True)
-    log.add_pending("T-2", "second", "invalid_answer", attempted=True)
-    assert log.pending(10) == [("T-1", "first"), ("T-2", "second")]
-
-
-def test_record_failure_parks_at_the_cap(log):
-    log.add_pending("T-1", "first", "timeout")
-    assert log.record_failure("T-1", "invalid_answer", max_attempts=2) is False
-    assert log.record_failure("T-1", "invalid_answer", max_attempts=2) is True
-    assert log.record_failure("nope", "timeout", max_attempts=2) is False
-    assert log.pending(10) == [] and log.pending_count() == 0 and log.parked_count() == 1
-    assert [(p.ticket_id, p.reason, p.attempts) for p in log.parked()] == [("T-1", "invalid_answer", 2)]
-    log.add_pending("T-1", "first", "timeout")  # seen again: stays parked, one row
-    assert log.parked_count() == 1 and log.pending_count() == 0
-    assert log.resolve_pending(["T-1"]) == 1  # labelled another way: leaves for good
-    assert log.parked_count() == 0
-
-
-def test_log_from_before_parking_is_migrated(tmp_path):
-    """A training log written by the previous release (no `parked` column) opens and drains."""
+def test_log_from_an_older_release_with_a_backlog_table_still_opens(tmp_path):
+    """Logs written before the backlog moved to Kafka keep their `pending` table untouched."""
     path = tmp_path / "old.sqlite3"
     conn = sqlite3.connect(path)
     conn.executescript(
-        "CREATE TABLE pending (ticket_id TEXT PRIMARY KEY, text TEXT NOT NULL,"
-        " reason TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 1,"
-        " first_seen TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),"
-        " last_seen TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')));"
+        "CREATE TABLE pending (ticket_id TEXT PRIMARY KEY, text TEXT NOT NULL, reason TEXT NOT NULL);"
         "INSERT INTO pending (ticket_id, text, reason) VALUES ('T-old', 'old text', 'timeout');"
     )
     conn.commit()
     conn.close()
-    with TrainingLog(path) as first:
-        assert first.pending(10) == [("T-old", "old text")] and first.parked_count() == 0
-        assert first.record_failure("T-old", "timeout", max_attempts=2) is True  # 1 + 1
-    with TrainingLog(path) as again:  # migrating twice is a no-op
-        assert again.stats()["parked"] == 1 and again.stats()["pending"] == 0
+    with TrainingLog(path) as log:
+        log.append([ex("one")])
+        assert log.count() == 1 and log.stats()["examples"] == 1

@@ -1,0 +1,35 @@
+"""What the escalations topic carries: a ticket the teacher should see, with the student's answer.
+
+The student consumer publishes one record per uncertain ticket (`kind="escalation"`) and per
+audited confident ticket (`kind="audit"`), keyed by ticket id, then commits the ticket. The
+teacher worker (services/teacher/worker.py) consumes them in its own consumer group.
+
+`student_result` is the student's answer exactly as it would be published: for an escalation
+it is what users get (route `unverified`) when the teacher misses the deadline; for an audit
+it is the confident result already on the results topic.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from schemas.classification import Classification
+
+EscalationKind = Literal["escalation", "audit"]
+
+
+class Escalation(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: int = 1
+    kind: EscalationKind
+    ticket_id: str
+    text: str = Field(description="the ticket as the student saw it (subject + body)")
+    student_result: Classification
+    # When the ticket entered triage (its Kafka timestamp, else consume time), epoch ms:
+    # the teacher worker's deadline counts from here, so users wait at most that long.
+    ticket_time_ms: int = Field(ge=0)
+    escalated_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))

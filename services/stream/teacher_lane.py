@@ -1,0 +1,262 @@
+"""The teacher worker's Kafka side: escalations topic -> `EscalationResolver` -> results topic.
+
+Its own consumer group (`TRIAGE_TEACHER_CONSUMER_GROUP`), so it scales on its own lag, in its
+own Deployment (`triage serve --role teacher`) or inside the student's process (`--role all`,
+the default on a laptop and in the demo).
+
+Unlike the student consumer, it does not work batch by batch: a teacher call takes a second or,
+during an outage, minutes, and one slow answer must not hold the others. Every record becomes
+a task at once; offsets are committed per partition up to the lowest record still in flight
+(`OffsetTracker`), so a crash re-delivers, never skips. At most `teacher_max_waiting` records
+are held: past it the partitions are paused (the rest waits in Kafka; lag grows, the alert
+fires) and resumed when there is room again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any, AsyncIterator
+
+from aiokafka import ConsumerRebalanceListener
+from faststream import AckPolicy
+from faststream.kafka.annotations import KafkaMessage
+from pydantic import ValidationError
+
+from schemas.classification import Classification
+from schemas.escalation import Escalation
+from services.stream.offsets import OffsetTracker
+from services.stream.publisher import HEADERS
+from services.teacher.worker import EscalationResolver, TeacherSlots
+
+log = logging.getLogger(__name__)
+
+COMMIT_EVERY_S = 0.5
+
+
+class TeacherWorker:
+    def __init__(self, broker: Any, settings: Any, task: Any, metrics: Any, *, replica_id: str,
+                 teacher: Any | None = None, training_log: Any | None = None) -> None:
+        self.broker, self.settings, self.task, self.metrics = broker, settings, task, metrics
+        self.replica_id = replica_id
+        self._injected = {"teacher": teacher, "training_log": training_log}
+        self.tracker = OffsetTracker()
+        self.resolver: EscalationResolver | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._paused = False
+        self._stopping = False
+        self.subscriber = broker.subscriber(
+            settings.escalations_topic,
+            group_id=settings.teacher_consumer_group,
+            batch=True,
+            max_records=settings.max_batch,
+            batch_timeout_ms=settings.batch_timeout_ms,
+            auto_offset_reset="earliest",
+            session_timeout_ms=settings.session_timeout_ms,
+            heartbeat_interval_ms=settings.heartbeat_interval_ms,
+            ack_policy=AckPolicy.MANUAL,  # we commit explicit offsets, never "all fetched"
+            listener=_CommitBeforeRevoke(self),
+        )
+        self.subscriber(self._handle_batch)
+
+    @property
+    def teacher(self) -> Any:
+        return self.resolver.teacher if self.resolver else None
+
+    @property
+    def training_log(self) -> Any:
+        return self.resolver.training_log if self.resolver else None
+
+    # ---- lifecycle --------------------------------------------------------------------------
+    @asynccontextmanager
+    async def resources(self) -> AsyncIterator[TeacherWorker]:
+        s = self.settings
+        async with AsyncExitStack() as stack:
+            training_log = self._injected["training_log"]
+            if training_log is None:
+                from services.teacher.training_log import TrainingLog
+
+                training_log = TrainingLog(s.training_log_path)
+                stack.callback(training_log.close)
+            teacher = self._injected["teacher"]
+            if teacher is None and s.teacher_base_url:
+                from services.teacher.client import build_teacher
+
+                teacher = build_teacher(s, self.task, self.metrics)
+                stack.push_async_callback(teacher.aclose)
+            if teacher is None:
+                log.warning("no teacher configured (TRIAGE_TEACHER_BASE_URL): escalated tickets are "
+                            "published as unverified student answers")
+            self.resolver = EscalationResolver(
+                teacher=teacher, training_log=training_log, publish=self._publish_result,
+                deadline_s=s.escalation_deadline_s,
+                slots=TeacherSlots(s.teacher_concurrency, max(1, s.teacher_concurrency // 4)),
+                metrics=self.metrics, retry_max_s=s.teacher_retry_max_s,
+            )
+            upkeep = asyncio.create_task(self._upkeep(), name="teacher-lane-upkeep")
+            try:
+                yield self
+            finally:
+                upkeep.cancel()
+                await self._cancel_all()
+
+    async def stop(self) -> None:
+        """Before the consumer closes: stop taking records, commit what is finished."""
+        self._stopping = True
+        await self._cancel_all()
+        with contextlib.suppress(Exception):
+            await self._commit()
+
+    async def _cancel_all(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # ---- records in -------------------------------------------------------------------------
+    async def _handle_batch(self, msg: KafkaMessage) -> None:
+        from aiokafka import TopicPartition
+
+        raw = msg.raw_message if isinstance(msg.raw_message, tuple) else (msg.raw_message,)
+        for record in raw:
+            if self._stopping:
+                return
+            partition = TopicPartition(record.topic, record.partition)
+            if not self.tracker.add(partition, record.offset):
+                continue  # re-delivered while its first copy is still in flight here
+            task = asyncio.create_task(self._handle_record(record, partition))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        self._pause_if_full()
+
+    async def _handle_record(self, record: Any, partition: Any) -> None:
+        assert self.resolver is not None
+        try:
+            request = Escalation.model_validate_json(record.value or b"")
+        except ValidationError as exc:
+            await self._dead_letter(record, str(exc)[:1000])
+            self.tracker.done(partition, record.offset)
+            return
+        failures = 0
+        while True:  # only publishing / logging can fail here; the record stays uncommitted
+            try:
+                await self.resolver.resolve(request)
+                break
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                failures += 1
+                log.error("escalation of ticket %s failed (%s: %s); attempt %d, retrying", request.ticket_id,
+                          type(exc).__name__, str(exc)[:300], failures, exc_info=exc if failures == 1 else None,
+                          extra={"topic": record.topic, "partition": record.partition, "offset": record.offset})
+                await asyncio.sleep(min(30.0, 0.5 * 2 ** min(failures, 6)))
+        self.tracker.done(partition, record.offset)
+
+    async def _publish_result(self, result: Classification) -> None:
+        await self._send(self.settings.results_topic, result.ticket_id.encode(), result.model_dump_json().encode())
+
+    async def _send(self, topic: str, key: bytes | None, payload: bytes) -> None:
+        headers = {**HEADERS, "triage-replica": self.replica_id}
+        future = await self.broker.publish(payload, topic, key=key, headers=headers, no_confirm=True)
+        await future  # acknowledged by the broker, or raises
+
+    async def _dead_letter(self, record: Any, detail: str) -> None:
+        from schemas.dead_letter import DeadLetter
+
+        log.warning("dead-lettered an invalid escalation record: %s", detail[:200],
+                    extra={"topic": record.topic, "partition": record.partition, "offset": record.offset})
+        envelope = DeadLetter.of(record.value, copy_limit=self.settings.dead_letter_copy_bytes,
+                                 reason="invalid_escalation", detail=detail, source_topic=record.topic,
+                                 partition=record.partition, offset=record.offset)
+        await self._send(self.settings.dead_letter_topic, record.key, envelope.model_dump_json().encode())
+        self.metrics.dead_lettered("invalid_escalation")
+
+    # ---- offsets, backpressure, lag ----------------------------------------------------------
+    def _pause_if_full(self) -> None:
+        consumer = self.subscriber.consumer
+        if consumer is None:
+            return
+        full = self.tracker.inflight() >= self.settings.teacher_max_waiting
+        if full and not self._paused:
+            log.warning("teacher worker holds %d escalations: pausing consumption (they wait in Kafka)",
+                        self.tracker.inflight())
+        if full:
+            consumer.pause(*consumer.assignment())  # also pauses partitions assigned meanwhile
+        elif self._paused:
+            consumer.resume(*consumer.paused())
+        self._paused = full
+
+    async def _commit(self, only: Any = None) -> None:
+        consumer = self.subscriber.consumer
+        if consumer is None:
+            return
+        assigned = set(consumer.assignment()) if only is None else set(only)
+        positions = {tp: pos for tp, pos in self.tracker.committable().items() if tp in assigned}
+        if positions:
+            await consumer.commit(positions)
+            self.tracker.mark_committed(positions)
+
+    async def _upkeep(self) -> None:
+        reported: set[Any] = set()
+        while True:
+            await asyncio.sleep(COMMIT_EVERY_S)
+            consumer = self.subscriber.consumer
+            if consumer is None:
+                continue
+            try:
+                await self._commit()
+            except Exception as exc:  # a rebalance in progress: the next round commits
+                log.info("commit deferred: %s", exc)
+            self._pause_if_full()
+            self.metrics.set_escalations_waiting(self.tracker.inflight())
+            assignment = set(consumer.assignment())
+            for tp in reported - assignment:
+                self.metrics.remove_lag(tp.topic, tp.partition)
+            reported = assignment
+            for tp in assignment:
+                high = consumer.highwater(tp)
+                if high is not None:
+                    with contextlib.suppress(Exception):
+                        self.metrics.set_lag(tp.topic, tp.partition, high - await consumer.position(tp))
+
+    async def idle(self, timeout_s: float = 60.0) -> bool:
+        """Wait until every escalation on the topic so far is answered and committed (tests,
+        the demo); False on timeout."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while loop.time() < deadline:
+            consumer = self.subscriber.consumer
+            assignment = list(consumer.assignment()) if consumer is not None else []
+            if assignment and not self._tasks and not self.tracker.inflight():
+                with contextlib.suppress(Exception):
+                    ends = await consumer.end_offsets(assignment)
+                    committed = [await consumer.committed(tp) or 0 for tp in assignment]
+                    if all(c >= ends[tp] for tp, c in zip(assignment, committed)):
+                        return True
+            await asyncio.sleep(0.1)
+        return False
+
+    def assigned(self) -> int:
+        consumer = self.subscriber.consumer
+        return len(consumer.assignment()) if consumer is not None else 0
+
+    def summary(self) -> dict[str, object]:
+        return {**(self.resolver.summary() if self.resolver else {}), "waiting": self.tracker.inflight()}
+
+
+class _CommitBeforeRevoke(ConsumerRebalanceListener):  # type: ignore[misc]
+    """aiokafka rebalance listener: commit finished work of partitions about to move, then
+    forget them (their unfinished records go to the new owner, which redoes them)."""
+
+    def __init__(self, worker: TeacherWorker) -> None:
+        self.worker = worker
+
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        with contextlib.suppress(Exception):
+            await self.worker._commit(only=revoked)
+        self.worker.tracker.forget(revoked)
+
+    async def on_partitions_assigned(self, assigned: Any) -> None:
+        return None

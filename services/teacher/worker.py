@@ -1,0 +1,255 @@
+"""What the teacher worker does with one escalation record. No Kafka consumer here: the wiring
+(services/stream/teacher_lane.py) hands records in and commits offsets when `resolve` returns.
+
+An escalation (`kind="escalation"`), as users see it on the results topic (keyed by ticket id,
+latest record wins):
+- the teacher answers before the deadline (ticket time + `deadline_s`): one `teacher` result;
+- it does not (slow, down, over budget): the student's answer as `unverified` at the deadline,
+  then the `teacher` result under the same key when the teacher answers (a correction);
+- the teacher refuses this ticket (its answer is invalid, a per-request 4xx) `max_ticket_attempts`
+  times: the `unverified` result is final;
+- there is no teacher configured: `unverified` at once.
+While the teacher is down the escalation keeps waiting (backoff up to `retry_max_s`): it is
+never dropped, and its offset is not committed until its result is acknowledged.
+
+An audit (`kind="audit"`) publishes nothing: the teacher's answer is logged (source "audit")
+and compared with the confident answer already published (the live accuracy estimate).
+Audits take at most `audit_slots` of the teacher's concurrency and only when no escalation
+waits for a slot, so they never starve escalations.
+
+Every teacher answer is logged before its result is published: a crash in between re-delivers
+the escalation and `resolve` republishes the logged answer without asking the teacher again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, AsyncIterator, Awaitable, Callable
+
+from schemas.classification import Classification, Route
+from schemas.escalation import Escalation
+from schemas.training import TrainingExample
+from services.teacher.client import TeacherUnavailable
+from services.teacher.escalation import AuditEstimator
+
+if TYPE_CHECKING:
+    from services.stream.metrics import ServiceMetrics
+    from services.teacher.client import Teacher
+    from services.teacher.training_log import TrainingLog
+
+log = logging.getLogger(__name__)
+
+# publish(result) -> None once the broker acknowledged it (raises otherwise).
+PublishResult = Callable[[Classification], Awaitable[None]]
+
+
+class TeacherSlots:
+    """The teacher's concurrency, shared by escalations and audits with escalations first."""
+
+    def __init__(self, total: int, audit_slots: int) -> None:
+        self.total, self.audit_slots = max(1, total), max(0, min(audit_slots, total))
+        self._busy = Counter[str]()
+        self._waiting_escalations = 0
+        self._changed = asyncio.Condition()
+
+    def _free_for(self, kind: str) -> bool:
+        if sum(self._busy.values()) >= self.total:
+            return False
+        if kind == "audit":
+            return self._busy["audit"] < self.audit_slots and self._waiting_escalations == 0
+        return True
+
+    @contextlib.asynccontextmanager
+    async def hold(self, kind: str) -> AsyncIterator[None]:
+        async with self._changed:
+            if kind != "audit":
+                self._waiting_escalations += 1
+            try:
+                await self._changed.wait_for(lambda: self._free_for(kind))
+            finally:
+                if kind != "audit":
+                    self._waiting_escalations -= 1
+            self._busy[kind] += 1
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self._busy[kind] -= 1
+                self._changed.notify_all()
+
+    def busy(self, kind: str) -> int:
+        return self._busy[kind]
+
+
+@dataclass
+class WorkerStats:
+    teacher_results: int = 0
+    unverified: int = 0
+    corrections: int = 0  # teacher results that replaced an unverified one
+    reused: int = 0  # answered from the training log (a re-delivery, or a known text)
+    gave_up: Counter[str] = field(default_factory=Counter)  # ticket refused by the teacher
+    audits: int = 0
+    audits_skipped: int = 0  # no teacher configured
+    examples_logged: int = 0
+    teacher_failures: Counter[str] = field(default_factory=Counter)
+
+
+@dataclass
+class _Answer:
+    labels: dict[str, str]
+    model: str
+    prompt_hash: str
+    logged: bool  # already in the training log
+
+
+class EscalationResolver:
+    def __init__(
+        self, *, teacher: Teacher | None, training_log: TrainingLog | None, publish: PublishResult,
+        deadline_s: float, slots: TeacherSlots, metrics: ServiceMetrics | None = None,
+        max_ticket_attempts: int = 3, retry_base_s: float = 0.5, retry_max_s: float = 10.0,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.teacher, self.training_log, self.publish = teacher, training_log, publish
+        self.deadline_s, self.slots, self.metrics = deadline_s, slots, metrics
+        self.max_ticket_attempts, self.retry_base_s, self.retry_max_s = max_ticket_attempts, retry_base_s, retry_max_s
+        self.wall_clock = wall_clock
+        self.stats = WorkerStats()
+        self.audit = AuditEstimator()
+        self._rng = random.Random()
+
+    async def resolve(self, request: Escalation) -> None:
+        """Handle one record to its end (see the module docstring). Raises only for a failure
+        to publish or log (the caller retries the record, nothing was committed)."""
+        if request.kind == "audit":
+            await self._audit(request)
+        else:
+            await self._escalation(request)
+
+    # ---- escalations ----------------------------------------------------------------------
+    async def _escalation(self, request: Escalation) -> None:
+        answer = await self._known_answer(request.text)
+        if answer is None and self.teacher is None:
+            await self._publish_unverified(request)
+            return
+        unverified_sent = False
+        if answer is None:
+            asking = asyncio.create_task(self._ask(request.text, "escalation"))
+            try:
+                remaining = request.ticket_time_ms / 1000 + self.deadline_s - self.wall_clock()
+                if remaining > 0:
+                    await asyncio.wait({asking}, timeout=remaining)
+                if not asking.done():  # past the deadline: users get the student's answer now
+                    await self._publish_unverified(request)
+                    unverified_sent = True
+                answer = await asking
+            finally:
+                asking.cancel()
+        if answer is None:  # the teacher refused this ticket: the student's answer stays
+            if not unverified_sent:
+                await self._publish_unverified(request)
+            return
+        if not answer.logged:
+            await self._log(request, answer, source="live")
+        student = request.student_result
+        result = student.model_copy(update={
+            "fields": answer.labels, "confidence": 1.0, "route": Route.teacher, "model": answer.model,
+            "teacher": answer.labels, "teacher_model": answer.model,
+            "latency_ms": self._since_ticket_ms(request),
+        })
+        await self.publish(result)
+        self.stats.teacher_results += 1
+        self.stats.corrections += int(unverified_sent)
+        if self.metrics:
+            self.metrics.observe_result(Route.teacher.value, None, None if unverified_sent
+                                        else self._since_ticket_ms(request) / 1000)
+            if unverified_sent:
+                self.metrics.corrected()
+
+    async def _publish_unverified(self, request: Escalation) -> None:
+        result = request.student_result.model_copy(update={
+            "route": Route.unverified, "latency_ms": self._since_ticket_ms(request)})
+        await self.publish(result)
+        self.stats.unverified += 1
+        if self.metrics:
+            self.metrics.observe_result(Route.unverified.value, None, self._since_ticket_ms(request) / 1000)
+
+    # ---- audits ---------------------------------------------------------------------------
+    async def _audit(self, request: Escalation) -> None:
+        answer = await self._known_answer(request.text)
+        if answer is None and self.teacher is None:
+            self.stats.audits_skipped += 1
+            return
+        if answer is None:
+            answer = await self._ask(request.text, "audit")
+            if answer is None:
+                return
+            await self._log(request, answer, source="audit")
+        self.stats.audits += 1
+        agree = all(answer.labels.get(k) == v for k, v in request.student_result.fields.items())
+        self.audit.record(agree)
+        if self.metrics:
+            accuracy, n, _, _ = self.audit.estimate()
+            self.metrics.set_audit(accuracy, n)
+
+    # ---- the teacher and the log ----------------------------------------------------------
+    async def _ask(self, text: str, kind: str) -> _Answer | None:
+        """The teacher's answer, waiting out outages; None when it refuses this very ticket."""
+        assert self.teacher is not None
+        refused, waits = 0, 0
+        while True:
+            async with self.slots.hold(kind):
+                try:
+                    got = await self.teacher.label(text)
+                    return _Answer(got.labels, got.model, got.prompt_hash, logged=False)
+                except TeacherUnavailable as exc:
+                    self.stats.teacher_failures[exc.reason] += 1
+                    if exc.scope == "ticket":
+                        refused += 1
+                        if refused >= self.max_ticket_attempts:
+                            self.stats.gave_up[exc.reason] += 1
+                            log.warning("the teacher refused a ticket %d times (%s); its student answer "
+                                        "stays unverified", refused, exc)
+                            return None
+            waits += 1
+            delay = min(self.retry_max_s, self.retry_base_s * 2 ** min(waits - 1, 16))
+            await asyncio.sleep(self._rng.uniform(delay / 2, delay))  # jitter: no thundering herd
+
+    async def _known_answer(self, text: str) -> _Answer | None:
+        if self.training_log is None:
+            return None
+        known = await asyncio.to_thread(self.training_log.answer_for, text)
+        if known is None:
+            return None
+        self.stats.reused += 1
+        return _Answer(known.labels, known.teacher_model, known.prompt_hash, logged=True)
+
+    async def _log(self, request: Escalation, answer: _Answer, *, source: str) -> None:
+        if self.training_log is None:
+            return
+        example = TrainingExample(text=request.text, labels=answer.labels, teacher_model=answer.model,
+                                  prompt_hash=answer.prompt_hash, source=source,
+                                  ticket_id=request.ticket_id)
+        added = await asyncio.to_thread(self.training_log.append, [example])  # SQLite + fsync
+        self.stats.examples_logged += added
+        if self.metrics and added:
+            self.metrics.training_examples_logged(added)
+
+    def _since_ticket_ms(self, request: Escalation) -> float:
+        return max(0.0, self.wall_clock() * 1000 - request.ticket_time_ms)
+
+    def summary(self) -> dict[str, object]:
+        accuracy, n, low, high = self.audit.estimate()
+        s = self.stats
+        return {
+            "teacher_results": s.teacher_results, "unverified": s.unverified, "corrections": s.corrections,
+            "reused": s.reused, "gave_up": dict(s.gave_up), "audits": s.audits,
+            "audits_skipped": s.audits_skipped, "examples_logged": s.examples_logged,
+            "teacher_failures": dict(s.teacher_failures),
+            "audited_accuracy": accuracy, "audited_samples": n, "audited_ci95": (low, high),
+        }

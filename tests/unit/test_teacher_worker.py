@@ -1,0 +1,191 @@
+"""The teacher worker's decisions with fakes: offsets, slots, deadlines, corrections, audits."""
+
+import asyncio
+import time
+
+import pytest
+
+from schemas.classification import Classification, FieldPrediction
+from schemas.escalation import Escalation
+from services.stream.offsets import OffsetTracker
+from services.teacher.client import TeacherAnswer, TeacherUnavailable
+from services.teacher.training_log import TrainingLog
+from services.teacher.worker import EscalationResolver, TeacherSlots
+
+
+# ---- offsets ------------------------------------------------------------------------------------
+def test_commit_position_is_the_lowest_offset_still_in_flight():
+    t = OffsetTracker()
+    for offset in (10, 11, 12):
+        assert t.add("p0", offset)
+    assert t.committable() == {"p0": 10}  # nothing done: everything from 10 is redone on a crash
+    t.done("p0", 11)
+    t.done("p0", 12)
+    assert t.committable() == {"p0": 10}  # 10 still in flight holds the position back
+    t.mark_committed(t.committable())
+    assert t.committable() == {}  # no movement, nothing to commit
+    t.done("p0", 10)
+    assert t.committable() == {"p0": 13}
+    t.mark_committed({"p0": 13})
+    assert not t.add("p0", 12)  # a re-delivery of a finished record is skipped
+    assert t.inflight() == 0
+
+
+def test_partitions_are_independent_and_revoked_ones_forgotten():
+    t = OffsetTracker()
+    t.add("p0", 0)
+    t.add("p1", 5)
+    t.done("p1", 5)
+    assert t.committable() == {"p1": 6}  # p0: nothing finished yet, position 0 is already implied
+    t.forget(["p1"])
+    t.done("p1", 5)  # a task of a revoked partition finishing late: ignored
+    assert "p1" not in t.committable() and t.inflight() == 1
+
+
+# ---- slots --------------------------------------------------------------------------------------
+async def test_audits_never_take_a_slot_an_escalation_waits_for():
+    slots = TeacherSlots(total=2, audit_slots=1)
+    order: list[str] = []
+    release = asyncio.Event()
+
+    async def call(kind: str, name: str) -> None:
+        async with slots.hold(kind):
+            order.append(name)
+            await release.wait()
+
+    first = [asyncio.create_task(call("escalation", "e1")), asyncio.create_task(call("escalation", "e2"))]
+    await asyncio.sleep(0.01)
+    queued = [asyncio.create_task(call("audit", "a1")), asyncio.create_task(call("escalation", "e3"))]
+    await asyncio.sleep(0.01)
+    assert order == ["e1", "e2"]  # full
+    release.set()
+    await asyncio.gather(*first, *queued)
+    assert order.index("e3") < order.index("a1")  # the escalation queued later still goes first
+
+
+async def test_audits_use_at_most_their_share():
+    slots = TeacherSlots(total=4, audit_slots=1)
+    peak = 0
+
+    async def audit() -> None:
+        nonlocal peak
+        async with slots.hold("audit"):
+            peak = max(peak, slots.busy("audit"))
+            await asyncio.sleep(0.01)
+
+    await asyncio.gather(*(audit() for _ in range(6)))
+    assert peak == 1
+
+
+# ---- the resolver -------------------------------------------------------------------------------
+class Teacher:
+    model = "fake-teacher"
+
+    def __init__(self, delay_s=0.0, script=()):
+        self.delay_s, self.script, self.asked = delay_s, list(script), []
+
+    async def label(self, text):
+        self.asked.append(text)
+        if self.script:
+            step = self.script.pop(0)
+            if step != "ok":
+                raise TeacherUnavailable(step, "scripted")
+        await asyncio.sleep(self.delay_s)
+        return TeacherAnswer({"intent": "lost_or_stolen_card"}, self.model, "ph", 10, 2, 0.001, self.delay_s)
+
+
+def request(kind="escalation", ticket_id="T-1", text="where is my card", age_s=0.0):
+    student = Classification(
+        ticket_id=ticket_id, fields={"intent": "card_arrival"}, confidence=0.3,
+        route="unverified" if kind == "escalation" else "student", model="student", adapter_id="a-1",
+        student={"intent": FieldPrediction(label="card_arrival", confidence=0.3)},
+        audited=kind == "audit", latency_ms=5.0, engine_ms=3.0)
+    return Escalation(kind=kind, ticket_id=ticket_id, text=text, student_result=student,
+                      ticket_time_ms=int((time.time() - age_s) * 1000))
+
+
+@pytest.fixture
+def training_log(tmp_path):
+    with TrainingLog(tmp_path / "log.sqlite3") as log:
+        yield log
+
+
+def resolver(teacher, training_log, deadline_s=5.0, **kw):
+    published: list[Classification] = []
+
+    async def publish(result):
+        published.append(result)
+
+    r = EscalationResolver(teacher=teacher, training_log=training_log, publish=publish, deadline_s=deadline_s,
+                           slots=TeacherSlots(4, 1), retry_base_s=0.01, retry_max_s=0.02, **kw)
+    return r, published
+
+
+async def test_a_timely_answer_is_one_teacher_result_and_a_live_example(training_log):
+    r, published = resolver(Teacher(), training_log)
+    await r.resolve(request())
+    [result] = published
+    assert result.route.value == "teacher" and result.fields == {"intent": "lost_or_stolen_card"}
+    assert result.student["intent"].label == "card_arrival" and result.adapter_id == "a-1"  # both kept
+    assert result.teacher_model == result.model == "fake-teacher" and result.confidence == 1.0
+    [example] = training_log.examples()
+    assert example.source == "live" and example.ticket_id == "T-1" and example.prompt_hash == "ph"
+
+
+async def test_past_the_deadline_users_get_the_student_answer_then_the_correction(training_log):
+    r, published = resolver(Teacher(delay_s=0.3), training_log, deadline_s=0.05)
+    await r.resolve(request())
+    assert [p.route.value for p in published] == ["unverified", "teacher"]
+    assert published[0].fields == {"intent": "card_arrival"}  # the student's answer, flagged
+    assert {p.ticket_id for p in published} == {"T-1"}
+    assert r.summary()["corrections"] == 1
+
+
+async def test_a_ticket_already_past_its_deadline_is_unverified_at_once(training_log):
+    r, published = resolver(Teacher(delay_s=0.05), training_log, deadline_s=1.0)
+    await r.resolve(request(age_s=5.0))  # waited in Kafka for 5 s already
+    assert [p.route.value for p in published] == ["unverified", "teacher"]
+
+
+async def test_an_outage_waits_it_out_instead_of_dropping_the_ticket(training_log):
+    teacher = Teacher(script=["circuit_open", "timeout", "error", "ok"])
+    r, published = resolver(teacher, training_log, deadline_s=0.0)
+    await r.resolve(request())
+    assert [p.route.value for p in published] == ["unverified", "teacher"]
+    assert len(teacher.asked) == 4 and training_log.count() == 1
+
+
+async def test_a_ticket_the_teacher_refuses_keeps_its_unverified_answer(training_log):
+    teacher = Teacher(script=["invalid_answer"] * 3)
+    r, published = resolver(teacher, training_log, max_ticket_attempts=3)
+    await r.resolve(request())
+    assert [p.route.value for p in published] == ["unverified"]
+    assert training_log.count() == 0 and r.summary()["gave_up"] == {"invalid_answer": 1}
+
+
+async def test_a_redelivered_escalation_is_answered_from_the_log_not_the_teacher(training_log):
+    teacher = Teacher()
+    r, published = resolver(teacher, training_log)
+    await r.resolve(request())
+    await r.resolve(request())  # after a crash between publish and commit
+    assert len(teacher.asked) == 1
+    assert [p.route.value for p in published] == ["teacher", "teacher"]
+    assert published[0].fields == published[1].fields and training_log.count() == 1
+
+
+async def test_without_a_teacher_escalations_are_unverified_at_once(training_log):
+    r, published = resolver(None, training_log, deadline_s=60.0)
+    await r.resolve(request())
+    assert [p.route.value for p in published] == ["unverified"]
+
+
+async def test_audits_publish_nothing_and_measure_agreement(training_log):
+    r, published = resolver(Teacher(), training_log)
+    await r.resolve(request("audit", "A-1", "text one"))
+    agree = request("audit", "A-2", "text two")
+    agree.student_result.fields["intent"] = "lost_or_stolen_card"
+    await r.resolve(agree)
+    assert published == []
+    summary = r.summary()
+    assert summary["audits"] == 2 and summary["audited_accuracy"] == 0.5
+    assert {e.source for e in training_log.examples()} == {"audit"}
