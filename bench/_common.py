@@ -65,15 +65,20 @@ def machine() -> dict[str, Any]:
 
 
 @asynccontextmanager
-async def engine(settings: Any) -> AsyncIterator[Any]:
-    """The real vLLM student (base model) with the service's own engine settings."""
+async def engine(settings: Any, registry: str | None = None) -> AsyncIterator[Any]:
+    """The real vLLM student with the service's own engine settings: the base model, or the
+    current adapter of `registry` (e.g. one `triage distill` promoted)."""
     from schemas.task import TaskSpec
     from services.student.engine import EngineConfig, VllmClassifier
     from services.student.model_store import ensure_student_model
+    from services.student.registry import AdapterRegistry
 
     ensure_student_model(settings.model_path)
     task = TaskSpec.from_file(settings.task_path)
-    async with VllmClassifier.started(EngineConfig.from_settings(settings), task) as classifier:
+    adapter = AdapterRegistry(Path(registry)).current() if registry else None
+    if registry and adapter is None:
+        raise SystemExit(f"{registry}: no current adapter")
+    async with VllmClassifier.started(EngineConfig.from_settings(settings), task, adapter) as classifier:
         yield classifier
 
 
@@ -106,6 +111,7 @@ class Collector:
     bootstrap: str
     topic: str
     first_seen: dict[bytes, float] = field(default_factory=dict)
+    first_route: dict[bytes, str] = field(default_factory=dict)  # route of the first result
     total: int = 0
     _task: asyncio.Task[None] | None = None
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
@@ -128,7 +134,9 @@ class Collector:
                 for records in batches.values():
                     for r in records:
                         self.total += 1
-                        self.first_seen.setdefault(r.key, now)
+                        if r.key not in self.first_seen:
+                            self.first_seen[r.key] = now
+                            self.first_route[r.key] = json.loads(r.value).get("route", "?")
         finally:
             await consumer.stop()
 
@@ -152,8 +160,8 @@ async def service(
 ) -> AsyncIterator[tuple[Any, Collector]]:
     """A TriageService on fresh topics (4 partitions) + a results collector, once ready.
 
-    No teacher, confidence_threshold 0.0: nothing escalates, every ticket is answered by
-    the student, so the figures are the serving path's alone.
+    By default no teacher and confidence_threshold 0.0: nothing escalates, every ticket is
+    answered by the student, so the figures are the serving path's alone.
     """
     from services.stream.app import TriageService
     from services.stream.kafka_io import all_topics, ensure_topics
@@ -165,7 +173,9 @@ async def service(
         results_topic=f"bench-results-{suffix}",
         dead_letter_topic=f"bench-dlq-{suffix}",
         control_topic=f"bench-control-{suffix}",
+        escalations_topic=f"bench-escalations-{suffix}",
         consumer_group=f"bench-{suffix}",
+        teacher_consumer_group=f"bench-teacher-{suffix}",
         session_timeout_ms=3000,
         heartbeat_interval_ms=500,
         topic_partitions=4,
@@ -179,7 +189,7 @@ async def service(
     values.update(overrides)
     settings = base_settings(**values)
     await ensure_topics(bootstrap, all_topics(settings), settings.topic_partitions)
-    svc = TriageService(settings, classifier=classifier, teacher=None)
+    svc = TriageService(settings, classifier=classifier)
     collector = await Collector(bootstrap, settings.results_topic).start()
     try:
         async with svc.running():

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import tempfile
 import time
@@ -44,6 +45,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-timeout-ms", default="50", help="comma list of TRIAGE_BATCH_TIMEOUT_MS")
     p.add_argument("--partitions", type=int, default=4, help="partitions of the tickets topic")
     p.add_argument("--timeout-s", type=float, default=900, help="limit per end-to-end pass")
+    p.add_argument("--registry", help="serve this adapter registry's current adapter (default: base model)")
     p.add_argument("--out", help="write the JSON report here (default: print it)")
     return p.parse_args(argv)
 
@@ -66,9 +68,11 @@ async def raw_pass(classifier: Any, raw: list[str], when: str) -> dict[str, Any]
 
 
 async def e2e_pass(bootstrap: str, classifier: Any, workdir: Path, raw: list[str], *,
-                   max_batch: int, batch_timeout_ms: int, partitions: int, timeout_s: float) -> dict[str, Any]:
+                   max_batch: int, batch_timeout_ms: int, partitions: int, timeout_s: float,
+                   registry: str | None = None) -> dict[str, Any]:
     reset = await c.reset_prefix_cache(classifier)
-    async with c.service(bootstrap, classifier, workdir, max_batch=max_batch,
+    served = {"registry_dir": Path(registry).resolve()} if registry else {}  # else it swaps to the base
+    async with c.service(bootstrap, classifier, workdir, max_batch=max_batch, **served,
                          batch_timeout_ms=batch_timeout_ms, topic_partitions=partitions) as (svc, results):
         messages = c.ticket_messages(f"tp-{max_batch}-{batch_timeout_ms}", raw)
         keys = {k for k, _ in messages}
@@ -104,7 +108,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         c.say(f"starting the engine ({settings.model_path.name}, dtype {settings.dtype}, "
               f"eager {settings.enforce_eager}, max_num_seqs {settings.max_num_seqs}) ...")
         started = time.perf_counter()
-        async with c.engine(settings) as classifier:
+        async with c.engine(settings, args.registry) as classifier:
+            report["adapter"] = getattr(classifier.live_adapter, "adapter_id", None)
             report["engine_start_s"] = round(time.perf_counter() - started, 1)
             t = time.perf_counter()
             await classifier.classify(warm)
@@ -119,7 +124,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     run_ = await e2e_pass(
                         broker.bootstrap_servers, classifier, Path(tmp), raw, max_batch=max_batch,
                         batch_timeout_ms=batch_timeout_ms, partitions=args.partitions,
-                        timeout_s=args.timeout_s,
+                        timeout_s=args.timeout_s, registry=args.registry,
                     )
                     runs.append(run_)
                     c.say(f"(b) e2e max_batch={max_batch} batch_timeout_ms={batch_timeout_ms} "
@@ -142,6 +147,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "max_batch": best["max_batch"], "batch_timeout_ms": best["batch_timeout_ms"],
         "partitions": args.partitions, "dtype": settings.dtype, "enforce_eager": settings.enforce_eager,
         "max_num_seqs": settings.max_num_seqs, "block_size": settings.block_size,
+        "cpu_reserved_cores": os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU"),
+        "omp_threads_bind": os.environ.get("VLLM_CPU_OMP_THREADS_BIND"),
     }
     c.say("")
     for run_ in runs:

@@ -43,6 +43,10 @@ class Settings(BaseSettings):
     # Largest batch handed to the engine at once, and how long to wait to fill it.
     max_batch: int = Field(default=128, ge=1, le=4096)
     batch_timeout_ms: int = Field(default=50, ge=0)
+    # Longest a fetch waits at the broker for new records. Real Kafka answers as soon as data
+    # arrives; Tansu holds the whole wait, so a hop (tickets -> escalations -> results) could
+    # cost 500 ms (the client default) each. Lower = more empty fetches when idle.
+    fetch_max_wait_ms: int = Field(default=100, ge=0, le=5_000)
     # Partitions created for the topics when we create them (embedded broker, demo).
     topic_partitions: int = Field(default=4, ge=1)
 

@@ -78,6 +78,7 @@ class TriageService:
                 auto_offset_reset="earliest",
                 session_timeout_ms=settings.session_timeout_ms,
                 heartbeat_interval_ms=settings.heartbeat_interval_ms,
+                fetch_max_wait_ms=settings.fetch_max_wait_ms,
                 ack_policy=AckPolicy.MANUAL,  # commit only after every outcome is acknowledged
             )
             self.subscriber(self._handle_batch)

@@ -56,6 +56,7 @@ class TeacherWorker:
             auto_offset_reset="earliest",
             session_timeout_ms=settings.session_timeout_ms,
             heartbeat_interval_ms=settings.heartbeat_interval_ms,
+            fetch_max_wait_ms=settings.fetch_max_wait_ms,
             ack_policy=AckPolicy.MANUAL,  # we commit explicit offsets, never "all fetched"
             listener=_CommitBeforeRevoke(self),
         )
