@@ -76,8 +76,11 @@ def test_compose_topic_init_creates_every_settings_topic(compose: dict) -> None:
     assert init["depends_on"]["kafka"]["condition"] == "service_healthy"
     script = " ".join(init["command"]) if isinstance(init["command"], list) else init["command"]
     assert "kafka-topics.sh" in script and "--if-not-exists" in script
-    for field in ("tickets_topic", "results_topic", "dead_letter_topic", "control_topic"):
+    for field in ("tickets_topic", "results_topic", "dead_letter_topic", "control_topic", "escalations_topic"):
         assert default(field) in script, field
+    # The results topic is a changelog (unverified, then the teacher's correction): compacted.
+    results_line = next(line for line in script.splitlines() if f"--topic {default('results_topic')}" in line)
+    assert "cleanup.policy=compact" in results_line
 
 
 def test_compose_triage_service(compose: dict) -> None:
@@ -248,7 +251,8 @@ def test_kustomize_builds() -> None:
                          timeout=60, check=True).stdout
     kinds = [d["kind"] for d in yaml.safe_load_all(out) if d]
     assert sorted(kinds) == sorted(["ConfigMap", "PersistentVolumeClaim", "PersistentVolumeClaim",
-                                    "Deployment", "Service", "CronJob", "ScaledObject", "PodMonitor"])
+                                    "Deployment", "Deployment", "Service", "CronJob", "ScaledObject",
+                                    "ScaledObject", "PodMonitor"] + ["KafkaTopic"] * 5)
     assert "image: registry.example.com/triage-gpu:0.1.0" in out
 
 
@@ -313,6 +317,29 @@ def test_keda_scaledobject_structure(manifests: dict) -> None:
     assert meta["consumerGroup"] == cm["data"]["TRIAGE_CONSUMER_GROUP"] == default("consumer_group")
     assert meta["topic"] == cm["data"]["TRIAGE_TICKETS_TOPIC"] == default("tickets_topic")
     assert int(meta["lagThreshold"]) > 0
+
+
+def test_teacher_worker_is_its_own_deployment_scaled_on_its_own_lag(manifests: dict) -> None:
+    docs = {(d["kind"], d["metadata"]["name"]): d for _, d in manifests["_all"] if "metadata" in d}
+    student, worker = docs[("Deployment", "triage")], docs[("Deployment", "triage-teacher")]
+    cm = manifests["ConfigMap"]
+    env = {e["name"]: e.get("value") for e in _pod(student)["containers"][0].get("env", [])}
+    assert env["TRIAGE_ROLE"] == "student"  # the GPU replicas never wait for the teacher
+    c = _pod(worker)["containers"][0]
+    assert c["args"] == ["serve", "--role", "teacher"]
+    assert "nvidia.com/gpu" not in c["resources"].get("limits", {})  # I/O-bound, no model
+    assert _claims(_pod(worker)) == {cm["data"]["TRIAGE_DATA_DIR"]: "triage-data"}  # appends the log
+    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    so = docs[("ScaledObject", "triage-teacher")]
+    assert so["spec"]["scaleTargetRef"]["name"] == "triage-teacher"
+    meta = so["spec"]["triggers"][0]["metadata"]
+    assert meta["consumerGroup"] == cm["data"]["TRIAGE_TEACHER_CONSUMER_GROUP"] == default("teacher_consumer_group")
+    assert meta["topic"] == cm["data"]["TRIAGE_ESCALATIONS_TOPIC"] == default("escalations_topic")
+    assert so["spec"]["maxReplicaCount"] <= default("topic_partitions")
+    topics = {d["metadata"]["name"]: d for _, d in manifests["_all"] if d["kind"] == "KafkaTopic"}
+    assert set(topics) == {default(f) for f in ("tickets_topic", "results_topic", "dead_letter_topic",
+                                                 "control_topic", "escalations_topic")}
+    assert topics[default("results_topic")]["spec"]["config"]["cleanup.policy"] == "compact"
 
 
 def test_podmonitor_structure(manifests: dict) -> None:
