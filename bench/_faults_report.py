@@ -63,7 +63,8 @@ def summarise(produced: Produced, records: Sequence[OutcomeRecord], end: float) 
     mine = [r for r in records if r.key in keys]
     results = [r for r in mine if r.kind == "result"]
     dlq = [r for r in mine if r.kind == "dlq"]
-    per_key = Counter(r.key for r in results)
+    per_key = Counter(r.key for r in results if r.route != "unverified")  # unverified, then the
+    # teacher's correction under the same key is the contract, not a duplicate
     answered = {r.key for r in mine}
     stall, stall_p = max_stall(produced.sent, first_outcomes(mine, keys), end)
     confidences = [r.confidence for r in results if r.confidence is not None]

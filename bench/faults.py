@@ -14,7 +14,8 @@ dead-letter topics until every produced key has an outcome (or --drain-s), and r
   recovery s | notes
 
 lost = produced keys with neither a result nor a dead-letter record; duplicated = keys with
-more than one result record; max stall = longest time a partition had pending work and no
+more than one result record (not counting an `unverified` answer, then the teacher's correction:
+that is the contract); max stall = longest time a partition had pending work and no
 outcome; recovery = fault end -> first outcome after it (see each scenario). Target: 0 lost,
 every bad input dead-lettered with a reason, every good ticket answered, no stall over
 --stall-cap-s. Progress on stderr, the table on stdout, details in --json. Exit 1 if a
@@ -96,7 +97,8 @@ class Deployment:
         return self.broker.bootstrap_servers
 
     def topics(self, space: str = "main") -> dict[str, str]:
-        return {k: f"faults-{space}-{k}-{self.suffix}" for k in ("tickets", "results", "dlq", "control")}
+        kinds = ("tickets", "results", "dlq", "control", "escalations")
+        return {k: f"faults-{space}-{k}-{self.suffix}" for k in kinds}
 
     def n(self, count: int) -> int:
         return max(1, round(count * self.args.scale))

@@ -148,8 +148,9 @@ COLUMNS = (  # header, width, cell
     ("teacher calls", 14, lambda d: f"{d['teacher_calls']}"),
     ("$ per 1k", 9, lambda d: f"{d['cost_per_1k_usd']:.3f}"),
     ("tickets/s", 10, lambda d: f"{d['throughput_per_s']}"),
-    ("student p50/p99 ms", 19, lambda d: f"{d['service_p50_ms']:.0f}/{d['service_p99_ms']:.0f}"),
-    ("queued p50 s", 13, lambda d: f"{d['queueing_p50_ms'] / 1000:.1f}"),
+    ("student p50/p99 ms", 19, lambda d: "-" if not d["student_answered"]
+     else f"{d['service_p50_ms']:.0f}/{d['service_p99_ms']:.0f}"),
+    ("queued p50 s", 13, lambda d: "-" if not d["student_answered"] else f"{d['queueing_p50_ms'] / 1000:.1f}"),
 )
 
 

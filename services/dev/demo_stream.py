@@ -89,14 +89,16 @@ class StreamReport:
                      f"{d['error_of_student_answered']:.1%} of them (vs gold)")
         else:
             alone = "student answered none alone"
+        timing = ("" if not d["student_answered"] else
+                  f"\n  student answers: consume → publish p50 {d['service_p50_ms']:.0f} ms / p99 "
+                  f"{d['service_p99_ms']:.0f} ms; queueing p50 {d['queueing_p50_ms'] / 1000:.1f} s "
+                  f"(the burst waits in Kafka)")
         return (
             f"  {d['tickets_in']} in: {d['results']} answered + {d['dead_lettered']} dead-lettered "
             f"(all accounted for: {'yes' if d['accounted_for'] else 'NO'}); "
             f"{d['throughput_per_s']} tickets/s\n"
             f"  {alone}; escalated {d['escalation_rate']:.1%}; student accuracy on all "
-            f"{d['student_accuracy']:.1%}\n"
-            f"  service latency p50 {d['service_p50_ms']:.0f} ms / p99 {d['service_p99_ms']:.0f} ms; "
-            f"queueing p50 {d['queueing_p50_ms'] / 1000:.1f} s (the burst waits in Kafka)"
+            f"{d['student_accuracy']:.1%}{timing}"
         )
 
 

@@ -130,6 +130,7 @@ class TeacherWorker:
             task = asyncio.create_task(self._handle_record(record, partition))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+        self.metrics.set_escalations_waiting(self.tracker.inflight())
         self._pause_if_full()
 
     async def _handle_record(self, record: Any, partition: Any) -> None:
@@ -139,6 +140,7 @@ class TeacherWorker:
         except ValidationError as exc:
             await self._dead_letter(record, str(exc)[:1000])
             self.tracker.done(partition, record.offset)
+            self.metrics.set_escalations_waiting(self.tracker.inflight())
             return
         failures = 0
         while True:  # only publishing / logging can fail here; the record stays uncommitted
@@ -154,6 +156,7 @@ class TeacherWorker:
                           extra={"topic": record.topic, "partition": record.partition, "offset": record.offset})
                 await asyncio.sleep(min(30.0, 0.5 * 2 ** min(failures, 6)))
         self.tracker.done(partition, record.offset)
+        self.metrics.set_escalations_waiting(self.tracker.inflight())
 
     async def _publish_result(self, result: Classification) -> None:
         await self._send(self.settings.results_topic, result.ticket_id.encode(), result.model_dump_json().encode())

@@ -55,7 +55,9 @@ def clinc_env(tmp_path, cli_env, kafka_bootstrap):
            "TRIAGE_BOOTSTRAP_SERVERS": kafka_bootstrap, "TRIAGE_SESSION_TIMEOUT_MS": "3000",
            "TRIAGE_HEARTBEAT_INTERVAL_MS": "500", "TRIAGE_REGISTRY_POLL_S": "1",
            "TRIAGE_TICKETS_TOPIC": f"clinc-{suffix}", "TRIAGE_RESULTS_TOPIC": f"clinc-results-{suffix}",
-           "TRIAGE_DEAD_LETTER_TOPIC": f"clinc-dlq-{suffix}", "TRIAGE_CONSUMER_GROUP": f"clinc-{suffix}"}
+           "TRIAGE_DEAD_LETTER_TOPIC": f"clinc-dlq-{suffix}", "TRIAGE_CONSUMER_GROUP": f"clinc-{suffix}",
+           "TRIAGE_ESCALATIONS_TOPIC": f"clinc-escalations-{suffix}",
+           "TRIAGE_TEACHER_CONSUMER_GROUP": f"clinc-teacher-{suffix}"}
     assert not any(k in env for k in ("TRIAGE_CALIBRATION_PATH", "TRIAGE_REPORT_PATH"))
     yield env
     _kill_group(standin.pid)

@@ -137,7 +137,12 @@ def _start(name: str, tmp: Path, topics: dict[str, str], group: str, bootstrap: 
         TRIAGE_RESULTS_TOPIC=topics["results"],
         TRIAGE_DEAD_LETTER_TOPIC=topics["dlq"],
         TRIAGE_CONTROL_TOPIC=topics["control"],
+        TRIAGE_ESCALATIONS_TOPIC=topics["escalations"],
         TRIAGE_CONSUMER_GROUP=group,
+        TRIAGE_TEACHER_CONSUMER_GROUP=f"{group}-teacher",
+        # The student answers every ticket itself: this test is about the student group's
+        # partitions (the teacher lane's failover: test_teacher_worker_kill.py).
+        TRIAGE_CONFIDENCE_THRESHOLD="0.0",
         TRIAGE_SESSION_TIMEOUT_MS="3000",
         TRIAGE_HEARTBEAT_INTERVAL_MS="500",
         TRIAGE_METRICS_PORT=str(port),
@@ -173,7 +178,7 @@ async def _ready(replica: Replica) -> tuple[int, str]:
 
 async def test_two_replicas_split_partitions_and_survive_a_kill(kafka_bootstrap, student_model_path, tmp_path):
     suffix = uuid.uuid4().hex[:8]
-    topics = {k: f"scale-{k}-{suffix}" for k in ("tickets", "results", "dlq", "control")}
+    topics = {k: f"scale-{k}-{suffix}" for k in ("tickets", "results", "dlq", "control", "escalations")}
     await ensure_topics(kafka_bootstrap, topics.values(), PARTITIONS)
     cores = [str(i % os.cpu_count()) for i in range(2)] if (os.cpu_count() or 1) >= 2 else [None, None]
     replicas = [

@@ -4,7 +4,8 @@ Real Tansu broker, the stand-in teacher over HTTP, the real CLI in subprocesses.
 records are produced directly (the student is not needed for the teacher lane), the worker is
 killed while teacher calls are in flight, a second worker takes over. Afterwards: every
 escalation has a teacher result; after dedup by key (latest record wins) each has exactly one
-answer; the training log holds each text once; the group's offsets reach the end of the topic.
+answer; the training log holds each text once; the group's offsets reach the end of the topic;
+a malformed record on the escalations topic is a dead letter, not a stall.
 """
 
 from __future__ import annotations
@@ -96,7 +97,9 @@ async def test_worker_killed_mid_batch_loses_nothing_and_answers_once(make_setti
     records = escalations(rows)
     gold_of = {key.decode(): row.label for (key, _), row in zip(records, rows)}
     text_of = {key.decode(): row.text for (key, _), row in zip(records, rows)}
-    await produce(settings.bootstrap_servers, settings.escalations_topic, records)
+    garbage = (b"garbage", b'{"kind": "escalation", "ticket_id": ')  # not an Escalation
+    await produce(settings.bootstrap_servers, settings.escalations_topic, records[:N // 2] + [garbage]
+                  + records[N // 2:])
 
     async with run_standin(gold=gold, latency_ms=1000) as server:
         first = start_worker(settings, server.base_url)
@@ -114,7 +117,7 @@ async def test_worker_killed_mid_batch_loses_nothing_and_answers_once(make_setti
                     until=lambda r: {x.key for x in r} >= set(k for k, _ in records))
                 # Offsets reach the end once every answer is acknowledged (upkeep commits).
                 deadline = time.monotonic() + 30
-                while sum((await committed_offsets(settings)).values()) < N:
+                while sum((await committed_offsets(settings)).values()) < N + 1:
                     assert time.monotonic() < deadline, await committed_offsets(settings)
                     await asyncio.sleep(0.5)
             finally:
@@ -137,6 +140,11 @@ async def test_worker_killed_mid_batch_loses_nothing_and_answers_once(make_setti
     # The teacher was asked again only for what was in flight at the kill.
     assert stand_in["chat_requests"] <= N + CONCURRENCY
     assert asked_before_restart < N
+    # The malformed record is a dead letter with its reason; it did not stall its partition.
+    dead = await read_topic(settings.bootstrap_servers, settings.dead_letter_topic,
+                            until=lambda r: len(r) >= 1, timeout_s=10)
+    # (once per worker that read it before the commit: at-least-once, like everything here)
+    assert {d.key for d in dead} == {b"garbage"} and {d.json()["reason"] for d in dead} == {"invalid_escalation"}
     with TrainingLog(settings.training_log_path) as log:
         examples = log.examples()
     assert sorted(e.ticket_id for e in examples) == sorted(gold_of)  # each text logged once
