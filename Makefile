@@ -23,6 +23,7 @@ test-unit: install
 bench: model
 	$(PY) bench/throughput.py
 	$(PY) bench/latency.py
+	$(PY) bench/escalation.py
 
 faults: model
 	$(PY) bench/faults.py --json var/bench/faults.json

@@ -5,6 +5,7 @@ Imports nothing from services/ or trainer/: a producer can depend on this packag
 
 from schemas.classification import Classification, FieldPrediction, LabelScore, Route
 from schemas.dead_letter import DeadLetter
+from schemas.escalation import Escalation
 from schemas.task import FieldSpec, FewShotExample, TaskSpec, default_task_path
 from schemas.ticket import Ticket
 from schemas.training import TrainingExample
@@ -12,6 +13,7 @@ from schemas.training import TrainingExample
 __all__ = [
     "Classification",
     "DeadLetter",
+    "Escalation",
     "FieldPrediction",
     "FewShotExample",
     "FieldSpec",
