@@ -20,12 +20,13 @@ import time
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any, AsyncIterator
 
-from faststream import AckPolicy, FastStream
+from faststream import FastStream
 from faststream.kafka import KafkaBroker
 from faststream.kafka.annotations import KafkaMessage
 
 from schemas.task import TaskSpec
 from services.student.engine import Classifier, EngineConfig, VllmClassifier
+from services.stream.kafka_io import group_batch_options
 from services.stream.pipeline import EscalationConfig, InboundRecord, Outcome, TicketPipeline
 from services.stream.teacher_lane import TeacherWorker
 from services.logs import configure_logging, log_context
@@ -69,18 +70,9 @@ class TriageService:
         self.broker = KafkaBroker(settings.bootstrap_servers, acks="all", logger=log)
         self.subscriber: Any = None
         if self.runs_student:
+            # Manual commits: only after every outcome of the batch is acknowledged.
             self.subscriber = self.broker.subscriber(
-                settings.tickets_topic,
-                group_id=settings.consumer_group,
-                batch=True,
-                max_records=settings.max_batch,
-                batch_timeout_ms=settings.batch_timeout_ms,
-                auto_offset_reset="earliest",
-                session_timeout_ms=settings.session_timeout_ms,
-                heartbeat_interval_ms=settings.heartbeat_interval_ms,
-                fetch_max_wait_ms=settings.fetch_max_wait_ms,
-                ack_policy=AckPolicy.MANUAL,  # commit only after every outcome is acknowledged
-            )
+                settings.tickets_topic, group_id=settings.consumer_group, **group_batch_options(settings))
             self.subscriber(self._handle_batch)
             # No group: every replica sees every control message (hot-swap now, not at next poll).
             self.control = self.broker.subscriber(settings.control_topic, auto_offset_reset="latest")

@@ -91,6 +91,23 @@ def unique_keys(received: Sequence[Received]) -> set[bytes | None]:
     return {r.key for r in received}
 
 
+def group_batch_options(settings: Settings) -> dict[str, Any]:
+    """FastStream subscriber options shared by the student consumer and the teacher worker:
+    batches, manual commits (neither commits what it merely fetched), the group timings."""
+    from faststream import AckPolicy
+
+    return dict(
+        batch=True,
+        max_records=settings.max_batch,
+        batch_timeout_ms=settings.batch_timeout_ms,
+        auto_offset_reset="earliest",
+        session_timeout_ms=settings.session_timeout_ms,
+        heartbeat_interval_ms=settings.heartbeat_interval_ms,
+        fetch_max_wait_ms=settings.fetch_max_wait_ms,
+        ack_policy=AckPolicy.MANUAL,
+    )
+
+
 def all_topics(settings: Settings) -> list[str]:
     """Every topic a replica reads or writes, in a stable order."""
     return [settings.tickets_topic, settings.results_topic, settings.dead_letter_topic, settings.control_topic,

@@ -21,12 +21,12 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any, AsyncIterator
 
 from aiokafka import ConsumerRebalanceListener
-from faststream import AckPolicy
 from faststream.kafka.annotations import KafkaMessage
 from pydantic import ValidationError
 
 from schemas.classification import Classification
 from schemas.escalation import Escalation
+from services.stream.kafka_io import group_batch_options
 from services.stream.offsets import OffsetTracker
 from services.stream.publisher import HEADERS
 from services.teacher.worker import EscalationResolver, TeacherSlots
@@ -47,19 +47,10 @@ class TeacherWorker:
         self._tasks: set[asyncio.Task[None]] = set()
         self._paused = False
         self._stopping = False
+        # Manual commits: explicit per-partition offsets (`_commit`), never "all fetched".
         self.subscriber = broker.subscriber(
-            settings.escalations_topic,
-            group_id=settings.teacher_consumer_group,
-            batch=True,
-            max_records=settings.max_batch,
-            batch_timeout_ms=settings.batch_timeout_ms,
-            auto_offset_reset="earliest",
-            session_timeout_ms=settings.session_timeout_ms,
-            heartbeat_interval_ms=settings.heartbeat_interval_ms,
-            fetch_max_wait_ms=settings.fetch_max_wait_ms,
-            ack_policy=AckPolicy.MANUAL,  # we commit explicit offsets, never "all fetched"
-            listener=_CommitBeforeRevoke(self),
-        )
+            settings.escalations_topic, group_id=settings.teacher_consumer_group,
+            listener=_CommitBeforeRevoke(self), **group_batch_options(settings))
         self.subscriber(self._handle_batch)
 
     @property
