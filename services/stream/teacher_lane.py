@@ -126,23 +126,25 @@ class TeacherWorker:
 
     async def _handle_record(self, record: Any, partition: Any) -> None:
         assert self.resolver is not None
+        request: Escalation | None = None
         try:
             request = Escalation.model_validate_json(record.value or b"")
         except ValidationError as exc:
-            await self._dead_letter(record, str(exc)[:1000])
-            self.tracker.done(partition, record.offset)
-            self.metrics.set_escalations_waiting(self.tracker.inflight())
-            return
+            invalid = str(exc)[:1000]
+        ticket = request.ticket_id if request is not None else None
         failures = 0
         while True:  # only publishing / logging can fail here; the record stays uncommitted
             try:
-                await self.resolver.resolve(request)
+                if request is None:
+                    await self._dead_letter(record, invalid)
+                else:
+                    await self.resolver.resolve(request)
                 break
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 failures += 1
-                log.error("escalation of ticket %s failed (%s: %s); attempt %d, retrying", request.ticket_id,
+                log.error("escalation record (ticket %s) failed (%s: %s); attempt %d, retrying", ticket,
                           type(exc).__name__, str(exc)[:300], failures, exc_info=exc if failures == 1 else None,
                           extra={"topic": record.topic, "partition": record.partition, "offset": record.offset})
                 await asyncio.sleep(min(30.0, 0.5 * 2 ** min(failures, 6)))
