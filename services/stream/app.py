@@ -26,7 +26,7 @@ from faststream.kafka.annotations import KafkaMessage
 
 from schemas.task import TaskSpec
 from services.student.engine import Classifier, EngineConfig, VllmClassifier
-from services.stream.kafka_io import group_batch_options
+from services.stream.kafka_io import group_batch_options, report_lag
 from services.stream.pipeline import EscalationConfig, InboundRecord, Outcome, TicketPipeline
 from services.stream.teacher_lane import TeacherWorker
 from services.logs import configure_logging, log_context
@@ -260,20 +260,12 @@ class TriageService:
                                    if assigned else "waiting for partition assignment")
             await asyncio.sleep(1.0)
         while True:
-            consumer = getattr(self.subscriber, "consumer", None)
-            assignment = set(consumer.assignment()) if consumer is not None else set()
-            for tp in reported - assignment:  # revoked by a rebalance: not ours to report
-                self.metrics.remove_lag(tp.topic, tp.partition)
-            reported = assignment
+            reported = assignment = await report_lag(getattr(self.subscriber, "consumer", None),
+                                                     self.metrics, reported)
             if self._dead is not None:
                 self.metrics.set_ready(False, self._dead)  # never ready again: a restart is due
             elif assignment:
                 self.metrics.set_ready(True, f"engine warm; {len(assignment)} partitions assigned")
-                for tp in assignment:
-                    high = consumer.highwater(tp)
-                    if high is not None:
-                        with contextlib.suppress(Exception):
-                            self.metrics.set_lag(tp.topic, tp.partition, high - await consumer.position(tp))
             else:
                 self.metrics.set_ready(False, "waiting for partition assignment")
             if self._dead is not None:

@@ -6,6 +6,7 @@ Used by the CLI, the demo, benches and tests; the service itself publishes throu
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from dataclasses import dataclass
@@ -106,6 +107,21 @@ def group_batch_options(settings: Settings) -> dict[str, Any]:
         fetch_max_wait_ms=settings.fetch_max_wait_ms,
         ack_policy=AckPolicy.MANUAL,
     )
+
+
+async def report_lag(consumer: Any, metrics: Any, reported: set[Any]) -> set[Any]:
+    """`triage_consumer_lag` for the consumer's assigned partitions (log end - position); the
+    series of partitions no longer assigned (`reported` - now) are dropped: after a rebalance
+    they are another consumer's to report. Returns the assignment (the next `reported`)."""
+    assignment = set(consumer.assignment()) if consumer is not None else set()
+    for tp in reported - assignment:
+        metrics.remove_lag(tp.topic, tp.partition)
+    for tp in assignment:
+        high = consumer.highwater(tp)
+        if high is not None:
+            with contextlib.suppress(Exception):
+                metrics.set_lag(tp.topic, tp.partition, high - await consumer.position(tp))
+    return assignment
 
 
 def all_topics(settings: Settings) -> list[str]:

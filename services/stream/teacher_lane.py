@@ -26,7 +26,7 @@ from pydantic import ValidationError
 
 from schemas.classification import Classification
 from schemas.escalation import Escalation
-from services.stream.kafka_io import group_batch_options
+from services.stream.kafka_io import group_batch_options, report_lag
 from services.stream.offsets import OffsetTracker
 from services.stream.publisher import HEADERS
 from services.teacher.worker import EscalationResolver, TeacherSlots
@@ -208,15 +208,7 @@ class TeacherWorker:
                 log.info("commit deferred: %s", exc)
             self._pause_if_full()
             self.metrics.set_escalations_waiting(self.tracker.inflight())
-            assignment = set(consumer.assignment())
-            for tp in reported - assignment:
-                self.metrics.remove_lag(tp.topic, tp.partition)
-            reported = assignment
-            for tp in assignment:
-                high = consumer.highwater(tp)
-                if high is not None:
-                    with contextlib.suppress(Exception):
-                        self.metrics.set_lag(tp.topic, tp.partition, high - await consumer.position(tp))
+            reported = await report_lag(consumer, self.metrics, reported)
 
     async def idle(self, timeout_s: float = 60.0) -> bool:
         """Wait until every escalation on the topic so far is answered and committed (tests,
