@@ -163,7 +163,7 @@ async def stream_tickets(
         # (a re-read from the start: records already seen keep the time they first arrived)
         first_read = {(r.partition, r.offset): r for r in received}
         again = await read_topic(bootstrap, results_topic, timeout_s=correction_timeout_s,
-                                 until=lambda r: not _unverified(r, wanted))
+                                 until=lambda r: wanted <= {x.key for x in r} and not _unverified(r, wanted))
         received = [first_read.get((r.partition, r.offset), r) for r in again]
     dead = await read_topic(
         bootstrap, dead_letter_topic,
