@@ -3,20 +3,24 @@
 Imports nothing from services/ or trainer/: a producer can depend on this package alone.
 """
 
-from schemas.classification import Classification, FieldPrediction, LabelScore, Route
+from schemas.classification import Classification, EntityPrediction, FieldPrediction, LabelScore, Route
 from schemas.dead_letter import DeadLetter
 from schemas.escalation import Escalation
-from schemas.task import FieldSpec, FewShotExample, TaskSpec, default_task_path
+from schemas.task import Entity, EntityFieldSpec, FieldSpec, FewShotExample, InputSpec, TaskSpec, default_task_path
 from schemas.ticket import Ticket
 from schemas.training import TrainingExample
 
 __all__ = [
     "Classification",
     "DeadLetter",
+    "Entity",
+    "EntityFieldSpec",
+    "EntityPrediction",
     "Escalation",
     "FieldPrediction",
     "FewShotExample",
     "FieldSpec",
+    "InputSpec",
     "LabelScore",
     "Route",
     "TaskSpec",

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class Ticket(BaseModel):
-    """A support ticket. `id` is the producer's id; results are keyed by it."""
+    """A support ticket. `id` is the producer's id; results are keyed by it.
 
-    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+    Fields beyond the standard ones are the task's `inputs` (product, reporter, ...): the parser
+    (services/stream/validation.py) accepts exactly those the task declares, as scalars."""
+
+    model_config = ConfigDict(extra="allow", str_strip_whitespace=True)
 
     id: str = Field(min_length=1, max_length=256)
     text: str = Field(min_length=1, description="The customer's message.")
@@ -26,6 +29,12 @@ class Ticket(BaseModel):
             raise ValueError("text is blank")
         return value
 
-    def full_text(self) -> str:
-        """Subject and body as the model sees them."""
-        return f"{self.subject}\n{self.text}" if self.subject else self.text
+    def full_text(self, inputs: Sequence[Any] = ()) -> str:
+        """What the models see: the task's inputs as `Name: value` lines, the subject, the body.
+        `inputs`: the task's InputSpecs (schemas.task); a ticket without one skips its line."""
+        extra = self.model_extra or {}
+        lines = [f"{i.shown_as}: {extra[i.name]}" for i in inputs
+                 if extra.get(i.name) not in (None, "")]
+        if self.subject:
+            lines.append(self.subject)
+        return "\n".join(lines + [self.text])

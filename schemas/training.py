@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from datetime import datetime, timezone
+from typing import Any
 
 from pydantic import BaseModel, Field
 
@@ -17,7 +18,9 @@ def content_hash(text: str) -> str:
 
 class TrainingExample(BaseModel):
     text: str = Field(min_length=1)
-    labels: dict[str, str] = Field(description="field name -> label")
+    labels: dict[str, Any] = Field(description="field name -> label; the entities field -> a list "
+                                   "of {type, text}. The fields the teacher was asked for: a "
+                                   "partial escalation logs only those (schemas/answer.py)")
     teacher_model: str
     prompt_hash: str
     source: str = Field(default="live", description="live | audit | bootstrap | backlog")

@@ -101,6 +101,15 @@ class ServiceMetrics:
         self.corrections = counter(
             "triage_corrections_total",
             "Teacher results published after the student's unverified answer (same key).")
+        self.field_escalations = counter(
+            "triage_field_escalations_total",
+            "Fields below their calibrated threshold, per field (a ticket escalates when any is).",
+            ["field"])
+        self.rejected_answers = counter(
+            "triage_rejected_answers_total",
+            "Answers or entity spans refused by the task's contract (schemas/answer.py): the "
+            "teacher's answer is retried, the student's span dropped; never published or logged.",
+            ["source", "reason"])
         # --- teacher ---------------------------------------------------------------------
         self.teacher_requests = counter(
             "triage_teacher_requests_total", "Teacher calls, by outcome.", ["outcome"])

@@ -27,7 +27,7 @@ import time
 from collections import Counter, deque
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
-from typing import TYPE_CHECKING, Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
 
 from pydantic import SecretStr
 
@@ -46,7 +46,7 @@ OnRequest = Callable[[str, float, int, int, float], None]
 
 @dataclass(frozen=True)
 class TeacherAnswer:
-    labels: dict[str, str]
+    labels: dict[str, Any]  # the asked fields: label, or a list of {type, text} for entities
     model: str
     prompt_hash: str
     prompt_tokens: int
@@ -89,7 +89,9 @@ class TeacherUnavailable(Exception):
 class Teacher(Protocol):
     model: str
 
-    async def label(self, text: str) -> TeacherAnswer: ...
+    async def label(self, text: str, fields: Sequence[str] | None = None) -> TeacherAnswer:
+        """The answer to `fields` (None: every field of the task)."""
+        ...
 
 
 # --- failure policy pieces -----------------------------------------------------------------
@@ -221,12 +223,14 @@ class OpenAITeacher:
         self._semaphore = asyncio.Semaphore(max(1, concurrency))
         self._breaker = CircuitBreaker(breaker_failures, breaker_reset_s, clock)
         self._spend = SpendWindow(clock)
-        self._response_format = response_format(task)
+        self._formats: dict[tuple[str, ...] | None, dict[str, Any]] = {}
         self._client = openai.AsyncOpenAI(
             base_url=base_url, api_key=api_key.get_secret_value(), max_retries=0,
             timeout=timeout_s,
         )
         self._calls: Counter[str] = Counter()
+        self.rejected_answers: Counter[str] = Counter()  # schemas.answer.ANSWER_REASONS
+        self.on_rejected_answer: Callable[[str], None] | None = None
         self._attempts: Counter[str] = Counter()
         self._tokens = [0, 0]
         self._cost = 0.0
@@ -254,7 +258,7 @@ class OpenAITeacher:
     def _over_budget(self) -> bool:
         return any(cap is not None and self._spend.spent(w) >= cap for w, cap in self._caps)
 
-    async def label(self, text: str) -> TeacherAnswer:
+    async def label(self, text: str, fields: Sequence[str] | None = None) -> TeacherAnswer:
         if self._breaker.refusing():
             raise self._refuse("circuit_open")
         if self._over_budget():
@@ -266,7 +270,7 @@ class OpenAITeacher:
                 self._breaker.abandon()
                 raise self._refuse("over_budget")
             try:
-                answer = await self._with_retries(text)
+                answer = await self._with_retries(text, fields)
             except TeacherUnavailable as exc:
                 self._calls[exc.reason] += 1
                 if exc.reason == "circuit_open" or exc.scope == "ticket":
@@ -283,12 +287,15 @@ class OpenAITeacher:
             self._breaker.success()
             return answer
 
-    async def _with_retries(self, text: str) -> TeacherAnswer:
-        messages = build_teacher_messages(self.task, text, self.few_shot)
+    async def _with_retries(self, text: str, fields: Sequence[str] | None) -> TeacherAnswer:
+        asked = tuple(fields) if fields is not None else None
+        messages = build_teacher_messages(self.task, text, self.few_shot, asked)
         phash = prompt_hash(messages)
+        if asked not in self._formats:
+            self._formats[asked] = response_format(self.task, asked)
         for attempt in range(self.max_retries + 1):
             try:
-                return await self._attempt(messages, phash)
+                return await self._attempt(messages, phash, text, asked)
             except _Attempt as failed:
                 if not failed.retry or attempt == self.max_retries:
                     raise TeacherUnavailable(failed.reason, failed.detail, failed.scope) from None
@@ -303,9 +310,10 @@ class OpenAITeacher:
                 await asyncio.sleep(min(wait, max(cap, 60.0)))
         raise AssertionError("unreachable")
 
-    async def _attempt(self, messages: list[dict[str, str]], phash: str) -> TeacherAnswer:
+    async def _attempt(self, messages: list[dict[str, str]], phash: str, text: str,
+                       asked: tuple[str, ...] | None) -> TeacherAnswer:
         openai = self._openai
-        kwargs: dict[str, Any] = {"response_format": self._response_format}
+        kwargs: dict[str, Any] = {"response_format": self._formats[asked]}
         if self._temperature is not None:
             kwargs["temperature"] = self._temperature
         start = time.perf_counter()
@@ -340,8 +348,15 @@ class OpenAITeacher:
         self._spend.add(cost)
         try:
             content = resp.choices[0].message.content
-            labels = parse_answer(self.task, content)
+            # Spans are checked against the ticket as the teacher saw it: a span that is not in
+            # the text, an undeclared entity type, an unknown label or broken JSON is refused
+            # (counted by reason, retried), never published or logged.
+            labels = parse_answer(self.task, content, text, asked)
         except (ValueError, IndexError, AttributeError, TypeError) as exc:
+            reason = getattr(exc, "reason", "malformed_json")
+            self.rejected_answers[reason] += 1
+            if self.on_rejected_answer is not None:
+                self.on_rejected_answer(reason)
             self._notify("invalid_answer", latency, p_tok, c_tok, cost)
             raise _Attempt("invalid_answer", str(exc)[:200], True) from None
         self._notify("ok", latency, p_tok, c_tok, cost)
@@ -363,6 +378,7 @@ class OpenAITeacher:
             "cost_usd": self._cost,
             "spent_last_hour_usd": self._spend.spent(3600.0),
             "spent_last_day_usd": self._spend.spent(86_400.0),
+            "rejected_answers": dict(self.rejected_answers),
             "breaker": self._breaker.state,
             "consecutive_failures": self._breaker.consecutive,
         }
@@ -379,7 +395,7 @@ def build_teacher(settings: Settings, task: TaskSpec, metrics: ServiceMetrics | 
                 outcome if outcome in TEACHER_OUTCOMES else "error", latency or None, prompt_tokens=p_tok, completion_tokens=c_tok, cost_usd=cost
             )
 
-    return OpenAITeacher(
+    teacher = OpenAITeacher(
         base_url=settings.teacher_base_url,
         # Servers without auth (the stand-in, a local `vllm serve`) accept any token.
         api_key=settings.teacher_api_key if settings.teacher_api_key.get_secret_value() else SecretStr("unused"),
@@ -397,3 +413,6 @@ def build_teacher(settings: Settings, task: TaskSpec, metrics: ServiceMetrics | 
         breaker_reset_s=settings.teacher_breaker_reset_s,
         on_request=on_request,
     )
+    if metrics is not None:
+        teacher.on_rejected_answer = lambda reason: metrics.rejected_answers.labels("teacher", reason).inc()
+    return teacher

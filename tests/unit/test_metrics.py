@@ -40,6 +40,8 @@ CONTRACT = {
     "triage_ready": "gauge",
     "triage_batch_failures": "counter",
     "triage_batch_retry_streak": "gauge",
+    "triage_field_escalations": "counter",
+    "triage_rejected_answers": "counter",
 }
 
 
