@@ -9,6 +9,7 @@ teacher asked for the fields the student was unsure of); `fields=` says which ar
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -26,6 +27,24 @@ class AnswerError(ValueError):
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(f"{reason}: {detail}")
         self.reason, self.detail = reason, detail
+
+
+def entity_list_schema(spec: EntityFieldSpec) -> dict[str, Any]:
+    """JSON schema of the entities field: the teacher's response_format and the student's
+    structured-output grammar use the same one (types enumerated, bounded size)."""
+    item = {"type": "object",
+            "properties": {"type": {"type": "string", "enum": spec.type_names},
+                           "text": {"type": "string", "minLength": 1, "maxLength": spec.max_span_chars}},
+            "required": ["type", "text"], "additionalProperties": False}
+    return {"type": "array", "items": item, "maxItems": spec.max_entities}
+
+
+def entity_json(entities: Iterable[Any]) -> str:
+    """The entities as the student writes them: compact JSON (the grammar allows no whitespace),
+    keys in schema order. The trainer's target text; the engine parses the same shape."""
+    items = [{"type": e["type"], "text": e["text"]} if isinstance(e, Mapping) else
+             {"type": e.type, "text": e.text} for e in entities]
+    return json.dumps(items, separators=(",", ":"), ensure_ascii=False)
 
 
 def span_in_text(span: str, text: str) -> bool:

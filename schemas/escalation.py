@@ -32,4 +32,7 @@ class Escalation(BaseModel):
     # When the ticket entered triage (its Kafka timestamp, else consume time), epoch ms:
     # the teacher worker's deadline counts from here, so users wait at most that long.
     ticket_time_ms: int = Field(ge=0)
+    # The fields below their calibrated threshold (None: all, e.g. an audit or an older record).
+    # The teacher worker asks for only these when that is cheaper than asking for every field.
+    unsure_fields: list[str] | None = None
     escalated_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))

@@ -143,6 +143,11 @@ class Settings(BaseSettings):
     teacher_max_waiting: int = Field(default=5000, ge=1)
     # Few-shot examples put in the teacher prompt.
     teacher_few_shot: int = Field(default=8, ge=0)
+    # Per-field escalation: ask the teacher for only the fields the student is unsure of when
+    # that request costs at most this share of asking for all of them (estimated from the
+    # prompt's length at the prices above); otherwise ask for all (a complete training example
+    # for a little more). 0 = always ask for every field.
+    teacher_partial_max_share: float = Field(default=0.7, ge=0.0, le=1.0)
 
     # --- Training log ------------------------------------------------------------------
     data_dir: Path = Field(default_factory=lambda: default_cache_dir() / "data")

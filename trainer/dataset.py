@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from schemas.answer import entity_json, valid_fields
 from schemas.task import TaskSpec
 from schemas.training import DEFAULT_HELDOUT_FRACTION, content_hash, in_hash_share, is_heldout
 from services.teacher.corpus import read_records
@@ -27,21 +28,25 @@ from services.student.prompting import LabelCodes, PromptStyle, encode_prompt, f
 
 @dataclass(frozen=True)
 class Row:
-    """One labelled text; `labels` maps field name -> label."""
+    """One labelled text; `labels` maps field name -> label (the entities field -> a list of
+    {type, text}). A row may cover some fields only (a partial escalation's answer)."""
 
     text: str
-    labels: dict[str, str] = field(hash=False)
+    labels: dict[str, Any] = field(hash=False)
     source: str = field(default="", compare=False)  # the training log's source; "" for files
 
 
 @dataclass(frozen=True)
 class Encoded:
-    """One prompt whose next token is `field`'s code; `target` indexes the field's labels."""
+    """One prompt whose next token is `field`'s code; `target` indexes the field's labels.
+    The entities field: `input_ids` = prompt + the answer's tokens, the last `answer_len` of
+    them are the target (the JSON the engine generates), `target` is -1."""
 
     input_ids: tuple[int, ...]
     field: str
     target: int
     row: int  # index of the source row
+    answer_len: int = 0
 
 
 @dataclass
@@ -68,10 +73,11 @@ def rows_from_log(path: str | Path, up_to_version: int | None = None) -> tuple[l
 
 
 def read_tsv(path: str | Path, task: TaskSpec) -> list[Row]:
-    """Labelled rows of a TSV/JSONL file (`services.teacher.corpus`): a column per field, or
-    `label` for a one-field task (JSONL: a `labels` object). Labels outside the task fail."""
-    names = [f.name for f in task.fields]
-    allowed = {f.name: set(f.labels) for f in task.fields}
+    """Labelled rows of a TSV/JSONL file (`services.teacher.corpus`): a column per categorical
+    field, or `label` for a one-field task; JSONL: a `labels` object, and `entities` (a list of
+    {type, text}) for a task with an entities field. Answers outside the task fail."""
+    names = [f.name for f in task.categorical_fields]
+    entity = task.entity_field
     rows, unknown = [], []
     for record in read_records(path):
         labels = record.get("labels")
@@ -82,13 +88,16 @@ def read_tsv(path: str | Path, task: TaskSpec) -> list[Row]:
                 labels = {names[0]: record["label"]}
             else:
                 raise ValueError(f"{path}: expected columns {names} (or 'label' for a one-field task)")
-        row = Row(record["text"], {n: labels.get(n) for n in names})
-        if any(row.labels[n] not in allowed[n] for n in names):
-            unknown.append(row.labels)
+        answer = {n: labels.get(n) for n in names}
+        if entity is not None:
+            answer[entity.name] = record.get("entities", labels.get(entity.name))
+        row = Row(record["text"], answer)
+        if len(valid_fields(task, answer, row.text)) < len(answer):
+            unknown.append(answer)
         rows.append(row)
     if unknown:
-        raise ValueError(f"{path}: {len(unknown)} of {len(rows)} rows have labels outside task "
-                         f"{task.name!r} (first: {unknown[0]}); wrong task or label set?")
+        raise ValueError(f"{path}: {len(unknown)} of {len(rows)} rows have answers outside task "
+                         f"{task.name!r} (first: {str(unknown[0])[:200]}); wrong task or label set?")
     return rows
 
 
@@ -102,9 +111,15 @@ def dedup(rows: Iterable[Row]) -> list[Row]:
 
 
 def valid_rows(rows: Iterable[Row], task: TaskSpec) -> list[Row]:
-    """Drop rows with a field missing or a label outside the task (e.g. an older label set)."""
-    allowed = {f.name: set(f.labels) for f in task.fields}
-    return [r for r in rows if all(r.labels.get(n) in labels for n, labels in allowed.items())]
+    """Each row restricted to its fields that are valid for the task today (a label outside an
+    older label set, a span not in the text: left out); a row with no valid field is dropped.
+    A row may cover some fields only (a partial escalation): it trains those."""
+    out = []
+    for row in rows:
+        usable = valid_fields(task, row.labels, row.text)
+        if usable:
+            out.append(row if usable == row.labels else Row(row.text, usable, row.source))
+    return out
 
 
 def in_validation(text: str, fraction: float) -> bool:
@@ -165,13 +180,21 @@ def encode(
     out = []
     for n, row in enumerate(rows):
         for spec in task.fields:
-            field_codes = codes[spec.name]
+            if spec.name not in row.labels:
+                continue
+            field_codes = codes.get(spec.name)
+            answer = (encode_prompt(tokenizer, entity_json(row.labels[spec.name]))
+                      if field_codes is None else [])
             if max_tokens is None:
                 ids = encode_prompt(tokenizer, render_prompt(task, spec.name, row.text, style, field_codes))
             else:
-                fitted = fit_prompt(task, spec.name, row.text, style, field_codes, tokenizer, max_tokens)
+                fitted = fit_prompt(task, spec.name, row.text, style, field_codes, tokenizer,
+                                    max_tokens - len(answer))
                 if fitted is None:
                     continue
                 ids = fitted[0]
-            out.append(Encoded(tuple(ids), spec.name, field_codes.labels.index(row.labels[spec.name]), n))
+            if field_codes is None:  # the entities field: learn to write the JSON
+                out.append(Encoded(tuple(ids) + tuple(answer), spec.name, -1, n, len(answer)))
+            else:
+                out.append(Encoded(tuple(ids), spec.name, field_codes.labels.index(row.labels[spec.name]), n))
     return out

@@ -138,8 +138,11 @@ async def run_distill_async(
 
     meta = read_meta(candidate_dir)
     meta["threshold"] = {"value": cand["threshold"]["threshold"], **cand["threshold"]}
-    meta["eval"] = {name: {k: rep.get(k) for k in ("data", "accuracy", "macro_f1", "ece", "epsilon",
-                                                     "coverage_at_epsilon", "escalation_rate_at_epsilon")}
+    meta["eval"] = {name: {**{k: rep.get(k) for k in ("data", "accuracy", "macro_f1", "ece", "epsilon",
+                                                       "coverage_at_epsilon", "escalation_rate_at_epsilon",
+                                                       "entity_f1")},
+                           "fields": {n: {k: v for k, v in f.items() if k != "reliability"}
+                                      for n, f in rep["fields"].items()}}
                     for name, rep in results["candidate"].items()}
     meta["gate"] = {"promote": decision.promote, "reason": decision.reason,
                     "live_adapter_id": live.adapter_id if live else None}

@@ -32,6 +32,8 @@ from schemas.task import TaskSpec
 from trainer import calibration as cal
 from schemas.training import DEFAULT_HELDOUT_FRACTION, content_hash
 from trainer.dataset import Row, data_hash, dedup, read_tsv, rows_from_log, split_heldout, valid_rows
+from trainer.plots import plot
+from trainer.scoring import accepted_tickets, field_scores, score
 
 EPSILONS = (0.01, 0.02, 0.03, 0.05, 0.10)
 
@@ -76,10 +78,13 @@ class CachedPrediction:
     """What scoring needs of a StudentPrediction (labels + confidence), or a rejection."""
 
     fields: dict[str, Any] | None
+    entities: Any = None  # EntityPrediction for a task with an entities field
+    entity_field: str | None = None
 
     @property
     def confidence(self) -> float:
-        return min(f.confidence for f in self.fields.values()) if self.fields else 0.0
+        scores = field_scores(self)
+        return min(f.confidence for f in scores.values()) if scores else 0.0
 
 
 class PredictionCache:
@@ -93,20 +98,23 @@ class PredictionCache:
     def __init__(self, folder: str | Path, adapter: Any, task: TaskSpec) -> None:
         import hashlib
 
-        task_key = hashlib.sha256(task.model_dump_json().encode()).hexdigest()[:12]
+        task_key = hashlib.sha256(task.fingerprint_json().encode()).hexdigest()[:12]
         who = adapter.adapter_id if adapter is not None else "base"
         self.path = Path(folder) / f"{who}-{task_key}.jsonl"
 
     def load(self) -> dict[str, CachedPrediction]:
-        from schemas.classification import FieldPrediction
+        from schemas.classification import EntityPrediction, FieldPrediction
 
         out: dict[str, CachedPrediction] = {}
         if self.path.exists():
             for line in self.path.read_text(encoding="utf-8").splitlines():
                 try:
                     row = json.loads(line)
-                    out[row["h"]] = CachedPrediction({n: FieldPrediction(label=f[0], confidence=f[1])
-                                                      for n, f in row["f"].items()})
+                    entities = row.get("e")
+                    out[row["h"]] = CachedPrediction(
+                        {n: FieldPrediction(label=f[0], confidence=f[1]) for n, f in row["f"].items()},
+                        EntityPrediction(entities=entities[1], confidence=entities[2]) if entities else None,
+                        entities[0] if entities else None)
                 except (ValueError, KeyError, TypeError):
                     continue  # a torn last line after a crash: recompute that text
         return out
@@ -116,8 +124,11 @@ class PredictionCache:
         with open(self.path, "a", encoding="utf-8") as f:
             for key, p in predictions.items():
                 if hasattr(p, "fields"):
-                    fields = {n: [fp.label, fp.confidence] for n, fp in p.fields.items()}
-                    f.write(json.dumps({"h": key, "f": fields}) + "\n")
+                    row: dict[str, Any] = {"h": key, "f": {n: [fp.label, fp.confidence] for n, fp in p.fields.items()}}
+                    if getattr(p, "entities", None) is not None:
+                        row["e"] = [p.entity_field, [e.model_dump() for e in p.entities.entities],
+                                    p.entities.confidence]
+                    f.write(json.dumps(row) + "\n")
 
 
 def min_heldout(epsilon: float, delta: float) -> int:
@@ -127,97 +138,92 @@ def min_heldout(epsilon: float, delta: float) -> int:
     return cal.walk_start(epsilon, delta)
 
 
-def score(task: TaskSpec, rows: Sequence[Row], predictions: Sequence[Any]) -> dict[str, Any]:
-    """Per-ticket confidence (min over fields, as the service escalates) and correctness.
-    A ticket the engine rejected (no `fields`) counts as wrong with confidence 0: the service
-    would dead-letter it, the student never answers it."""
-    answered = [hasattr(p, "fields") for p in predictions]
-    confidence = [p.confidence if ok else 0.0 for p, ok in zip(predictions, answered)]
-    correct = [ok and all(p.fields[f.name].label == r.labels[f.name] for f in task.fields)
-               for r, p, ok in zip(rows, predictions, answered)]
-    fields = {}
-    for f in task.fields:
-        truth = [r.labels[f.name] for r in rows]
-        pred = [p.fields[f.name].label if ok else "<rejected>" for p, ok in zip(predictions, answered)]
-        fields[f.name] = {"accuracy": sum(t == q for t, q in zip(truth, pred)) / len(rows),
-                          "macro_f1": cal.macro_f1(truth, pred)}
-    return {"confidence": confidence, "correct": correct, "fields": fields,
-            "rejected": len(answered) - sum(answered)}
+def _field_choices(fields: dict[str, dict], epsilon: float, delta: float) -> dict[str, cal.ThresholdChoice]:
+    """A threshold per field at target error epsilon; with k fields each bound is tested at
+    delta / k (Bonferroni), so all k guarantees hold together with probability >= 1 - delta."""
+    labelled = {name: f for name, f in fields.items() if f["n"]}
+    share = delta / max(1, len(labelled))
+    return {name: cal.choose_threshold(f["confidence"], f["correct"], epsilon, share)
+            for name, f in labelled.items()}
+
+
+def _tickets_at(s: dict, thresholds: dict[str, float]) -> dict[str, Any]:
+    """Share of tickets answered by the student alone under per-field thresholds, and the
+    error of those tickets (any field wrong)."""
+    ok = s["correct"]
+    accepted = accepted_tickets(s["fields"], thresholds, len(ok))
+    n_acc = sum(accepted)
+    wrong = sum(1 for a, good in zip(accepted, ok) if a and not good)
+    return {"coverage": n_acc / len(ok) if ok else 0.0, "accepted": n_acc,
+            "error_accepted": wrong / n_acc if n_acc else 0.0}
 
 
 def report(
     task: TaskSpec, data: HeldOut, predictions: Sequence[Any], *, adapter_id: str | None,
-    epsilon: float, delta: float, threshold: float | None = None, seconds: float = 0.0,
+    epsilon: float, delta: float, threshold: float | dict[str, float] | None = None, seconds: float = 0.0,
 ) -> dict[str, Any]:
-    """Metrics for one adapter on one set. threshold=None: choose it here (calibration set);
-    a float: apply it (report set) and measure what it does there."""
+    """Metrics for one adapter on one set. threshold=None: choose one per field here
+    (calibration set); given: apply it (report set) and measure what it does there.
+
+    A one-field task reports exactly as before per-field thresholds: the field's threshold is
+    the ticket's. With several fields the ticket is answered by the student alone when every
+    field clears its own threshold (`coverage_at_epsilon`, what the gate compares); each field
+    the student publishes has error <= epsilon (the per-field bound)."""
     s = score(task, data.rows, predictions)
     conf, ok = s["confidence"], s["correct"]
     rel = cal.reliability(conf, ok, bins=15)
+    fields: dict[str, Any] = {}
+    choices = _field_choices(s["fields"], epsilon, delta) if threshold is None else {}
+    for name, f in s["fields"].items():
+        out_f = {k: v for k, v in f.items() if k not in ("rows", "confidence", "correct")}
+        if f["n"]:
+            f_rel = cal.reliability(f["confidence"], f["correct"], bins=15)
+            out_f.update(ece=f_rel["ece"], reliability=f_rel["bins"])
+            if threshold is None:
+                out_f["threshold"] = choices[name].to_dict()
+            else:
+                t = threshold.get(name, 1.0) if isinstance(threshold, dict) else threshold
+                out_f["threshold"] = {**cal.apply_threshold(f["confidence"], f["correct"], t),
+                                      "source": "calibration set"}
+        fields[name] = out_f
+    categorical = [f["macro_f1"] for f in fields.values() if "macro_f1" in f]
     out: dict[str, Any] = {
         "adapter_id": adapter_id,
         "data": data.describe(),
         "accuracy": sum(ok) / len(ok),
-        "macro_f1": sum(f["macro_f1"] for f in s["fields"].values()) / len(s["fields"]),
+        "macro_f1": sum(categorical) / len(categorical) if categorical else 0.0,
         "ece": rel["ece"],
-        "fields": s["fields"],
+        "fields": fields,
         "epsilon": epsilon,
         "tickets_per_s": len(ok) / seconds if seconds else None,
         "reliability": rel["bins"],
         "coverage_curve": cal.coverage_curve(conf, ok),
     }
-    if threshold is None:
-        choice = cal.choose_threshold(conf, ok, epsilon, delta)
-        out["threshold"] = choice.to_dict()
-        out["coverage_at_epsilon"] = choice.coverage
-        out["escalation_rate_at_epsilon"] = choice.escalation_rate
-        out["by_epsilon"] = {str(e): cal.choose_threshold(conf, ok, e, delta).to_dict() for e in EPSILONS}
+    if task.entity_field is not None:
+        out["entity_f1"] = fields[task.entity_field.name].get("f1")
+    per_field = {n: f["threshold"]["threshold"] for n, f in fields.items() if "threshold" in f}
+    tickets = _tickets_at(s, per_field)
+    if len(task.fields) == 1:
+        only = next(iter(fields.values()))
+        out["threshold"] = only["threshold"]
     else:
-        applied = cal.apply_threshold(conf, ok, threshold)
-        out["threshold"] = {**applied, "source": "calibration set"}
-        out["coverage_at_epsilon"] = applied["coverage"]
-        out["escalation_rate_at_epsilon"] = applied["escalation_rate"]
+        out["threshold"] = {"threshold": min(per_field.values(), default=1.0), "fields": per_field,
+                            "epsilon": epsilon, "delta": delta, "per_field_delta": delta / max(1, len(per_field)),
+                            "feasible": all(f["threshold"].get("feasible", True) for f in fields.values() if "threshold" in f),
+                            "method": "a threshold per field (clopper-pearson fixed-sequence at delta/k)",
+                            **tickets}
+    out["coverage_at_epsilon"] = tickets["coverage"]
+    out["escalation_rate_at_epsilon"] = 1 - tickets["coverage"]
+    out["error_of_accepted_tickets"] = tickets["error_accepted"]
+    if threshold is None:
+        if len(task.fields) == 1:
+            out["by_epsilon"] = {str(e): cal.choose_threshold(conf, ok, e, delta).to_dict() for e in EPSILONS}
+        else:
+            out["by_epsilon"] = {}
+            for e in EPSILONS:
+                chosen = {n: c.threshold for n, c in _field_choices(s["fields"], e, delta).items()}
+                out["by_epsilon"][str(e)] = {**_tickets_at(s, chosen), "fields": chosen}
     return out
-
-
-def plot(reports: dict[str, dict], out_dir: Path, tag: str) -> list[str]:
-    """Reliability diagram per adapter and one accuracy-coverage plot for all of them."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for name, rep in reports.items():
-        fig, ax = plt.subplots(figsize=(4.5, 4.5))
-        bins = [b for b in rep["reliability"] if b["count"]]
-        ax.bar([(b["lo"] + b["hi"]) / 2 for b in bins], [b["accuracy"] for b in bins],
-               width=1 / 15, edgecolor="black", alpha=0.7, label="accuracy")
-        ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
-        ax.set(xlabel="confidence", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1),
-               title=f"{name} on {rep['data']['name']} (ECE {rep['ece']:.3f})")
-        ax.legend(loc="upper left", fontsize=8)
-        path = out_dir / f"{tag}-{name}-reliability.png"
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(str(path))
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    for name, rep in reports.items():
-        curve = rep["coverage_curve"]
-        ax.plot(curve["coverage"], curve["accuracy"], label=f"{name} (acc {rep['accuracy']:.3f})")
-        ax.plot([rep["coverage_at_epsilon"]], [1 - rep["epsilon"]], "o")
-    eps = next(iter(reports.values()))["epsilon"]
-    ax.axhline(1 - eps, color="grey", ls=":", lw=1, label=f"target error {eps:.0%}")
-    ax.set(xlabel="coverage (share answered by the student)", ylabel="accuracy of answered",
-           xlim=(0, 1), ylim=(0, 1.01), title=f"accuracy vs coverage ({tag})")
-    ax.legend(fontsize=8)
-    path = out_dir / f"{tag}-coverage.png"
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return paths + [str(path)]
 
 
 async def evaluate(
@@ -268,7 +274,8 @@ async def evaluate(
                 preds = await predict(clf, final, ref, name)
                 results[name]["final"] = report(
                     task, final, preds, adapter_id=adapter_id, epsilon=epsilon, delta=delta,
-                    threshold=rep["threshold"]["threshold"], seconds=time.perf_counter() - started)
+                    threshold=rep["threshold"].get("fields") or rep["threshold"]["threshold"],
+                    seconds=time.perf_counter() - started)
         return results
 
     if classifier is not None:
@@ -306,13 +313,23 @@ def summary_line(name: str, result: dict) -> str:
     if "by_epsilon" in c:
         shares = "/".join(f"{c['by_epsilon'][str(e)]['coverage']:.0%}" for e in (0.01, 0.03, 0.05))
         line += f" | answered alone at 1/3/5% error: {shares}"
-    line += (f" | eps {c['epsilon']:.0%}: threshold {c['threshold']['threshold']:.4f} "
-             f"escalation {c['escalation_rate_at_epsilon']:.3f}")
+    per_field = c["threshold"].get("fields")
+    if per_field:  # several fields: each its own accuracy and threshold
+        line += " | " + ", ".join(
+            f"{n} acc {c['fields'][n]['accuracy']:.3f}" + (f" F1 {c['fields'][n]['f1']:.3f}" if "f1" in c["fields"][n] else "")
+            for n in per_field)
+        shown = " ".join(f"{n} {t:.4f}" for n, t in per_field.items())
+        line += f" | eps {c['epsilon']:.0%}: thresholds {shown} escalation {c['escalation_rate_at_epsilon']:.3f}"
+    else:
+        line += (f" | eps {c['epsilon']:.0%}: threshold {c['threshold']['threshold']:.4f} "
+                 f"escalation {c['escalation_rate_at_epsilon']:.3f}")
     if "final" in result:
         f = result["final"]
         line += (f" || {f['data']['name']} acc {f['accuracy']:.4f} macro-F1 {f['macro_f1']:.4f} "
                  f"ECE {f['ece']:.4f} escalation {f['escalation_rate_at_epsilon']:.3f} "
-                 f"error of accepted {f['threshold']['error_accepted']:.4f}")
+                 f"error of accepted {f['error_of_accepted_tickets']:.4f}")
+        if f.get("entity_f1") is not None:
+            line += f" entity F1 {f['entity_f1']:.3f}"
     return line
 
 

@@ -121,7 +121,9 @@ def pad_ids(seqs: list[tuple[int, ...]], pad_id: int, device) -> torch.Tensor:
 
 
 def code_loss(inner, head_rows, code_ids, hidden, lengths, batch):
-    """Cross-entropy over each field's code tokens at the last real position: (sum, n correct)."""
+    """Cross-entropy over each field's code tokens at the last real position, and for the
+    entities field the mean next-token cross-entropy over the answer's JSON tokens (full
+    vocabulary: a span can be any text): (sum over examples, n correct)."""
     last = inner.norm(hidden[torch.arange(len(batch)), lengths - 1])
     loss, correct = hidden.new_zeros(()), 0
     for name, ids in code_ids.items():
@@ -132,6 +134,20 @@ def code_loss(inner, head_rows, code_ids, hidden, lengths, batch):
         targets = torch.tensor([batch[r].target for r in rows], device=logits.device)
         loss = loss + F.cross_entropy(logits, targets, reduction="sum")
         correct += int((logits.argmax(-1) == targets).sum())
+    answers = [(r, e) for r, e in enumerate(batch) if e.answer_len]
+    if answers:  # one matmul for every answer token of the batch
+        rows = torch.tensor([r for r, e in answers for _ in range(e.answer_len)], device=hidden.device)
+        cols = torch.tensor([p for _, e in answers for p in range(len(e.input_ids) - e.answer_len - 1,
+                                                                   len(e.input_ids) - 1)], device=hidden.device)
+        targets = torch.tensor([t for _, e in answers for t in e.input_ids[-e.answer_len:]], device=hidden.device)
+        logits = inner.norm(hidden[rows, cols]).float() @ head_rows.float().T  # [tokens, vocab]
+        token_loss = F.cross_entropy(logits, targets, reduction="none")
+        right = logits.argmax(-1) == targets
+        start = 0
+        for _, e in answers:  # each example weighs one, like a categorical field
+            loss = loss + token_loss[start : start + e.answer_len].mean()
+            correct += int(right[start : start + e.answer_len].all())
+            start += e.answer_len
     return loss, correct
 
 

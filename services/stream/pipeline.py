@@ -20,7 +20,7 @@ from schemas.dead_letter import DeadLetter
 from schemas.escalation import Escalation
 from schemas.ticket import Ticket
 from services.student.engine import LIVE, Classifier, EngineRejection, StudentPrediction
-from services.teacher.escalation import RollingRate, should_audit, should_escalate
+from services.teacher.escalation import RollingRate, should_audit, unsure_fields
 from services.stream.validation import Rejection, parse_ticket
 
 if TYPE_CHECKING:
@@ -94,6 +94,8 @@ class TicketPipeline:
         self.wall_clock = wall_clock
         self.stats = PipelineStats()
         self.escalation_rate = RollingRate(window=1000)
+        task = getattr(classifier, "task", None)  # the task's extra ticket fields shown to the models
+        self.inputs = list(task.inputs) if task is not None else []
 
     # ---- the batch path ------------------------------------------------------------------
     async def process(self, records: Sequence[InboundRecord]) -> list[Outcome]:
@@ -102,7 +104,8 @@ class TicketPipeline:
         classify is its own dead-letter; only batch-level failures (engine dead) raise."""
         self.stats.consumed += len(records)
         parsed = [
-            parse_ticket(r.value, max_bytes=self.max_message_bytes, max_text_chars=self.max_text_chars)
+            parse_ticket(r.value, max_bytes=self.max_message_bytes, max_text_chars=self.max_text_chars,
+                         inputs=[i.name for i in self.inputs])
             for r in records
         ]
         outcomes: list[list[Outcome]] = [[] for _ in records]
@@ -115,7 +118,7 @@ class TicketPipeline:
             # answers by the new adapter's threshold.
             adapter = self.classifier.live_adapter
             engine_started = self.clock()
-            predictions = await self.classifier.classify([t.full_text() for _, t in valid], adapter=adapter)
+            predictions = await self.classifier.classify([t.full_text(self.inputs) for _, t in valid], adapter=adapter)
             engine_s = self.clock() - engine_started
             if self.metrics:
                 self.metrics.observe_batch(len(valid), engine_s)
@@ -146,18 +149,29 @@ class TicketPipeline:
         )
         return Outcome("dead_letter", record.key, envelope.model_dump_json().encode(), record)
 
-    def threshold(self, adapter: Any = LIVE) -> float:
-        """The escalation threshold for answers of `adapter` (default: the live one)."""
+    def threshold(self, adapter: Any = LIVE) -> float | dict[str, float]:
+        """The escalation threshold for answers of `adapter` (default: the live one): one per
+        field when the adapter was calibrated per field, else one for every field."""
         if self.escalation.threshold_override is not None:
             return self.escalation.threshold_override
         chosen = self.classifier.live_adapter if adapter is LIVE else adapter
         if chosen is not None and chosen.threshold is not None:
-            return float(chosen.threshold)
+            t = chosen.threshold
+            # a field the adapter was not calibrated for (a field added since) is never trusted
+            return {"*": DEFAULT_UNCALIBRATED_THRESHOLD, **t} if isinstance(t, dict) else float(t)
         return DEFAULT_UNCALIBRATED_THRESHOLD
 
     def _answer(self, record: InboundRecord, ticket: Ticket, pred: StudentPrediction,
-                threshold: float) -> list[Outcome]:
-        escalate = should_escalate(pred.fields, threshold)
+                threshold: float | dict[str, float]) -> list[Outcome]:
+        scores = pred.scores()
+        unsure = unsure_fields(scores, threshold)
+        escalate = bool(unsure) or not scores
+        if pred.entities is not None and self.metrics:
+            for reason, n in pred.entities.dropped.items():
+                self.metrics.rejected_answers.labels("student", reason).inc(n)
+        if self.metrics:
+            for name in unsure:
+                self.metrics.field_escalations.labels(name).inc()
         if pred.truncated:
             self.stats.truncated += 1
         self.escalation_rate.record(escalate)
@@ -171,12 +185,15 @@ class TicketPipeline:
         result = Classification(
             ticket_id=ticket.id,
             fields={name: p.label for name, p in pred.fields.items()},
+            entities=list(pred.entities.entities) if pred.entities is not None else None,
+            sources={name: "student" for name in scores},
             confidence=pred.confidence,
             # What users get if the teacher misses the deadline: the student's answer, flagged.
             route=Route.unverified if escalate else Route.student,
             model=self.classifier.model_name,
             adapter_id=pred.adapter_id,
             student=pred.fields,
+            student_entities=pred.entities,
             audited=audit,
             truncated=pred.truncated,
             latency_ms=max(0.0, (self.clock() - record.received_at) * 1000),
@@ -185,7 +202,7 @@ class TicketPipeline:
         key = ticket.id.encode()
         if escalate:
             self.stats.escalations += 1
-            return [self._escalation(record, ticket, result, "escalation")]
+            return [self._escalation(record, ticket, result, "escalation", unsure)]
         self.stats.results[Route.student.value] += 1
         published = Outcome("result", key, result.model_dump_json().encode(), record,
                             route=Route.student.value, confidence=pred.confidence)
@@ -194,12 +211,14 @@ class TicketPipeline:
         self.stats.audits += 1
         return [published, self._escalation(record, ticket, result, "audit")]
 
-    def _escalation(self, record: InboundRecord, ticket: Ticket, result: Classification, kind: str) -> Outcome:
+    def _escalation(self, record: InboundRecord, ticket: Ticket, result: Classification, kind: str,
+                    unsure: list[str] | None = None) -> Outcome:
         ticket_time_ms = record.timestamp_ms if record.timestamp_ms and record.timestamp_ms > 0 else None
         if ticket_time_ms is None:  # no producer timestamp: from when this batch arrived
             ticket_time_ms = int((self.wall_clock() - (self.clock() - record.received_at)) * 1000)
-        request = Escalation(kind=kind, ticket_id=ticket.id, text=ticket.full_text(),
-                             student_result=result, ticket_time_ms=ticket_time_ms)
+        request = Escalation(kind=kind, ticket_id=ticket.id, text=ticket.full_text(self.inputs),
+                             student_result=result, ticket_time_ms=ticket_time_ms,
+                             unsure_fields=unsure or None)
         return Outcome("escalation", ticket.id.encode(), request.model_dump_json().encode(), record,
                        route=kind, confidence=result.confidence)
 

@@ -8,6 +8,7 @@ batching packs them into as few forward passes as the scheduler allows.
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import os
 import time
@@ -17,7 +18,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, AsyncIterator, Protocol, Sequence
 
-from schemas.classification import FieldPrediction, LabelScore
+from schemas.answer import entity_list_schema, keep_valid_entities
+from schemas.classification import EntityPrediction, FieldPrediction, LabelScore
 from schemas.task import TaskSpec
 from services.student.prompting import (
     LabelCodes,
@@ -36,15 +38,23 @@ LIVE: Any = object()  # sentinel: "use whatever adapter is live right now"
 
 @dataclass(frozen=True)
 class StudentPrediction:
-    fields: dict[str, FieldPrediction]
+    fields: dict[str, FieldPrediction]  # the categorical fields
     distribution: dict[str, list[float]]  # field -> probabilities over the field's labels
     adapter_id: str | None
     engine_ms: float = 0.0
     truncated: bool = False  # the ticket was cut (by tokens, head + tail) to fit the model
+    entities: EntityPrediction | None = None  # tasks with an entities field
+    entity_field: str | None = None
+
+    def scores(self) -> dict[str, Any]:
+        """Every field's prediction (each has `.confidence`): what escalation judges."""
+        if self.entities is None or self.entity_field is None:
+            return dict(self.fields)
+        return {**self.fields, self.entity_field: self.entities}
 
     @property
     def confidence(self) -> float:
-        return min(p.confidence for p in self.fields.values())
+        return min(p.confidence for p in self.scores().values())
 
 
 @dataclass(frozen=True)
@@ -130,6 +140,30 @@ def field_prediction(codes: LabelCodes, probs: list[float], top_k: int = 3) -> F
     )
 
 
+def entity_max_tokens(spec: Any) -> int:
+    """Output budget of the entities JSON: ~10 tokens of structure per entity plus its span
+    (a token is >= 1 character... usually ~3): bounded by the schema's maxItems/maxLength."""
+    return 4 + spec.max_entities * (10 + spec.max_span_chars // 2)
+
+
+def parse_entity_output(spec: Any, completion: Any, text: str) -> EntityPrediction:
+    """One generated completion -> EntityPrediction (see VllmClassifier._entities)."""
+    total = 0.0
+    for token_id, position in zip(completion.token_ids, completion.logprobs or []):
+        entry = position.get(token_id) if position else None
+        lp = getattr(entry, "logprob", entry)
+        total += float(lp) if lp is not None and not math.isnan(lp) else -math.inf
+    try:
+        items = json.loads(completion.text)
+        if not isinstance(items, list):
+            raise ValueError("not a list")
+    except ValueError:
+        return EntityPrediction(entities=[], confidence=0.0, dropped={"malformed_json": 1})
+    kept, dropped = keep_valid_entities(spec, items, text)
+    confidence = min(1.0, max(0.0, math.exp(total))) if completion.logprobs else 0.0
+    return EntityPrediction(entities=kept, confidence=confidence, dropped=dict(dropped))
+
+
 LOGPROB_IDS_PER_REQUEST = 128  # vllm.sampling_params.MAX_LOGPROB_TOKEN_IDS in 0.32
 
 
@@ -178,6 +212,7 @@ class VllmClassifier:
         self.model_name = Path(config.model_path).name
         self._live: AdapterRef | None = None
         self._prefix_cache: dict[tuple[str, str, str], list[int]] = {}
+        self._entity_schema: dict[str, dict[str, Any]] = {}
 
     @classmethod
     @asynccontextmanager
@@ -194,6 +229,7 @@ class VllmClassifier:
         if reserved is not None:
             os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", str(reserved))
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        from vllm.config import StructuredOutputsConfig
         from vllm.engine.arg_utils import AsyncEngineArgs  # heavy: only when starting
         from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -213,6 +249,9 @@ class VllmClassifier:
             gpu_memory_utilization=config.gpu_memory_utilization,
             seed=config.seed,
             disable_log_stats=True,
+            # The entities field's grammar: xgrammar, and no optional whitespace (per request
+            # the flag does nothing), so the JSON is written exactly as the trainer's targets.
+            structured_outputs_config=StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True),
             **config.extra,
         )
         engine = AsyncLLM.from_engine_args(args)
@@ -271,35 +310,69 @@ class VllmClassifier:
         style = adapter.prompt_style if adapter else PromptStyle.instruct
         prompts: dict[str, list[int]] = {}
         truncated = False
-        for name in self.codes:
-            fitted = fit_prompt(self.task, name, text, style, self.codes[name], self._tokenizer,
-                                self.config.max_model_len - 1)  # room for the one output token
+        entity = self.task.entity_field
+        fields = list(self.codes) + ([entity.name] if entity is not None else [])
+        for name in fields:
+            room = entity_max_tokens(entity) if entity is not None and name == entity.name else 1
+            fitted = fit_prompt(self.task, name, text, style, self.codes.get(name), self._tokenizer,
+                                self.config.max_model_len - room)  # room for the output tokens
             if fitted is None:
                 return EngineRejection("too_many_tokens", f"the {name!r} prompt does not fit "
                                        f"max_model_len {self.config.max_model_len} even with an empty ticket",
                                        adapter_id)
             prompts[name], cut = fitted
             truncated = truncated or cut
+        requests = [self._field_distribution(ids, name, adapter) if name in self.codes
+                    else self._entities(ids, text, adapter) for name, ids in prompts.items()]
         # A request vLLM refuses is this ticket's outcome (its other requests are cancelled,
         # i.e. aborted in the engine); a dead engine is everyone's.
         try:
-            results = await _gather_or_cancel(
-                [self._field_distribution(ids, name, adapter) for name, ids in prompts.items()])
+            results = await _gather_or_cancel(requests)
         except Exception as exc:
             if _is_engine_level(exc, self._engine):
                 raise
             cause = exc.__cause__ or exc  # EngineGenerateError wraps the real reason
             return EngineRejection("engine_rejected", f"{type(cause).__name__}: {str(cause)[:300]}",
                                    adapter_id)
-        distribution = dict(zip(prompts, results))
-        fields = {name: field_prediction(self.codes[name], p) for name, p in distribution.items()}
+        outputs = dict(zip(prompts, results))
+        entities = outputs.pop(entity.name) if entity is not None else None
+        fields = {name: field_prediction(self.codes[name], p) for name, p in outputs.items()}
         return StudentPrediction(
             fields=fields,
-            distribution=distribution,
+            distribution=outputs,
             adapter_id=adapter_id,
             engine_ms=(time.perf_counter() - started) * 1000,
             truncated=truncated,
+            entities=entities,
+            entity_field=entity.name if entity is not None else None,
         )
+
+    async def _entities(self, prompt_ids: list[int], text: str, adapter: AdapterRef | None) -> EntityPrediction:
+        """The entities field: JSON generated under the field's schema (xgrammar), greedy.
+        Confidence = probability of the whole generated list (product over its tokens; the
+        tokens the grammar forces count 1). Spans not in the ticket or of an undeclared type are
+        dropped and counted; unparsable output (cut by max_tokens) is confidence 0."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import StructuredOutputsParams
+
+        spec = self.task.entity_field
+        assert spec is not None
+        if spec.name not in self._entity_schema:
+            self._entity_schema[spec.name] = entity_list_schema(spec)
+        params = SamplingParams(
+            max_tokens=entity_max_tokens(spec), temperature=0.0, logprobs=0,
+            structured_outputs=StructuredOutputsParams(json=self._entity_schema[spec.name]),
+        )
+        final = None
+        async for output in self._engine.generate(
+            TokensPrompt(prompt_token_ids=prompt_ids), params, request_id=uuid.uuid4().hex,
+            lora_request=self._lora_request(adapter),
+        ):
+            final = output
+        if final is None or not final.outputs:
+            raise RuntimeError("engine returned no output")
+        return parse_entity_output(spec, final.outputs[0], text)
 
     async def _field_distribution(self, prompt_ids: list[int], field_name: str, adapter: AdapterRef | None) -> list[float]:
         codes = self.codes[field_name]

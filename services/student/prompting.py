@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Protocol, Sequence
 
-from schemas.task import FieldSpec, TaskSpec
+from schemas.task import EntityFieldSpec, FieldSpec, TaskSpec
 from schemas.text import normalise_whitespace
 
 
@@ -32,6 +32,7 @@ class PromptStyle(str, Enum):
 
 
 COMPACT_TEMPLATE = "Message: {body}\n{field}:"  # "Message:" is a stable first token (no BOS)
+ENTITY_FORMAT = "entities:json-list-compact-v1"  # schemas.answer.entity_json
 
 
 class TokenizerLike(Protocol):
@@ -101,7 +102,8 @@ def build_label_codes(field: FieldSpec, tokenizer: TokenizerLike) -> LabelCodes:
 
 
 def build_all_codes(task: TaskSpec, tokenizer: TokenizerLike) -> dict[str, LabelCodes]:
-    return {f.name: build_label_codes(f, tokenizer) for f in task.fields}
+    """Codes of the categorical fields (the entities field has none: it generates JSON)."""
+    return {f.name: build_label_codes(f, tokenizer) for f in task.categorical_fields}
 
 
 def normalise_text(text: str) -> str:
@@ -128,7 +130,7 @@ def encode_prompt(tokenizer: TokenizerLike, prompt: str) -> list[int]:
 
 
 def fit_prompt(
-    task: TaskSpec, field_name: str, text: str, style: PromptStyle, codes: LabelCodes,
+    task: TaskSpec, field_name: str, text: str, style: PromptStyle, codes: LabelCodes | None,
     tokenizer: TokenizerLike, max_tokens: int,
 ) -> tuple[list[int], bool] | None:
     """Token ids of the field's prompt with the ticket cut (head + tail, by tokens) to fit
@@ -171,14 +173,25 @@ def check_adapter_servable(adapter: Any, task: TaskSpec, codes: dict[str, LabelC
 
 
 def render_prompt(
-    task: TaskSpec, field: str, text: str, style: PromptStyle, codes: LabelCodes
+    task: TaskSpec, field: str, text: str, style: PromptStyle, codes: LabelCodes | None
 ) -> str:
-    """The prompt whose next token is the field's code."""
+    """The prompt whose next token is the field's code (categorical) or the start of its JSON
+    list (the entities field: `codes` is None)."""
     body = normalise_text(text)
     if PromptStyle(style) is PromptStyle.compact:
-        # No instructions: the adapter learnt the task. The field name keeps fields apart.
+        # No instructions: the adapter learnt the task. The field name keeps fields apart; the
+        # entities prompt shares the ticket's prefix with the categorical ones (prefix cache).
         return COMPACT_TEMPLATE.format(body=body, field=field)
     spec = task.field(field)
+    if isinstance(spec, EntityFieldSpec):
+        types = "\n".join(f"- {t.name}: {t.description}" for t in spec.entity_types)
+        return (
+            f"<|im_start|>system\n{task.instructions}\nField: {spec.name} ({spec.description}).\n"
+            f"Reply with a JSON list of {{\"type\",\"text\"}} objects, each text copied exactly "
+            f"from the message; [] when there is none.\nTypes:\n{types}<|im_end|>\n"
+            f"<|im_start|>user\n{body}<|im_end|>\n<|im_start|>assistant\n"
+        )
+    assert codes is not None, f"categorical field {field!r} needs its label codes"
     table = "\n".join(f"{c} = {label}" for c, label in zip(codes.codes, codes.labels))
     # Shared prefix first (instructions + table), ticket last: maximises prefix-cache hits.
     return (
@@ -190,7 +203,9 @@ def render_prompt(
 
 def prompt_fingerprint(task: TaskSpec, style: PromptStyle, codes: Sequence[LabelCodes]) -> str:
     """Hash of everything that shapes the prompt: stored with adapters and training rows."""
-    material = task.model_dump_json() + str(PromptStyle(style).value)
+    material = task.fingerprint_json() + str(PromptStyle(style).value)
+    if task.entity_field is not None:
+        material += ENTITY_FORMAT  # how the entities are written is part of the prompt contract
     if PromptStyle(style) is PromptStyle.compact:
         material += COMPACT_TEMPLATE  # a new template is a new prompt: old adapters must not load
     material += "".join(f"{c.field}:{','.join(c.codes)}" for c in codes)

@@ -103,7 +103,9 @@ class AdapterRef:
     adapter_id: str
     path: Path
     prompt_style: PromptStyle
-    threshold: float | None = None  # calibrated escalation threshold; None = not calibrated
+    # Calibrated escalation threshold: one per field (meta threshold.fields), or one for every
+    # field (an adapter calibrated before per-field thresholds); None = not calibrated.
+    threshold: float | dict[str, float] | None = None
     meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     @classmethod
@@ -111,12 +113,15 @@ class AdapterRef:
         """A ref to any adapter folder (e.g. a candidate not yet in the registry)."""
         adapter_dir = Path(adapter_dir).resolve()
         meta = read_meta(adapter_dir)
-        threshold = (meta.get("threshold") or {}).get("value")
+        stored = meta.get("threshold") or {}
+        threshold = stored.get("value")
+        if isinstance(stored.get("fields"), dict):
+            threshold = {name: float(t) for name, t in stored["fields"].items()}
         return cls(
             adapter_id=adapter_id or content_id(adapter_dir),
             path=adapter_dir,
             prompt_style=PromptStyle(meta["prompt_style"]),
-            threshold=None if threshold is None else float(threshold),
+            threshold=threshold if threshold is None or isinstance(threshold, dict) else float(threshold),
             meta=meta,
         )
 

@@ -32,7 +32,9 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
 from pydantic import SecretStr
 
 from schemas.task import TaskSpec
-from services.teacher.prompt import build_teacher_messages, parse_answer, prompt_hash, response_format
+from services.teacher.prompt import (
+    build_teacher_messages, fields_to_ask, parse_answer, prompt_hash, response_format,
+)
 
 if TYPE_CHECKING:
     from services.settings import Settings
@@ -88,6 +90,11 @@ class TeacherUnavailable(Exception):
 
 class Teacher(Protocol):
     model: str
+
+    def fields_for(self, text: str, unsure: Sequence[str]) -> list[str] | None:
+        """The fields to ask for when the student is unsure of `unsure`: those alone when that
+        is cheaper by the configured share, else None (every field)."""
+        return fields_to_ask(self.task, unsure, text, self.few_shot, self._prices, self.partial_max_share)
 
     async def label(self, text: str, fields: Sequence[str] | None = None) -> TeacherAnswer:
         """The answer to `fields` (None: every field of the task)."""
@@ -207,7 +214,7 @@ class OpenAITeacher:
         budget_per_day_usd: float | None, breaker_failures: int, breaker_reset_s: float,
         on_request: OnRequest | None = None, clock: Callable[[], float] = time.monotonic,
         backoff_base_s: float = 0.5, backoff_max_s: float = 8.0, temperature: float | None = 0.0,
-        rng: random.Random | None = None,
+        rng: random.Random | None = None, partial_max_share: float = 0.0,
     ) -> None:
         import openai  # heavy-ish; imported when a teacher is built, not at module import
 
@@ -220,6 +227,7 @@ class OpenAITeacher:
         self._on_request, self._clock = on_request, clock
         self._backoff = (backoff_base_s, backoff_max_s)
         self._temperature, self._rng = temperature, rng or random.Random()
+        self.partial_max_share = partial_max_share
         self._semaphore = asyncio.Semaphore(max(1, concurrency))
         self._breaker = CircuitBreaker(breaker_failures, breaker_reset_s, clock)
         self._spend = SpendWindow(clock)
@@ -257,6 +265,11 @@ class OpenAITeacher:
 
     def _over_budget(self) -> bool:
         return any(cap is not None and self._spend.spent(w) >= cap for w, cap in self._caps)
+
+    def fields_for(self, text: str, unsure: Sequence[str]) -> list[str] | None:
+        """The fields to ask for when the student is unsure of `unsure`: those alone when that
+        is cheaper by the configured share, else None (every field)."""
+        return fields_to_ask(self.task, unsure, text, self.few_shot, self._prices, self.partial_max_share)
 
     async def label(self, text: str, fields: Sequence[str] | None = None) -> TeacherAnswer:
         if self._breaker.refusing():
@@ -412,6 +425,7 @@ def build_teacher(settings: Settings, task: TaskSpec, metrics: ServiceMetrics | 
         breaker_failures=settings.teacher_breaker_failures,
         breaker_reset_s=settings.teacher_breaker_reset_s,
         on_request=on_request,
+        partial_max_share=settings.teacher_partial_max_share,
     )
     if metrics is not None:
         teacher.on_rejected_answer = lambda reason: metrics.rejected_answers.labels("teacher", reason).inc()

@@ -46,6 +46,11 @@ def should_escalate(
     return any(p.confidence < field_threshold(name, threshold) for name, p in prediction.items())
 
 
+def unsure_fields(prediction: Mapping[str, HasConfidence], threshold: float | Mapping[str, float]) -> list[str]:
+    """The fields strictly below their threshold, in prediction order: what the teacher is asked."""
+    return [name for name, p in prediction.items() if p.confidence < field_threshold(name, threshold)]
+
+
 def audit_fraction(ticket_id: str, salt: str = "") -> float:
     """A uniform-looking number in [0, 1) derived from the ticket id only."""
     digest = hashlib.sha256(f"{salt}\x00{ticket_id}".encode("utf-8")).digest()

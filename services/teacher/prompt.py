@@ -11,7 +11,7 @@ import hashlib
 import json
 from typing import Any, Sequence
 
-from schemas.answer import AnswerError, check_answer
+from schemas.answer import AnswerError, check_answer, entity_list_schema
 from schemas.task import EntityFieldSpec, FieldSpec, TaskSpec
 
 
@@ -84,12 +84,7 @@ def build_teacher_messages(task: TaskSpec, text: str, few_shot: int,
 
 def _property(spec: FieldSpec | EntityFieldSpec) -> dict[str, Any]:
     if isinstance(spec, EntityFieldSpec):
-        item = {"type": "object",
-                "properties": {"type": {"type": "string", "enum": spec.type_names},
-                               "text": {"type": "string", "minLength": 1, "maxLength": spec.max_span_chars}},
-                "required": ["type", "text"], "additionalProperties": False}
-        return {"type": "array", "description": spec.description, "items": item,
-                "maxItems": spec.max_entities}
+        return {**entity_list_schema(spec), "description": spec.description}
     return {"type": "string", "description": spec.description, "enum": list(spec.labels)}
 
 

@@ -30,10 +30,12 @@ import random
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable
 
+from schemas.answer import entity_set
 from schemas.classification import Classification, Route
 from schemas.escalation import Escalation
+from schemas.task import Entity
 from schemas.training import TrainingExample
 from services.teacher.client import TeacherUnavailable
 from services.teacher.escalation import AuditEstimator
@@ -102,10 +104,44 @@ class WorkerStats:
 
 @dataclass
 class _Answer:
-    labels: dict[str, str]
+    labels: dict[str, Any]  # the fields the teacher answered (all, or the unsure ones)
     model: str
     prompt_hash: str
     logged: bool  # already in the training log
+
+
+def merge_answer(student: Classification, labels: dict[str, Any]) -> dict[str, Any]:
+    """The published fields once the teacher answered `labels`: its fields replace the
+    student's, the rest stay the student's (a partial escalation); `sources` says who is who
+    and `confidence` is the lowest of the student's fields still published (1.0: none)."""
+    fields, entities = dict(student.fields), student.entities
+    sources = dict(student.sources) or {name: "student" for name in fields}
+    for name, value in labels.items():
+        if isinstance(value, list):  # the entities field
+            entities = [Entity(**e) if isinstance(e, dict) else e for e in value]
+        else:
+            fields[name] = value
+        sources[name] = "teacher"
+    kept = []
+    for name, source in sources.items():
+        if source != "student":
+            continue
+        if name in student.student:
+            kept.append(student.student[name].confidence)
+        elif student.student_entities is not None:  # the entities field
+            kept.append(student.student_entities.confidence)
+    return {"fields": fields, "entities": entities, "sources": sources, "confidence": min(kept, default=1.0)}
+
+
+def agrees(student: Classification, labels: dict[str, Any]) -> bool:
+    """The confident answer equals the teacher's on every field the teacher answered."""
+    for name, value in labels.items():
+        if isinstance(value, list):
+            if entity_set(student.entities or []) != entity_set(value):
+                return False
+        elif student.fields.get(name) != value:
+            return False
+    return True
 
 
 class EscalationResolver:
@@ -133,13 +169,14 @@ class EscalationResolver:
 
     # ---- escalations ----------------------------------------------------------------------
     async def _escalation(self, request: Escalation) -> None:
-        answer = await self._known_answer(request.text)
+        asked = self._fields_to_ask(request)
+        answer = await self._known_answer(request.text, asked or self._all_fields(request))
         if answer is None and self.teacher is None:
             await self._publish_unverified(request)
             return
         unverified_sent = False
         if answer is None:
-            asking = asyncio.create_task(self._ask(request.text, "escalation"))
+            asking = asyncio.create_task(self._ask(request.text, "escalation", asked))
             try:
                 remaining = request.ticket_time_ms / 1000 + self.deadline_s - self.wall_clock()
                 if remaining > 0:
@@ -158,7 +195,7 @@ class EscalationResolver:
             await self._log(request, answer, source="live")
         student = request.student_result
         result = student.model_copy(update={
-            "fields": answer.labels, "confidence": 1.0, "route": Route.teacher, "model": answer.model,
+            **merge_answer(student, answer.labels), "route": Route.teacher, "model": answer.model,
             "teacher": answer.labels, "teacher_model": answer.model,
             "latency_ms": self._since_ticket_ms(request),
         })
@@ -181,7 +218,7 @@ class EscalationResolver:
 
     # ---- audits ---------------------------------------------------------------------------
     async def _audit(self, request: Escalation) -> None:
-        answer = await self._known_answer(request.text)
+        answer = await self._known_answer(request.text, self._all_fields(request))
         if answer is None and self.teacher is None:
             self.stats.audits_skipped += 1
             return
@@ -191,21 +228,29 @@ class EscalationResolver:
                 return
             await self._log(request, answer, source="audit")
         self.stats.audits += 1
-        agree = all(answer.labels.get(k) == v for k, v in request.student_result.fields.items())
+        agree = agrees(request.student_result, answer.labels)
         self.audit.record(agree)
         if self.metrics:
             accuracy, n, _, _ = self.audit.estimate()
             self.metrics.set_audit(accuracy, n)
 
     # ---- the teacher and the log ----------------------------------------------------------
-    async def _ask(self, text: str, kind: str) -> _Answer | None:
+    def _fields_to_ask(self, request: Escalation) -> list[str] | None:
+        """The unsure fields when the teacher finds asking for those alone cheaper, else None
+        (all fields: a complete training example)."""
+        choose = getattr(self.teacher, "fields_for", None)
+        if choose is None or not request.unsure_fields:
+            return None
+        return choose(request.text, request.unsure_fields)
+
+    async def _ask(self, text: str, kind: str, fields: list[str] | None = None) -> _Answer | None:
         """The teacher's answer, waiting out outages; None when it refuses this very ticket."""
         assert self.teacher is not None
         refused, waits = 0, 0
         while True:
             async with self.slots.hold(kind):
                 try:
-                    got = await self.teacher.label(text)
+                    got = await (self.teacher.label(text, fields) if fields else self.teacher.label(text))
                     return _Answer(got.labels, got.model, got.prompt_hash, logged=False)
                 except TeacherUnavailable as exc:
                     self.stats.teacher_failures[exc.reason] += 1
@@ -220,11 +265,17 @@ class EscalationResolver:
             delay = min(self.retry_max_s, self.retry_base_s * 2 ** min(waits - 1, 16))
             await asyncio.sleep(self._rng.uniform(delay / 2, delay))  # jitter: no thundering herd
 
-    async def _known_answer(self, text: str) -> _Answer | None:
+    @staticmethod
+    def _all_fields(request: Escalation) -> list[str]:
+        student = request.student_result
+        return list(student.sources or student.fields)
+
+    async def _known_answer(self, text: str, fields: list[str]) -> _Answer | None:
+        """The logged answer when it covers `fields` (a partial one may not)."""
         if self.training_log is None:
             return None
         known = await asyncio.to_thread(self.training_log.answer_for, text)
-        if known is None:
+        if known is None or not set(fields) <= set(known.labels):
             return None
         self.stats.reused += 1
         return _Answer(known.labels, known.teacher_model, known.prompt_hash, logged=True)
