@@ -2,19 +2,26 @@
 
 This is NOT a model. It exists so the service, the bootstrap and the tests can exercise the
 real teacher path (HTTP, retries, breaker, budget, cost accounting) without an LLM or the
-internet. It looks the last user message up in a labelled dataset (BANKING77 train+dev+test by
-default, or any `text<TAB>label` TSVs) and answers `{"<field>": "<gold label>"}`, the field
-name taken from the request's json_schema. Unknown texts get the label of the most similar
-known text (token overlap), or a deterministic label; both are counted in `stats`.
+internet. It looks the last user message up in labelled data and answers every property of the
+request's json_schema, in order. Gold: BANKING77 train+dev+test by default, `text<TAB>label`
+TSVs (a plain label answers the first categorical field asked), or JSONL records `{"text",
+"labels": {field: label}, "entities": [{"type", "text"}]}`: each categorical field its gold
+label, the entities field (any name) the gold spans of the types the schema allows. Unknown
+texts get the categoricals of the most similar known text (token overlap), or deterministic
+labels; their entities come from the optional `entity_rules(text)` callable (default: none),
+never from the neighbour, whose spans are not in this text (a known text without gold spans
+gets the rules' too). Unknown texts and fields without a gold label (left out) are counted.
 
 Faults, changeable at run time (`set_faults(...)` or `POST /admin/faults` with JSON):
 latency_ms (added to every answer), error_rate (HTTP 500), rate_limit_rate (HTTP 429,
-Retry-After: 0), timeout_rate (hang for `hang_s`, default 30 s), noise_rate (a random wrong
-label), invalid_rate (a label outside the label set), and `script`: a list of outcomes
-("error", "rate_limit", "timeout", "noise", "invalid", "ok") forced on the next requests.
+Retry-After: 0), timeout_rate (hang for `hang_s`, default 30 s), noise_rate (every categorical
+a random wrong label), invalid_rate (a label outside the label set on the first categorical),
+bad_entity_type_rate (an entity of type "not_a_type", its text in the ticket), bad_span_rate
+(an entity of a valid type, its text not in the ticket), malformed_rate (the JSON cut in half),
+and `script`: a list of OUTCOMES forced on the next requests.
 
     python -m services.dev.standin --port 8099 --latency-ms 20 --error-rate 0.1 \\
-        --rate-limit-rate 0.05 --timeout-rate 0.0 --noise-rate 0.0
+        --rate-limit-rate 0.05 --timeout-rate 0.0 --noise-rate 0.0 --data gold.jsonl
 
 Programmatic: `async with run_standin(port=0, error_rate=0.1) as server: server.base_url`.
 Needs aiohttp only (not the openai package).
@@ -37,29 +44,71 @@ import signal
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterable, Sequence
+from typing import Any, AsyncIterator, Callable, Iterable, Mapping, Sequence, Union
 
 from aiohttp import web
 
 from schemas.text import dedup_key
-from services.dev.datasets import BANKING77_SPLITS, banking77_dir, load_tsv
+from services.dev.datasets import BANKING77_SPLITS, banking77_dir
+from services.teacher.corpus import read_records
 
 log = logging.getLogger(__name__)
 
 STANDIN_MODEL = "gold-label-standin"
-OUTCOMES = ("ok", "error", "rate_limit", "timeout", "noise", "invalid")
+OUTCOMES = ("ok", "error", "rate_limit", "timeout", "noise", "invalid", "bad_entity_type",
+            "bad_span", "malformed")
+ENTITIES_KEY = "entities"  # where a gold answer keeps its spans, whatever the field's name
+BAD_TYPE, BAD_SPAN = "not_a_type", "zzz-not-in-ticket"
 _TOKEN = re.compile(r"[a-z0-9']+")
+_STATS = (("hangs", "timeout"), ("noisy", "noise"), ("invalid", "invalid"),  # (stat, counter)
+          *((o, o) for o in ("bad_entity_type", "bad_span", "malformed")),
+          ("unknown_texts", "unknown"), ("unknown_no_overlap", "unknown_no_overlap"),
+          ("missing_gold_fields", "missing_gold_field"), ("rule_entities", "rule_entities"))
+
+GoldEntry = dict[str, Any]  # {field: label, ..., "entities": [{"type", "text"}, ...]}
+Gold = Mapping[str, Union[str, GoldEntry]]  # dedup_key(text) -> a plain label or a full answer
+EntityRules = Callable[[str], Iterable[Mapping[str, Any]]]
 
 
-def load_gold(paths: Iterable[str | Path] | None = None) -> dict[str, str]:
-    """normalised text -> label; the first label wins for a repeated text."""
+def gold_entry(labels: Mapping[str, Any], entities: Iterable[Any] | None = None) -> GoldEntry:
+    """A full gold answer: labels by field name (None skipped), the spans under "entities" when
+    given (no key: not annotated; []: annotated, none). Extra span keys are dropped."""
+    entry: GoldEntry = {k: v for k, v in labels.items() if v is not None}
+    if ENTITIES_KEY in entry or not all(isinstance(v, str) for v in entry.values()):
+        raise ValueError(f"gold labels {labels!r}: expected field -> label strings")
+    if entities is not None:
+        spans = [{"type": e.get("type"), "text": e.get("text")} if isinstance(e, Mapping) else {}
+                 for e in entities]
+        entry[ENTITIES_KEY] = spans
+        if not all(len(e) == 2 and all(isinstance(v, str) and v for v in e.values()) for e in spans):
+            raise ValueError(f"gold entities {entities!r}: expected non-empty type/text strings")
+    return entry
+
+
+def load_gold(paths: Iterable[str | Path] | None = None) -> dict[str, str | GoldEntry]:
+    """normalised text -> label (a TSV's `label` column) or full answer (a JSONL record's
+    `labels` and `entities`, see gold_entry); the first record wins for a repeated text."""
     if paths is None:
         paths = [banking77_dir() / f"{split}.tsv" for split in BANKING77_SPLITS]
-    gold: dict[str, str] = {}
+    gold: dict[str, str | GoldEntry] = {}
     for path in paths:
-        for row in load_tsv(path):
-            gold.setdefault(dedup_key(row.text), row.label)
+        for record in read_records(path):
+            value: str | GoldEntry
+            if isinstance(record.get("labels"), Mapping) or record.get("entities") is not None:
+                value = gold_entry(record.get("labels") or {}, record.get("entities"))
+            elif isinstance(record.get("label"), str):
+                value = record["label"]
+            else:
+                raise ValueError(f"{path}: a record with neither 'label' nor 'labels'/'entities'")
+            gold.setdefault(dedup_key(record["text"]), value)
     return gold
+
+
+def _plain_label(entry: str | GoldEntry) -> str | None:
+    """A legacy label, or a full answer's first categorical label."""
+    if isinstance(entry, str):
+        return entry
+    return next((v for k, v in entry.items() if k != ENTITIES_KEY and isinstance(v, str)), None)
 
 
 @dataclasses.dataclass
@@ -70,6 +119,9 @@ class Faults:
     timeout_rate: float = 0.0
     noise_rate: float = 0.0
     invalid_rate: float = 0.0
+    bad_entity_type_rate: float = 0.0
+    bad_span_rate: float = 0.0
+    malformed_rate: float = 0.0
     script: list[str] = dataclasses.field(default_factory=list)
 
 
@@ -77,18 +129,26 @@ class GoldLabelStandin:
     """State and handlers of the stand-in; serve it with `run_standin` or `main()`."""
 
     def __init__(
-        self, gold: dict[str, str], *, model: str = STANDIN_MODEL, api_key: str | None = None,
-        seed: int = 0, hang_s: float = 30.0, default_field: str = "label", **faults: Any,
+        self, gold: Gold, *, model: str = STANDIN_MODEL, api_key: str | None = None,
+        seed: int = 0, hang_s: float = 30.0, default_field: str = "label",
+        entity_rules: EntityRules | None = None, **faults: Any,
     ) -> None:
         if not gold:
             raise ValueError("the stand-in needs at least one labelled text")
         self.gold = gold
         self.model, self.hang_s, self.default_field = model, hang_s, default_field
+        self.entity_rules = entity_rules
         self._api_key = api_key
         self._rng = random.Random(seed)
         self.faults = Faults()
         self.set_faults(**faults)
-        self.labels = sorted(set(gold.values()))
+        # plain labels (legacy answers, noise without an enum) and the labels seen per field
+        self.labels = sorted({p for p in map(_plain_label, gold.values()) if p is not None})
+        by_field: dict[str, set[str]] = defaultdict(set)
+        for entry in (e for e in gold.values() if isinstance(e, dict)):
+            for name in entry.keys() - {ENTITIES_KEY}:
+                by_field[name].add(entry[name])
+        self.field_labels = {name: sorted(labels) for name, labels in by_field.items()}
         self._texts: list[str] | None = None
         self._index: dict[str, list[int]] = {}
         self._closing = asyncio.Event()
@@ -133,18 +193,20 @@ class GoldLabelStandin:
             "chat_requests": self._chat,
             "answered": dict(self._answered),
             "answered_total": sum(self._answered.values()),
-            "hangs": self._counters["timeout"],
-            "noisy": self._counters["noise"],
-            "invalid": self._counters["invalid"],
-            "unknown_texts": self._counters["unknown"],
-            "unknown_no_overlap": self._counters["unknown_no_overlap"],
+            **{name: self._counters[counter] for name, counter in _STATS},
             "inflight": self._inflight,
             "max_inflight": self._max_inflight,
         }
 
     # --- labelling ---------------------------------------------------------------------
-    def lookup(self, text: str) -> tuple[str, bool]:
-        """(label, known). Unknown: nearest known text by token Jaccard, ties by file order."""
+    def lookup(self, text: str) -> tuple[str | None, bool]:
+        """(plain label, known): lookup_entry's label for a one-field answer."""
+        entry, known = self.lookup_entry(text)
+        return _plain_label(entry), known
+
+    def lookup_entry(self, text: str) -> tuple[str | GoldEntry, bool]:
+        """(gold entry, known). Unknown: the entry of the nearest known text by token Jaccard,
+        ties by file order; no overlap: deterministic labels (one per field for full answers)."""
         key = dedup_key(text)
         if key in self.gold:
             return self.gold[key], True
@@ -163,6 +225,9 @@ class GoldLabelStandin:
         if not overlap:
             self._counters["unknown_no_overlap"] += 1
             digest = int(hashlib.sha256(key.encode()).hexdigest(), 16)
+            if self.field_labels or not self.labels:
+                return {f: labels[digest % len(labels)]
+                        for f, labels in self.field_labels.items()}, False
             return self.labels[digest % len(self.labels)], False
 
         def jaccard(i: int) -> float:
@@ -175,16 +240,67 @@ class GoldLabelStandin:
         f = self.faults
         if f.script:
             return f.script.pop(0)
-        r = self._rng.random()
-        for outcome, rate in (("timeout", f.timeout_rate), ("error", f.error_rate),
-                              ("rate_limit", f.rate_limit_rate)):
-            if r < rate:
-                return outcome
-            r -= rate
-        r = self._rng.random()
-        if r < f.invalid_rate:
-            return "invalid"
-        return "noise" if r < f.invalid_rate + f.noise_rate else "ok"
+        # Two draws: the transport's faults, then the answer's (a fault's rate is its share).
+        for group in ((("timeout", f.timeout_rate), ("error", f.error_rate),
+                       ("rate_limit", f.rate_limit_rate)),
+                      (("invalid", f.invalid_rate), ("noise", f.noise_rate),
+                       ("bad_entity_type", f.bad_entity_type_rate),
+                       ("bad_span", f.bad_span_rate), ("malformed", f.malformed_rate))):
+            r = self._rng.random()
+            for outcome, rate in group:
+                if r < rate:
+                    return outcome
+                r -= rate
+        return "ok"
+
+    def _compose(self, text: str, props: list[tuple[str, dict[str, Any]]],
+                 outcome: str) -> dict[str, Any]:
+        """The answer to the asked properties (schema order), with the outcome's fault."""
+        entry, known = self.lookup_entry(text)
+        labels = entry if isinstance(entry, dict) else {}
+        categorical = [name for name, prop in props if not _is_array(prop)]
+        # A plain label (or a full answer naming none of the asked fields) answers the first.
+        plain = None if any(n in labels for n in categorical) else _plain_label(entry)
+        answer: dict[str, Any] = {}
+        for name, prop in props:
+            if _is_array(prop):
+                answer[name] = self._entities(entry if known else None, text, prop)
+            elif isinstance(labels.get(name), str):
+                answer[name] = labels[name]
+            elif plain is not None and name == categorical[0]:
+                answer[name] = plain
+            else:
+                self._counters["missing_gold_field"] += 1
+        if outcome == "noise":
+            for name, prop in props:
+                if name in answer and not _is_array(prop):
+                    choices = prop.get("enum") or self.field_labels.get(name) or self.labels
+                    wrong = [lab for lab in choices if lab != answer[name]]
+                    answer[name] = self._rng.choice(wrong) if wrong else answer[name]
+        elif outcome == "invalid" and categorical:
+            answer[categorical[0]] = "not_a_label"
+        elif outcome in ("bad_entity_type", "bad_span"):  # on the (first) entities field
+            for name, prop in (p for p in props if _is_array(p[1])):
+                bad = ({"type": BAD_TYPE, "text": text.split()[0][:40]} if outcome == "bad_entity_type"
+                       else {"type": (_entity_types(prop) or ["entity"])[0], "text": BAD_SPAN})
+                keep = max(0, int(prop.get("maxItems") or len(answer[name]) + 1) - 1)
+                answer[name] = answer[name][:keep] + [bad]  # within maxItems: the bad one is seen
+                break
+        return answer
+
+    def _entities(self, entry: str | GoldEntry | None, text: str,
+                  prop: dict[str, Any]) -> list[dict[str, str]]:
+        """A known text's gold spans, else the rules' spans of `text`; of allowed types only."""
+        if isinstance(entry, dict) and ENTITIES_KEY in entry:
+            spans: Iterable[Mapping[str, Any]] = entry[ENTITIES_KEY]
+        else:
+            spans = list(self.entity_rules(text)) if self.entity_rules is not None else []
+            self._counters["rule_entities"] += len(spans)
+        types, out = _entity_types(prop), []
+        for item in ({"type": str(e["type"]), "text": str(e["text"])} for e in spans):
+            if (types is None or item["type"] in types) and item not in out:
+                out.append(item)
+        return out[: prop["maxItems"]] if isinstance(prop.get("maxItems"), int) else out
 
     # --- HTTP --------------------------------------------------------------------------
     def app(self) -> web.Application:
@@ -255,17 +371,12 @@ class GoldLabelStandin:
         if outcome == "rate_limit":
             return _error(429, "stand-in injected rate limit", "rate_limit_exceeded",
                           headers={"Retry-After": "0"})
-        field, enum = _schema_field(body, self.default_field)
-        label, _known = self.lookup(text)
-        choices = enum or self.labels
-        if outcome == "noise":
-            wrong = [lab for lab in choices if lab != label]
-            label = self._rng.choice(wrong) if wrong else label
-        elif outcome == "invalid":
-            label = "not_a_label"
-        else:
+        answer = self._compose(text, _schema_properties(body, self.default_field), outcome)
+        if outcome == "ok":
             self._answered[dedup_key(text)] += 1
-        content = json.dumps({field: label})
+        content = json.dumps(answer)
+        if outcome == "malformed":
+            content = content[: len(content) // 2]
         chars = sum(len(_content_text(m.get("content"))) for m in messages)
         return web.json_response({
             "id": f"chatcmpl-standin-{self._chat}",
@@ -297,14 +408,28 @@ def _last_user_text(messages: Sequence[dict[str, Any]]) -> str:
     raise ValueError("no user message")
 
 
-def _schema_field(body: dict[str, Any], default: str) -> tuple[str, list[str]]:
-    """The first field of the requested json_schema and its enum (if any)."""
+def _schema_properties(body: dict[str, Any], default: str) -> list[tuple[str, dict[str, Any]]]:
+    """The requested json_schema's properties in order; none: one categorical `default`."""
     try:
         props = body["response_format"]["json_schema"]["schema"]["properties"]
-        name = next(iter(props))
-        return name, list(props[name].get("enum") or [])
-    except (KeyError, TypeError, StopIteration):
-        return default, []
+        if isinstance(props, dict) and props:
+            return [(name, p if isinstance(p, dict) else {}) for name, p in props.items()]
+    except (KeyError, TypeError):
+        pass
+    return [(default, {})]
+
+
+def _is_array(prop: Mapping[str, Any]) -> bool:
+    return prop.get("type") == "array"
+
+
+def _entity_types(prop: Mapping[str, Any]) -> list[str] | None:
+    """The entity types an entities property allows (its items' `type` enum), None: any."""
+    try:
+        enum = prop["items"]["properties"]["type"]["enum"]
+    except (KeyError, TypeError):
+        return None
+    return list(enum) if isinstance(enum, list) else None
 
 
 def _error(status: int, message: str, kind: str, headers: dict[str, str] | None = None):
@@ -315,7 +440,7 @@ def _error(status: int, message: str, kind: str, headers: dict[str, str] | None 
 @contextlib.asynccontextmanager
 async def run_standin(
     host: str = "127.0.0.1", port: int = 0, *, data_paths: Sequence[str | Path] | None = None,
-    gold: dict[str, str] | None = None, **options: Any,
+    gold: Gold | None = None, **options: Any,
 ) -> AsyncIterator[GoldLabelStandin]:
     """Serve a stand-in on (host, port); port 0 picks a free one. Yields the server object."""
     server = GoldLabelStandin(gold if gold is not None else load_gold(data_paths), **options)
@@ -341,16 +466,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8099)
-    parser.add_argument("--data", action="append", metavar="TSV",
-                        help="text<TAB>label file (repeatable); default BANKING77 train+dev+test")
+    parser.add_argument("--data", action="append", metavar="FILE",
+                        help="text<TAB>label TSV or JSONL {text, labels, entities} (repeatable); "
+                             "default BANKING77 train+dev+test")
     parser.add_argument("--model", default=STANDIN_MODEL)
     parser.add_argument("--api-key-env", metavar="VAR",
                         help="require `Authorization: Bearer $VAR` (the key is read from env)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--hang-s", type=float, default=30.0)
-    for name in ("latency-ms", "error-rate", "rate-limit-rate", "timeout-rate", "noise-rate",
-                 "invalid-rate"):
-        parser.add_argument(f"--{name}", type=float, default=0.0)
+    rates = [f.name for f in dataclasses.fields(Faults) if f.name != "script"]  # latency too
+    for name in rates:
+        parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=0.0)
     args = parser.parse_args(argv)
     api_key = None
     if args.api_key_env:
@@ -359,12 +485,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             parser.error(f"environment variable {args.api_key_env} is empty")
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    options = dict(
-        model=args.model, api_key=api_key, seed=args.seed, hang_s=args.hang_s,
-        latency_ms=args.latency_ms, error_rate=args.error_rate,
-        rate_limit_rate=args.rate_limit_rate, timeout_rate=args.timeout_rate,
-        noise_rate=args.noise_rate, invalid_rate=args.invalid_rate,
-    )
+    options = dict(model=args.model, api_key=api_key, seed=args.seed, hang_s=args.hang_s,
+                   **{name: getattr(args, name) for name in rates})
     asyncio.run(_serve(args.host, args.port, args.data, options))
 
 

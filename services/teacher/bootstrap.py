@@ -146,7 +146,13 @@ def label_coverage(task: TaskSpec, examples: Sequence[TrainingExample]) -> list[
     occur, the most and least frequent, and the labels never seen (the student cannot learn
     those: label more, or sample differently)."""
     lines = []
-    for spec in task.fields:
+    entity = task.entity_field
+    if entity is not None:
+        spans = Counter(item["type"] for e in examples for item in e.labels.get(entity.name) or [])
+        with_any = sum(bool(e.labels.get(entity.name)) for e in examples)
+        shown = ", ".join(f"{t} {spans[t]}" for t in entity.type_names)
+        lines.append(f"entities ({entity.name}): {with_any} of {len(examples)} examples have any; {shown}")
+    for spec in task.categorical_fields:
         counts = Counter(e.labels.get(spec.name) for e in examples)
         total = sum(counts.values()) or 1
         seen = [label for label in spec.labels if counts[label]]
@@ -176,11 +182,11 @@ async def bootstrap_from_settings(
 
     if not settings.teacher_base_url:
         raise SystemExit("no teacher: set TRIAGE_TEACHER_BASE_URL (or OPENAI_BASE_URL)")
-    every = read_texts(path)
+    task = TaskSpec.from_file(settings.task_path)
+    every = read_texts(path, task.inputs)
     texts = sample_texts(every, limit, seed)
     if len(texts) < len(every):
         print(f"bootstrap: a uniform sample (seed {seed}) of {len(texts)} of the {len(every)} texts in {path}")
-    task = TaskSpec.from_file(settings.task_path)
     teacher = build_teacher(settings, task)
     try:
         with TrainingLog(settings.training_log_path) as training_log:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 
 def read_records(path: str | Path) -> list[dict[str, Any]]:
@@ -36,5 +36,17 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
     return [r for r in records if isinstance(r.get("text"), str) and r["text"].strip()]
 
 
-def read_texts(path: str | Path) -> list[str]:
-    return [r["text"] for r in read_records(path)]
+def read_texts(path: str | Path, inputs: Sequence[Any] = ()) -> list[str]:
+    """Each record's text as the models see it: with the task's `inputs` (InputSpecs) and a
+    `subject` column composed exactly as a ticket from Kafka is (schemas.ticket.Ticket.full_text)."""
+    from schemas.ticket import Ticket
+
+    names = {i.name for i in inputs}
+    out = []
+    for r in read_records(path):
+        if not names and not r.get("subject"):
+            out.append(r["text"])
+            continue
+        extra = {k: v for k, v in r.items() if k in names and v not in (None, "")}
+        out.append(Ticket(id="-", text=r["text"], subject=r.get("subject") or None, **extra).full_text(inputs))
+    return out
