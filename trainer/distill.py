@@ -189,7 +189,7 @@ def load_calibration(cfg: DistillConfig, task: TaskSpec, version: int) -> HeldOu
     else:
         calib = HeldOut.from_log(cfg.log_path, task, version=version,
                                  fraction=cfg.heldout_fraction, limit=cfg.eval_limit)
-    need = min_heldout(cfg.epsilon, cfg.delta)
+    need = min_heldout(cfg.epsilon, cfg.delta, len(task.fields))
     if len(calib.rows) < need:
         where = (cfg.calibration_tsv if cfg.calibration_tsv else
                  f"the training log's held-out slice (v{version}: {cfg.heldout_fraction:.0%} of "

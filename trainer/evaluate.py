@@ -131,11 +131,11 @@ class PredictionCache:
                     f.write(json.dumps(row) + "\n")
 
 
-def min_heldout(epsilon: float, delta: float) -> int:
+def min_heldout(epsilon: float, delta: float, fields: int = 1) -> int:
     """Rows below which `calibration.choose_threshold` cannot certify epsilon at all (its walk
-    starts where one error still passes): distilling with fewer trains a candidate nobody can
-    gate, so distill refuses before training."""
-    return cal.walk_start(epsilon, delta)
+    starts where three errors still pass; with k fields each is tested at delta / k):
+    distilling with fewer trains a candidate nobody can gate, so distill refuses first."""
+    return cal.walk_start(epsilon, delta / max(1, fields))
 
 
 def _field_choices(fields: dict[str, dict], epsilon: float, delta: float) -> dict[str, cal.ThresholdChoice]:

@@ -94,6 +94,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         tickets=args.tickets, bootstrap=args.bootstrap, train_minutes=args.train_minutes,
         epochs=args.epochs, eval_limit=args.eval_limit, teacher_latency_ms=args.teacher_latency_ms,
         flywheel=not args.no_flywheel, malformed=args.malformed, workdir=Path(args.workdir),
+        task=args.task,
     )
     report = asyncio.run(run_demo(Settings(), options))
     if args.json:  # whole (a truncated report is not JSON); no stray blank line without it
@@ -136,5 +137,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--malformed", type=int, default=5, help="malformed messages mixed in per stage")
     p.add_argument("--no-flywheel", action="store_true", help="only stream through the base model")
     p.add_argument("--workdir", default="var/demo", help="registry, training log, reports")
+    p.add_argument("--task", choices=("banking77", "tickets"), default="banking77",
+                   help="tickets: the example task with category + priority + entities (rule-made "
+                        "priority and entities on BANKING77 texts)")
     p.add_argument("--json", action="store_true", help="also print the JSON report")
     p.set_defaults(fn=cmd_demo)

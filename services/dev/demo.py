@@ -32,9 +32,10 @@ class DemoOptions:
     flywheel: bool = True
     malformed: int = 5
     workdir: Path = Path("var/demo")
+    task: str = "banking77"  # or "tickets": category + priority + entities (services/dev/demo_data.py)
 
 
-DEMO_ENTRIES = {"registry", "data", "distill", "demo-report.json"}  # what a demo writes
+DEMO_ENTRIES = {"registry", "data", "distill", "demo-report.json", "tickets"}  # what a demo writes
 
 
 async def run_demo(base: Settings, options: DemoOptions) -> dict[str, Any]:
@@ -43,10 +44,10 @@ async def run_demo(base: Settings, options: DemoOptions) -> dict[str, Any]:
     from schemas.task import TaskSpec
     from services.stream.app import TriageService
     from services.dev.broker import EmbeddedBroker
+    from services.dev.demo_data import DATASETS
     from services.stream.kafka_io import all_topics, ensure_topics
-    from services.dev.datasets import load_split
     from services.student.model_store import ensure_student_model
-    from services.dev.standin import run_standin
+    from services.dev.standin import load_gold, run_standin
 
     workdir = options.workdir.resolve()
     if workdir.is_dir() and not {p.name for p in workdir.iterdir()} <= DEMO_ENTRIES:
@@ -58,22 +59,27 @@ async def run_demo(base: Settings, options: DemoOptions) -> dict[str, Any]:
     started = time.monotonic()
     say("student model (SmolLM2-135M-Instruct, converted once from the packaged GGUF)")
     model_path = ensure_student_model(base.model_path)
-    test_rows = load_split("test")
-    field_name = TaskSpec.from_file(base.task_path).fields[0].name
+    data = DATASETS[options.task](workdir / "tickets")
+    task = TaskSpec.from_file(data.task_path)
+    if options.task != "banking77":
+        say(f"task {task.name}: {', '.join(f'{f.name} ({f.type})' for f in task.fields)}")
     stages: list[StreamReport] = []
     extra: dict[str, Any] = {}
     async with AsyncExitStack() as stack:
         broker = stack.enter_context(EmbeddedBroker())
         say(f"embedded Tansu broker on {broker.bootstrap_servers}")
-        standin = await stack.enter_async_context(run_standin(latency_ms=0))
-        say(f"gold-label teacher STAND-IN at {standin.base_url}: it answers from BANKING77's labels "
-            f"(not a model), priced per token like an LLM API; while tickets stream it waits "
+        gold = load_gold(data.gold_paths)
+        standin = await stack.enter_async_context(run_standin(gold=gold, entity_rules=data.entity_rules,
+                                                              latency_ms=0))
+        say(f"gold-label teacher STAND-IN at {standin.base_url}: {data.blurb}, "
+            f"priced per token like an LLM API; while tickets stream it waits "
             f"{options.teacher_latency_ms:.0f} ms per answer, as an LLM API would")
         settings = base.model_copy(update={
             "bootstrap_servers": broker.bootstrap_servers,
             "session_timeout_ms": 3000,
             "heartbeat_interval_ms": 500,
             "model_path": model_path,
+            "task_path": data.task_path,
             "registry_dir": workdir / "registry",
             "data_dir": workdir / "data",
             "teacher_base_url": base.teacher_base_url or standin.base_url,
@@ -88,8 +94,8 @@ async def run_demo(base: Settings, options: DemoOptions) -> dict[str, Any]:
         extra["service_start_s"] = round(time.monotonic() - t0, 1)
 
         async def stage(name: str, start: int) -> StreamReport:
-            rows = test_rows[start : start + options.tickets]
-            say(f"stage '{name}': {len(rows)} fresh BANKING77 test tickets (never trained on) "
+            rows = data.test[start : start + options.tickets]
+            say(f"stage '{name}': {len(rows)} fresh {data.name} test tickets (never trained on) "
                 f"+ {options.malformed} malformed messages")
             standin.set_faults(latency_ms=options.teacher_latency_ms)
             teacher_before = _teacher_stats(service)
@@ -97,7 +103,7 @@ async def run_demo(base: Settings, options: DemoOptions) -> dict[str, Any]:
                 name=name, bootstrap=settings.bootstrap_servers,
                 tickets_topic=settings.tickets_topic, results_topic=settings.results_topic,
                 dead_letter_topic=settings.dead_letter_topic, rows=rows, id_prefix=f"{name}",
-                field_name=field_name, malformed=options.malformed, progress=sys.stderr.isatty(),
+                task=task, malformed=options.malformed, progress=sys.stderr.isatty(),
             )
             await service.worker.idle()  # audits too: their teacher calls belong to this stage
             standin.set_faults(latency_ms=0)
@@ -118,7 +124,7 @@ async def run_demo(base: Settings, options: DemoOptions) -> dict[str, Any]:
         if options.flywheel:
             from services.dev.demo_flywheel import flywheel
 
-            extra.update(await flywheel(service, settings, options, stage))
+            extra.update(await flywheel(service, settings, options, stage, data))
     extra["total_minutes"] = round((time.monotonic() - started) / 60, 1)
     result = {"stages": [s.as_dict() for s in stages], **extra}
     (workdir / "demo-report.json").write_text(json.dumps(result, indent=1, default=str))

@@ -16,18 +16,18 @@ from services.dev.demo_stream import StreamReport, say
 
 
 async def flywheel(
-    service: Any, settings: Any, options: Any, stage: Callable[[str, int], Awaitable[StreamReport]]
+    service: Any, settings: Any, options: Any, stage: Callable[[str, int], Awaitable[StreamReport]],
+    data: Any,
 ) -> dict[str, Any]:
     from schemas.task import TaskSpec
-    from services.dev.datasets import load_split
     from services.teacher.bootstrap import label_coverage, run_bootstrap, sample_texts
     from trainer.distill import DistillConfig, heldout_line, run_distill_async
 
     pipeline, worker = service.pipeline, service.worker
-    train_texts = [row.text for row in load_split("train")]
+    train_texts = data.train_texts
     texts = sample_texts(train_texts, options.bootstrap, seed=0)
     say(f"bootstrap: the teacher labels a random sample of {len(texts)} of the {len(train_texts)} "
-        f"historical (BANKING77 train) tickets into the training log")
+        f"historical ({data.name} train) tickets into the training log")
     boot = await run_bootstrap(teacher=worker.teacher, log=worker.training_log, texts=texts,
                                concurrency=16, progress=sys.stderr.isatty())
     # off the event loop: the service shares it, and reading the log is a scan

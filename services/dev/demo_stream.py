@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from schemas.classification import Classification
-from services.dev.datasets import LabelledText
+from schemas.answer import entity_set
 from services.stream.kafka_io import Received, produce, read_topic, ticket_message
 
 
@@ -93,12 +93,19 @@ class StreamReport:
                   f"\n  student answers: consume → publish p50 {d['service_p50_ms']:.0f} ms / p99 "
                   f"{d['service_p99_ms']:.0f} ms; queueing p50 {d['queueing_p50_ms'] / 1000:.1f} s "
                   f"(the burst waits in Kafka)")
+        per_field = ""
+        for name, f in (d.get("fields") or {}).items():
+            per_field += (f"\n  {name}: published {f['published_accuracy']:.1%} right, student alone "
+                          f"{f['student_accuracy']:.1%}")
+            if "published_f1" in f:
+                per_field += (f"; entity F1 published {f['published_f1']:.3f}, student {f['student_f1']:.3f} "
+                              f"(precision {f['student_precision']:.3f}, recall {f['student_recall']:.3f})")
         return (
             f"  {d['tickets_in']} in: {d['results']} answered + {d['dead_lettered']} dead-lettered "
             f"(all accounted for: {'yes' if d['accounted_for'] else 'NO'}); "
             f"{d['throughput_per_s']} tickets/s\n"
             f"  {alone}; escalated {d['escalation_rate']:.1%}; student accuracy on all "
-            f"{d['student_accuracy']:.1%}{timing}"
+            f"{d['student_accuracy']:.1%}{timing}{per_field}"
         )
 
 
@@ -123,17 +130,18 @@ async def stream_tickets(
     tickets_topic: str,
     results_topic: str,
     dead_letter_topic: str,
-    rows: Sequence[LabelledText],
+    rows: Sequence[tuple[str, dict[str, Any]]],
     id_prefix: str,
-    field_name: str,
+    task: Any,
     malformed: int = 0,
     timeout_s: float = 900.0,
     correction_timeout_s: float = 120.0,
     progress: bool = False,
 ) -> StreamReport:
-    """Produce `rows` (+ `malformed` bad messages), wait for every outcome, score vs gold."""
-    gold = {f"{id_prefix}-{i}": row.label for i, row in enumerate(rows)}
-    messages = [ticket_message(tid, row.text) for tid, row in zip(gold, rows)]
+    """Produce `rows` ((text, gold answer) pairs; + `malformed` bad messages), wait for every
+    outcome, score the published and the student's answers vs gold, per field and per ticket."""
+    gold = {f"{id_prefix}-{i}": answer for i, (_, answer) in enumerate(rows)}
+    messages = [ticket_message(tid, text) for tid, (text, _) in zip(gold, rows)]
     rng = random.Random(len(rows))
     bad_keys = []
     for j in range(malformed):
@@ -180,16 +188,17 @@ async def stream_tickets(
         if item.key in wanted:
             firsts.setdefault(item.key, item)  # when the ticket first had an answer
             latest[item.key] = item  # the results topic is a changelog: the latest record wins
+    scores = FieldTally(task)
     for key, item in latest.items():
         result = Classification.model_validate_json(item.value)
         truth = gold[key.decode()]
         report.results += 1
-        report.published_correct += result.fields.get(field_name) == truth
-        student = result.student.get(field_name)
-        report.student_correct += bool(student and student.label == truth)
+        published_ok, student_ok = scores.add(truth, result)
+        report.published_correct += published_ok
+        report.student_correct += student_ok
         if result.route.value == "student":
             report.student_answered += 1
-            report.student_answered_wrong += result.fields.get(field_name) != truth
+            report.student_answered_wrong += not published_ok
         report.routes[result.route.value] = report.routes.get(result.route.value, 0) + 1
         adapter = result.adapter_id or "base"
         report.adapters[adapter] = report.adapters.get(adapter, 0) + 1
@@ -199,7 +208,56 @@ async def stream_tickets(
             report.student_e2e_ms.append((item.received_at - sent_at[key]) * 1000)
         last = max(last, item.received_at)
     report.seconds = max(1e-6, last - started)
+    if len(task.fields) > 1:
+        report.extra["fields"] = scores.summary()
     return report
+
+
+class FieldTally:
+    """Per-field scores of the published answers and the student's own, vs gold."""
+
+    def __init__(self, task: Any) -> None:
+        self.task = task
+        self.right: dict[str, list[int]] = {f.name: [0, 0] for f in task.fields}  # published, student
+        self.n = 0
+        self.entities: dict[str, list[list[Any]]] = {"gold": [], "published": [], "student": []}
+
+    def add(self, truth: dict[str, Any], result: Classification) -> tuple[bool, bool]:
+        """(published answer all right, student answer all right)."""
+        self.n += 1
+        student_fields = {n: p.label for n, p in result.student.items()}
+        entity = self.task.entity_field
+        ok = [True, True]
+        for spec in self.task.fields:
+            if spec is entity:
+                mine = [result.entities or [], result.student_entities.entities if result.student_entities else []]
+                hits = [entity_set(truth.get(spec.name, [])) == entity_set(m) for m in mine]
+                self.entities["gold"].append(truth.get(spec.name, []))
+                self.entities["published"].append(mine[0])
+                self.entities["student"].append(mine[1])
+            else:
+                hits = [result.fields.get(spec.name) == truth.get(spec.name),
+                        student_fields.get(spec.name) == truth.get(spec.name)]
+            for i, hit in enumerate(hits):
+                self.right[spec.name][i] += hit
+                ok[i] = ok[i] and hit
+        return ok[0], ok[1]
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name, (published, student) in self.right.items():
+            out[name] = {"published_accuracy": round(published / max(1, self.n), 4),
+                         "student_accuracy": round(student / max(1, self.n), 4)}
+        if self.task.entity_field is not None:
+            from trainer.scoring import entity_prf
+
+            name = self.task.entity_field.name
+            for who in ("published", "student"):
+                prf = entity_prf(self.entities["gold"], self.entities[who])
+                out[name][f"{who}_f1"] = round(prf["f1"], 4)
+                out[name][f"{who}_precision"] = round(prf["precision"], 4)
+                out[name][f"{who}_recall"] = round(prf["recall"], 4)
+        return out
 
 
 def _unverified(received: Sequence[Received], wanted: set[bytes]) -> set[bytes]:

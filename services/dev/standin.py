@@ -474,6 +474,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="require `Authorization: Bearer $VAR` (the key is read from env)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--hang-s", type=float, default=30.0)
+    parser.add_argument("--ticket-entity-rules", action="store_true",
+                        help="entities of texts not in the data from the example ticket task's "
+                             "RULES (services/dev/ticket_dataset.py)")
     rates = [f.name for f in dataclasses.fields(Faults) if f.name != "script"]  # latency too
     for name in rates:
         parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=0.0)
@@ -487,6 +490,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     options = dict(model=args.model, api_key=api_key, seed=args.seed, hang_s=args.hang_s,
                    **{name: getattr(args, name) for name in rates})
+    if args.ticket_entity_rules:
+        from services.dev.ticket_dataset import extract_entities
+
+        options["entity_rules"] = extract_entities
     asyncio.run(_serve(args.host, args.port, args.data, options))
 
 

@@ -104,7 +104,7 @@ _MONEY_CUES = set("""for of withdraw withdrew withdrawing withdrawn withdrawal o
 _UNITS = set("""day days week weeks month months year years yr yrs old hour hours hr hrs minute minutes
     min mins second seconds time times attempt attempts try tries mile miles km card cards
     transaction transactions transfer transfers payment payments people person digit digits
-    number numbers account accounts other more different percent""".split())
+    number numbers account accounts other different percent""".split())
 _AGE_CUES = {"am", "aged", "age", "turned", "under", "over", "is", "are"}  # "I am only 17"
 
 # ---- country: country names (any case, except names that are also common words), the
