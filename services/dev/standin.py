@@ -49,15 +49,20 @@ from typing import Any, AsyncIterator, Callable, Iterable, Mapping, Sequence, Un
 from aiohttp import web
 
 from schemas.text import dedup_key
-from services.dev.datasets import BANKING77_SPLITS, banking77_dir
-from services.teacher.corpus import read_records
+from services.dev.standin_gold import (  # re-exported: imported from here too
+    ENTITIES_KEY, GoldEntry, _plain_label, gold_entry, load_gold,
+)
+
+__all__ = [  # the gold-data names are re-exported from services.dev.standin_gold
+    "BAD_SPAN", "BAD_TYPE", "ENTITIES_KEY", "OUTCOMES", "STANDIN_MODEL", "EntityRules", "Faults",
+    "Gold", "GoldEntry", "GoldLabelStandin", "gold_entry", "load_gold", "main", "run_standin",
+]
 
 log = logging.getLogger(__name__)
 
 STANDIN_MODEL = "gold-label-standin"
 OUTCOMES = ("ok", "error", "rate_limit", "timeout", "noise", "invalid", "bad_entity_type",
             "bad_span", "malformed")
-ENTITIES_KEY = "entities"  # where a gold answer keeps its spans, whatever the field's name
 BAD_TYPE, BAD_SPAN = "not_a_type", "zzz-not-in-ticket"
 _TOKEN = re.compile(r"[a-z0-9']+")
 _STATS = (("hangs", "timeout"), ("noisy", "noise"), ("invalid", "invalid"),  # (stat, counter)
@@ -65,50 +70,8 @@ _STATS = (("hangs", "timeout"), ("noisy", "noise"), ("invalid", "invalid"),  # (
           ("unknown_texts", "unknown"), ("unknown_no_overlap", "unknown_no_overlap"),
           ("missing_gold_fields", "missing_gold_field"), ("rule_entities", "rule_entities"))
 
-GoldEntry = dict[str, Any]  # {field: label, ..., "entities": [{"type", "text"}, ...]}
 Gold = Mapping[str, Union[str, GoldEntry]]  # dedup_key(text) -> a plain label or a full answer
 EntityRules = Callable[[str], Iterable[Mapping[str, Any]]]
-
-
-def gold_entry(labels: Mapping[str, Any], entities: Iterable[Any] | None = None) -> GoldEntry:
-    """A full gold answer: labels by field name (None skipped), the spans under "entities" when
-    given (no key: not annotated; []: annotated, none). Extra span keys are dropped."""
-    entry: GoldEntry = {k: v for k, v in labels.items() if v is not None}
-    if ENTITIES_KEY in entry or not all(isinstance(v, str) for v in entry.values()):
-        raise ValueError(f"gold labels {labels!r}: expected field -> label strings")
-    if entities is not None:
-        spans = [{"type": e.get("type"), "text": e.get("text")} if isinstance(e, Mapping) else {}
-                 for e in entities]
-        entry[ENTITIES_KEY] = spans
-        if not all(len(e) == 2 and all(isinstance(v, str) and v for v in e.values()) for e in spans):
-            raise ValueError(f"gold entities {entities!r}: expected non-empty type/text strings")
-    return entry
-
-
-def load_gold(paths: Iterable[str | Path] | None = None) -> dict[str, str | GoldEntry]:
-    """normalised text -> label (a TSV's `label` column) or full answer (a JSONL record's
-    `labels` and `entities`, see gold_entry); the first record wins for a repeated text."""
-    if paths is None:
-        paths = [banking77_dir() / f"{split}.tsv" for split in BANKING77_SPLITS]
-    gold: dict[str, str | GoldEntry] = {}
-    for path in paths:
-        for record in read_records(path):
-            value: str | GoldEntry
-            if isinstance(record.get("labels"), Mapping) or record.get("entities") is not None:
-                value = gold_entry(record.get("labels") or {}, record.get("entities"))
-            elif isinstance(record.get("label"), str):
-                value = record["label"]
-            else:
-                raise ValueError(f"{path}: a record with neither 'label' nor 'labels'/'entities'")
-            gold.setdefault(dedup_key(record["text"]), value)
-    return gold
-
-
-def _plain_label(entry: str | GoldEntry) -> str | None:
-    """A legacy label, or a full answer's first categorical label."""
-    if isinstance(entry, str):
-        return entry
-    return next((v for k, v in entry.items() if k != ENTITIES_KEY and isinstance(v, str)), None)
 
 
 @dataclasses.dataclass

@@ -8,8 +8,6 @@ batching packs them into as few forward passes as the scheduler allows.
 from __future__ import annotations
 
 import asyncio
-import json
-import math
 import os
 import time
 import uuid
@@ -18,11 +16,16 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, AsyncIterator, Protocol, Sequence
 
-from schemas.answer import entity_list_schema, keep_valid_entities
-from schemas.classification import EntityPrediction, FieldPrediction, LabelScore
+from schemas.answer import entity_list_schema
+from schemas.classification import EntityPrediction, FieldPrediction
 from schemas.task import TaskSpec
+from services.student.outputs import (  # re-exported: imported from here too
+    distribution_from_logprobs,
+    entity_max_tokens,
+    field_prediction,
+    parse_entity_output,
+)
 from services.student.prompting import (
-    LabelCodes,
     PromptStyle,
     build_all_codes,
     check_adapter_servable,
@@ -107,61 +110,6 @@ class EngineConfig:
         """Every engine field that Settings defines (same names), nothing else."""
         names = [f.name for f in fields(cls) if f.name in type(settings).model_fields]
         return cls(**{name: getattr(settings, name) for name in names})
-
-
-def distribution_from_logprobs(codes: LabelCodes, logprobs: dict[int, Any]) -> list[float]:
-    """Renormalise the code tokens' log-probabilities into a distribution over labels.
-
-    Raw logprobs are over the whole vocabulary; restricted to the field's codes and
-    renormalised they equal what the sampler saw after the allowed-token mask.
-    """
-    values = []
-    for token_id in codes.token_ids:
-        entry = logprobs.get(token_id)
-        lp = getattr(entry, "logprob", entry)
-        values.append(-math.inf if lp is None or math.isnan(lp) else float(lp))
-    top = max(values)
-    if top == -math.inf:
-        return [1.0 / len(values)] * len(values)
-    weights = [math.exp(v - top) for v in values]
-    total = sum(weights)
-    return [w / total for w in weights]
-
-
-def field_prediction(codes: LabelCodes, probs: list[float], top_k: int = 3) -> FieldPrediction:
-    order = sorted(range(len(probs)), key=probs.__getitem__, reverse=True)
-    best = order[0]
-    return FieldPrediction(
-        label=codes.labels[best],
-        confidence=min(1.0, max(0.0, probs[best])),
-        alternatives=[
-            LabelScore(label=codes.labels[i], probability=min(1.0, probs[i])) for i in order[1 : top_k + 1]
-        ],
-    )
-
-
-def entity_max_tokens(spec: Any) -> int:
-    """Output budget of the entities JSON: ~10 tokens of structure per entity plus its span
-    (a token is >= 1 character... usually ~3): bounded by the schema's maxItems/maxLength."""
-    return 4 + spec.max_entities * (10 + spec.max_span_chars // 2)
-
-
-def parse_entity_output(spec: Any, completion: Any, text: str) -> EntityPrediction:
-    """One generated completion -> EntityPrediction (see VllmClassifier._entities)."""
-    total = 0.0
-    for token_id, position in zip(completion.token_ids, completion.logprobs or []):
-        entry = position.get(token_id) if position else None
-        lp = getattr(entry, "logprob", entry)
-        total += float(lp) if lp is not None and not math.isnan(lp) else -math.inf
-    try:
-        items = json.loads(completion.text)
-        if not isinstance(items, list):
-            raise ValueError("not a list")
-    except ValueError:
-        return EntityPrediction(entities=[], confidence=0.0, dropped={"malformed_json": 1})
-    kept, dropped = keep_valid_entities(spec, items, text)
-    confidence = min(1.0, max(0.0, math.exp(total))) if completion.logprobs else 0.0
-    return EntityPrediction(entities=kept, confidence=confidence, dropped=dict(dropped))
 
 
 LOGPROB_IDS_PER_REQUEST = 128  # vllm.sampling_params.MAX_LOGPROB_TOKEN_IDS in 0.32
