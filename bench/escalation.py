@@ -118,7 +118,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 confidences = sorted(p.confidence for p in await classifier.classify(c.model_texts(raw)))
                 threshold = confidences[int(args.escalate * len(confidences))]
                 report["threshold"] = threshold
-            c.say(f"adapter {report['adapter'] or 'none (base model)'}; threshold {report['threshold']:.4f}")
+            c.say(f"adapter {report['adapter'] or 'none (base model)'}; threshold {report['threshold']}")
             passes = [await one_pass("A no escalation", broker.bootstrap_servers, classifier, Path(tmp), raw,
                                      args.timeout_s, **served)]
             for name, latency in (("B teacher 0 ms", 0.0), (f"C teacher {args.slow_ms:.0f} ms", args.slow_ms)):

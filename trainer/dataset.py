@@ -122,6 +122,32 @@ def valid_rows(rows: Iterable[Row], task: TaskSpec) -> list[Row]:
     return out
 
 
+def balance_entities(rows: Sequence[Row], task: TaskSpec, empty_per_positive: float) -> list[Row]:
+    """Rows with the entities field dropped from most rows whose answer is `[]`: in support
+    traffic most tickets mention nothing (88% of the example task), and a student trained on
+    that prior learns to answer `[]` (measured: recall 0.22 at precision 0.97). Keeps every
+    row with an entity and `empty_per_positive` empty ones per such row, chosen by content
+    hash (the same rows every run); the other fields of every row are kept. Thresholds are
+    calibrated on the untouched held-out slice, so the guarantee does not depend on it."""
+    entity = task.entity_field
+    if entity is None or empty_per_positive < 0:
+        return list(rows)
+    labelled = [r for r in rows if entity.name in r.labels]
+    positives = sum(bool(r.labels[entity.name]) for r in labelled)
+    empties = len(labelled) - positives
+    share = min(1.0, empty_per_positive * positives / empties) if empties else 1.0
+    out = []
+    for row in rows:
+        answer = row.labels.get(entity.name)
+        if answer == [] and not in_hash_share(row.text, "entities", share):
+            rest = {k: v for k, v in row.labels.items() if k != entity.name}
+            if rest:
+                out.append(Row(row.text, rest, row.source))
+            continue
+        out.append(row)
+    return out
+
+
 def in_validation(text: str, fraction: float) -> bool:
     """Deterministic, content-based: the same text is always on the same side."""
     return in_hash_share(text, "split", fraction)

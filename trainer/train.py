@@ -52,7 +52,8 @@ from schemas.task import TaskSpec, default_task_path
 from schemas.training import DEFAULT_HELDOUT_FRACTION, content_hash
 from services.student.prompting import PromptStyle, build_all_codes, prompt_fingerprint
 from services.student.registry import META_FILE
-from trainer import dataset, reuse
+from trainer import dataset, packing, reuse
+from trainer.layers import batch_hidden, buckets, decoder, run_layers
 
 ALL_LINEAR = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
@@ -66,6 +67,9 @@ class TrainArgs:
     log_version: int | None = field(default=None, metadata={"help": "default: current"})
     train_tsv: str = field(default="", metadata={"help": "labelled TSV instead of the log"})
     max_examples: int = field(default=0, metadata={"help": "0 = all training rows"})
+    entity_empty_ratio: float = field(default=1.0, metadata={
+        "help": "entities field: train on every row with an entity and this many `[]` rows per "
+                "such row (the rest train their other fields only); < 0 = all rows"})
     val_fraction: float = field(default=0.05, metadata={"help": "content-hash split"})
     heldout_fraction: float = field(default=DEFAULT_HELDOUT_FRACTION, metadata={
         "help": "log rows: share of bootstrap rows held out for calibration (never trained on)"})
@@ -98,28 +102,7 @@ class TrainArgs:
     seed: int = 0
 
 
-# --- model pieces ----------------------------------------------------------------------------
-def decoder(model):
-    """The inner decoder (embed_tokens, layers, norm, rotary_emb) of a PEFT or plain model."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.model
-
-
-def run_layers(inner, layers, hidden: torch.Tensor) -> torch.Tensor:
-    """Right-padded batch through `layers`; no mask needed: causal attention ignores the pads."""
-    positions = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
-    rope = inner.rotary_emb(hidden, position_ids=positions)
-    for layer in layers:
-        hidden = layer(hidden, attention_mask=None, position_ids=positions, position_embeddings=rope)
-        hidden = hidden[0] if isinstance(hidden, tuple) else hidden
-    return hidden
-
-
-def pad_ids(seqs: list[tuple[int, ...]], pad_id: int, device) -> torch.Tensor:
-    width = max(len(s) for s in seqs)
-    return torch.tensor([list(s) + [pad_id] * (width - len(s)) for s in seqs], device=device)
-
-
+# --- the loss ---------------------------------------------------------------------------------
 def code_loss(inner, head_rows, code_ids, hidden, lengths, batch):
     """Cross-entropy over each field's code tokens at the last real position, and for the
     entities field the mean next-token cross-entropy over the answer's JSON tokens (full
@@ -149,30 +132,6 @@ def code_loss(inner, head_rows, code_ids, hidden, lengths, batch):
             correct += int(right[start : start + e.answer_len].all())
             start += e.answer_len
     return loss, correct
-
-
-def batch_hidden(inner, cut, states, examples, idx, pad_id, device):
-    """Inputs of the top layers for one batch: the frozen layers' outputs, cached per example."""
-    lengths = torch.tensor([len(examples[i].input_ids) for i in idx], device=device)
-    missing = [i for i in idx if states is None or states[i] is None]
-    if missing:
-        with torch.no_grad():
-            hidden = inner.embed_tokens(pad_ids([examples[i].input_ids for i in missing], pad_id, device))
-            hidden = run_layers(inner, inner.layers[:cut], hidden)
-        if states is None:
-            return hidden, lengths
-        for row, i in enumerate(missing):
-            states[i] = hidden[row, : len(examples[i].input_ids)].to("cpu", copy=True)
-    hidden = torch.nn.utils.rnn.pad_sequence([states[i] for i in idx], batch_first=True)
-    return hidden.to(device), lengths
-
-
-def buckets(examples, batch_size: int, rng: random.Random) -> list[list[int]]:
-    """Length-sorted batches (random order among equal lengths), in shuffled order."""
-    order = sorted(range(len(examples)), key=lambda i: (len(examples[i].input_ids), rng.random()))
-    chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    rng.shuffle(chunks)
-    return chunks
 
 
 @torch.no_grad()
@@ -221,6 +180,7 @@ def load_data(args: TrainArgs, task: TaskSpec, codes, tokenizer):
         data.data_hash = dataset.data_hash(data.train + data.validation)
     if not data.train:
         raise SystemExit(f"no training rows in {source}")
+    data.train = dataset.balance_entities(data.train, task, args.entity_empty_ratio)
     encode = lambda rows: dataset.encode(rows, task, codes, tokenizer, max_tokens=args.max_tokens)  # noqa: E731
     return data, source, encode(data.train), encode(data.validation)
 
@@ -310,12 +270,21 @@ def main(args: TrainArgs) -> dict:
         # instead of a fraction of one pass over all of them. Quiet 2 cores: all of BANKING77.
         t_prefix = time.monotonic()
         prefix_budget = args.prefix_share * budget
+        # Several fields: a row's prompts share the ticket's prefix; run it once (trainer/packing.py).
+        packed = len(task.fields) > 1
+        batches = (packing.row_batches(train, train_order, 64, random.Random(args.seed)) if packed else
+                   buckets([train[i] for i in train_order], 64, random.Random(args.seed)))
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            for idx in tqdm(buckets([train[i] for i in train_order], 64, random.Random(args.seed)),
-                            desc="frozen layers", unit="batch"):
+            for idx in tqdm(batches, desc="frozen layers", unit="batch"):
                 if time.monotonic() - t_prefix > prefix_budget:
                     break
-                batch_hidden(inner, cut, states, train, [train_order[i] for i in idx], pad_id, device)
+                if packed:
+                    for group, got in zip(idx, packing.frozen_states(inner, cut, [[train[i] for i in g] for g in idx],
+                                                                     pad_id, device)):
+                        for i, state in zip(group, got):
+                            states[i] = state
+                else:
+                    batch_hidden(inner, cut, states, train, [train_order[i] for i in idx], pad_id, device)
         train_order = [i for i in train_order if states[i] is not None]
         prefix_minutes = (time.monotonic() - t_prefix) / 60
         print(f"frozen pass: {len(train_order)} of {len(train)} examples in {prefix_minutes:.1f} min")

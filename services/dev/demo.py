@@ -114,7 +114,8 @@ async def run_demo(base: Settings, options: DemoOptions) -> dict[str, Any]:
                 "teacher_cost_usd": round(teacher_after["cost_usd"] - teacher_before["cost_usd"], 6),
                 "audited_accuracy": _round(summary["audited_accuracy"]),
                 "audited_samples": summary["audited_samples"],
-                "threshold": round(summary["threshold"], 4),
+                "threshold": ({k: round(v, 4) for k, v in summary["threshold"].items() if k != "*"}
+                              if isinstance(summary["threshold"], dict) else round(summary["threshold"], 4)),
             })
             print(report.render(), flush=True)
             stages.append(report)
