@@ -10,6 +10,7 @@ teacher asked for the fields the student was unsure of); `fields=` says which ar
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -29,14 +30,37 @@ class AnswerError(ValueError):
         self.reason, self.detail = reason, detail
 
 
-def entity_list_schema(spec: EntityFieldSpec) -> dict[str, Any]:
+def entity_list_schema(spec: EntityFieldSpec, spans: Sequence[str] | None = None) -> dict[str, Any]:
     """JSON schema of the entities field: the teacher's response_format and the student's
-    structured-output grammar use the same one (types enumerated, bounded size)."""
-    item = {"type": "object",
-            "properties": {"type": {"type": "string", "enum": spec.type_names},
-                           "text": {"type": "string", "minLength": 1, "maxLength": spec.max_span_chars}},
+    structured-output grammar (types enumerated, bounded size). `spans`: the only span texts
+    allowed (the student's grammar for one ticket: `span_candidates`)."""
+    text: dict[str, Any] = ({"type": "string", "enum": list(spans)} if spans else
+                            {"type": "string", "minLength": 1, "maxLength": spec.max_span_chars})
+    item = {"type": "object", "properties": {"type": {"type": "string", "enum": spec.type_names}, "text": text},
             "required": ["type", "text"], "additionalProperties": False}
     return {"type": "array", "items": item, "maxItems": spec.max_entities}
+
+
+_WORD_OR_SIGN = re.compile(r"\w+|[^\w\s]")
+
+
+def span_candidates(text: str, max_chars: int, max_words: int = 6, limit: int = 512) -> list[str] | None:
+    """Every run of 1..max_words consecutive words or signs of the (whitespace-normalised)
+    ticket, up to max_chars: the spans the student may write. Decoding under this enum makes
+    every span occur in the ticket by construction (a grammar compiled per ticket: ~8 ms here).
+    None when a long ticket has more than `limit` (the free-text grammar + the check then)."""
+    flat = normalise_whitespace(text)
+    tokens = list(_WORD_OR_SIGN.finditer(flat))
+    spans: dict[str, None] = {}
+    for i, first in enumerate(tokens):
+        for last in tokens[i : i + max_words]:
+            span = flat[first.start() : last.end()]
+            if len(span) > max_chars:
+                break
+            spans[span] = None
+            if len(spans) > limit:
+                return None
+    return list(spans)
 
 
 def entity_json(entities: Iterable[Any]) -> str:

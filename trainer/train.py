@@ -67,7 +67,7 @@ class TrainArgs:
     log_version: int | None = field(default=None, metadata={"help": "default: current"})
     train_tsv: str = field(default="", metadata={"help": "labelled TSV instead of the log"})
     max_examples: int = field(default=0, metadata={"help": "0 = all training rows"})
-    entity_empty_ratio: float = field(default=1.0, metadata={
+    entity_empty_ratio: float = field(default=0.5, metadata={
         "help": "entities field: train on every row with an entity and this many `[]` rows per "
                 "such row (the rest train their other fields only); < 0 = all rows"})
     val_fraction: float = field(default=0.05, metadata={"help": "content-hash split"})

@@ -94,7 +94,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         tickets=args.tickets, bootstrap=args.bootstrap, train_minutes=args.train_minutes,
         epochs=args.epochs, eval_limit=args.eval_limit, teacher_latency_ms=args.teacher_latency_ms,
         flywheel=not args.no_flywheel, malformed=args.malformed, workdir=Path(args.workdir),
-        task=args.task,
+        task=args.task, rounds=args.rounds,
     )
     report = asyncio.run(run_demo(Settings(), options))
     if args.json:  # whole (a truncated report is not JSON); no stray blank line without it
@@ -134,6 +134,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="held-out rows per gate evaluation (0 = the whole slice)")
     p.add_argument("--teacher-latency-ms", type=float, default=defaults.teacher_latency_ms,
                    help="the stand-in's answer delay while tickets stream (an LLM API's)")
+    p.add_argument("--rounds", type=int, default=defaults.rounds, help="distil -> stream rounds")
     p.add_argument("--malformed", type=int, default=5, help="malformed messages mixed in per stage")
     p.add_argument("--no-flywheel", action="store_true", help="only stream through the base model")
     p.add_argument("--workdir", default="var/demo", help="registry, training log, reports")

@@ -32,6 +32,7 @@ class DemoOptions:
     flywheel: bool = True
     malformed: int = 5
     workdir: Path = Path("var/demo")
+    rounds: int = 2  # distil -> stream rounds of the flywheel
     task: str = "banking77"  # or "tickets": category + priority + entities (services/dev/demo_data.py)
 
 

@@ -43,7 +43,7 @@ async def flywheel(
         report_tsv="none",  # no gold anywhere in the loop: the streamed test tickets are the report
         eval_limit=options.eval_limit, heldout_fraction=settings.heldout_fraction,
     )
-    for round_no in (1, 2):
+    for round_no in range(1, options.rounds + 1):
         config.train_args = {"epochs": options.epochs if round_no == 1 else options.epochs_warm}
         version = worker.training_log.version()
         say(f"distil #{round_no}: train a LoRA adapter on training log v{version} (teacher labels "

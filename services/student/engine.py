@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, AsyncIterator, Protocol, Sequence
 
-from schemas.answer import entity_list_schema
+from schemas.answer import entity_list_schema, span_candidates
 from schemas.classification import EntityPrediction, FieldPrediction
 from schemas.task import TaskSpec
 from services.student.outputs import (  # re-exported: imported from here too
@@ -160,7 +160,6 @@ class VllmClassifier:
         self.model_name = Path(config.model_path).name
         self._live: AdapterRef | None = None
         self._prefix_cache: dict[tuple[str, str, str], list[int]] = {}
-        self._entity_schema: dict[str, dict[str, Any]] = {}
 
     @classmethod
     @asynccontextmanager
@@ -306,11 +305,12 @@ class VllmClassifier:
 
         spec = self.task.entity_field
         assert spec is not None
-        if spec.name not in self._entity_schema:
-            self._entity_schema[spec.name] = entity_list_schema(spec)
+        # Spans restricted to the ticket's own words (a grammar per ticket); a very long ticket
+        # gets the generic grammar, its spans checked after decoding.
+        spans = span_candidates(text, spec.max_span_chars)
         params = SamplingParams(
             max_tokens=entity_max_tokens(spec), temperature=0.0, logprobs=0,
-            structured_outputs=StructuredOutputsParams(json=self._entity_schema[spec.name]),
+            structured_outputs=StructuredOutputsParams(json=entity_list_schema(spec, spans)),
         )
         final = None
         async for output in self._engine.generate(

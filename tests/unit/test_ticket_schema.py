@@ -163,3 +163,15 @@ def test_a_partial_teacher_answer_replaces_only_its_fields_and_says_so():
     assert set(merged["sources"].values()) == {"teacher"}
     assert agrees(student, {"entities": [{"type": "country", "text": "Spain"}]})
     assert not agrees(student, {"priority": "high"})
+
+
+def test_span_candidates_cover_word_runs_and_bound_long_tickets():
+    from schemas.answer import span_candidates
+
+    spans = span_candidates("Charged  $1,000 in Spain last Saturday!", 48)
+    for wanted in ("$1,000", "Spain", "last Saturday", "in Spain last Saturday", "Saturday!"):
+        assert wanted in spans
+    assert all(s in "Charged $1,000 in Spain last Saturday!" for s in spans)
+    assert not any("  " in s for s in spans)  # whitespace-normalised, like the span check
+    assert span_candidates("word " * 400, 48) is not None  # repeats collapse
+    assert span_candidates(" ".join(f"w{i}" for i in range(400)), 48) is None  # > 512 distinct: free text + check
