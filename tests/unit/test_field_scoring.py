@@ -64,3 +64,22 @@ def test_each_field_gets_its_own_threshold_and_the_gate_reads_ticket_coverage():
     assert rep["entity_f1"] == 1.0 and rep["fields"]["entities"]["accuracy"] == 1.0
     applied = report(TASK, data, preds, adapter_id="a", epsilon=0.03, delta=0.05, threshold=per_field)
     assert applied["coverage_at_epsilon"] == pytest.approx(rep["coverage_at_epsilon"])
+
+
+def test_training_rows_keep_valid_fields_and_balance_the_entities_field():
+    from trainer.dataset import balance_entities, valid_rows
+
+    rows = [Row(f"ticket {i} 5", {"category": "topic_1", "priority": "low",
+                                  "entities": [{"type": "amount", "text": "5"}] if i < 50 else []})
+            for i in range(500)]
+    rows.append(Row("only priority", {"priority": "high"}))  # a partial escalation's answer
+    rows.append(Row("bad span", {"priority": "nope", "entities": [{"type": "amount", "text": "9"}]}))
+    usable = valid_rows(rows, TASK)
+    assert usable[-1].text == "only priority" and usable[-1].labels == {"priority": "high"}
+    assert len(usable) == 501  # the row with nothing valid left is dropped
+    balanced = balance_entities(usable, TASK, 0.5)
+    with_entities = [r for r in balanced if "entities" in r.labels]
+    positives = sum(bool(r.labels["entities"]) for r in with_entities)
+    assert positives == 50 and 10 <= len(with_entities) - positives <= 45  # ~25 empty ones
+    assert len(balanced) == len(usable)  # other fields of every row still train
+    assert balance_entities(usable, TASK, 0.5) == balanced  # by content hash: the same every run
