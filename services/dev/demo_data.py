@@ -38,7 +38,7 @@ def tickets(folder: Path) -> DemoData:
     paths = write_ticket_dataset(folder)
     test = [(r["text"], {**r["labels"], "entities": r["entities"]}) for r in read_records(paths["test"])]
     return DemoData(
-        "BANKING77 tickets (category + priority + entities)", TICKET_TASK_PATH,
+        "BANKING77-ticket", TICKET_TASK_PATH,
         [r["text"] for r in read_records(paths["train"])], test, list(paths.values()), extract_entities,
         "it answers from BANKING77's intent labels plus RULE-MADE priority and entities "
         "(services/dev/ticket_dataset.py), not a model")
