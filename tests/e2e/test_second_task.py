@@ -33,16 +33,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def clinc_env(tmp_path, cli_env, kafka_bootstrap):
-    """cli_env for a CLINC150 task with a stand-in teacher serving CLINC150's train labels."""
-    from services.dev.datasets import clinc_dir, write_clinc_task
-
-    task_path = tmp_path / "clinc150.json"
-    write_clinc_task(task_path)
+def start_standin_env(cli_env: dict, kafka_bootstrap: str, task_path: Path, prefix: str,
+                      standin_args: list[str]) -> tuple[subprocess.Popen, dict]:
+    """A `triage standin` subprocess (waited for) and the CLI environment for a task with it
+    as the teacher, on fresh topics and consumer groups named `prefix-*`."""
     port = _free_port()
     standin = subprocess.Popen(
-        [str(TRIAGE), "standin", "--port", str(port), "--data", str(clinc_dir() / "train.tsv")],
+        [str(TRIAGE), "standin", "--port", str(port), *standin_args],
         env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     deadline = time.monotonic() + 60
     line = ""
@@ -54,10 +51,47 @@ def clinc_env(tmp_path, cli_env, kafka_bootstrap):
            "TRIAGE_TEACHER_BASE_URL": f"http://127.0.0.1:{port}/v1",
            "TRIAGE_BOOTSTRAP_SERVERS": kafka_bootstrap, "TRIAGE_SESSION_TIMEOUT_MS": "3000",
            "TRIAGE_HEARTBEAT_INTERVAL_MS": "500", "TRIAGE_REGISTRY_POLL_S": "1",
-           "TRIAGE_TICKETS_TOPIC": f"clinc-{suffix}", "TRIAGE_RESULTS_TOPIC": f"clinc-results-{suffix}",
-           "TRIAGE_DEAD_LETTER_TOPIC": f"clinc-dlq-{suffix}", "TRIAGE_CONSUMER_GROUP": f"clinc-{suffix}",
-           "TRIAGE_ESCALATIONS_TOPIC": f"clinc-escalations-{suffix}",
-           "TRIAGE_TEACHER_CONSUMER_GROUP": f"clinc-teacher-{suffix}"}
+           "TRIAGE_TICKETS_TOPIC": f"{prefix}-{suffix}", "TRIAGE_RESULTS_TOPIC": f"{prefix}-results-{suffix}",
+           "TRIAGE_DEAD_LETTER_TOPIC": f"{prefix}-dlq-{suffix}", "TRIAGE_CONSUMER_GROUP": f"{prefix}-{suffix}",
+           "TRIAGE_ESCALATIONS_TOPIC": f"{prefix}-escalations-{suffix}",
+           "TRIAGE_TEACHER_CONSUMER_GROUP": f"{prefix}-teacher-{suffix}"}
+    return standin, env
+
+
+def serve_and_stream(env: dict, cwd: Path, messages: list, until) -> tuple[list, str]:
+    """`triage serve` in a subprocess; produce `messages`, read the results topic `until`
+    it holds what is wanted (bounded), stop the service: (results read, service output)."""
+    from services.stream.kafka_io import produce, read_topic
+
+    serve = subprocess.Popen([str(TRIAGE), "serve"], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        async def stream() -> list:
+            bootstrap = env["TRIAGE_BOOTSTRAP_SERVERS"]
+            results = asyncio.create_task(read_topic(bootstrap, env["TRIAGE_RESULTS_TOPIC"], timeout_s=600, until=until))
+            await produce(bootstrap, env["TRIAGE_TICKETS_TOPIC"], messages)
+            return await results
+
+        received = asyncio.run(stream())
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        try:
+            serve_out, _ = serve.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            _kill_group(serve.pid)
+            serve_out, _ = serve.communicate()
+    return received, serve_out
+
+
+@pytest.fixture
+def clinc_env(tmp_path, cli_env, kafka_bootstrap):
+    """cli_env for a CLINC150 task with a stand-in teacher serving CLINC150's train labels."""
+    from services.dev.datasets import clinc_dir, write_clinc_task
+
+    task_path = tmp_path / "clinc150.json"
+    write_clinc_task(task_path)
+    standin, env = start_standin_env(cli_env, kafka_bootstrap, task_path, "clinc",
+                                     ["--data", str(clinc_dir() / "train.tsv")])
     assert not any(k in env for k in ("TRIAGE_CALIBRATION_PATH", "TRIAGE_REPORT_PATH"))
     yield env
     _kill_group(standin.pid)
@@ -67,7 +101,7 @@ def clinc_env(tmp_path, cli_env, kafka_bootstrap):
 def test_bootstrap_distill_promote_serve_on_clinc150_without_gold(tmp_path, clinc_env):
     from schemas.task import TaskSpec
     from services.dev.datasets import clinc_dir, load_tsv
-    from services.stream.kafka_io import produce, read_topic, ticket_message
+    from services.stream.kafka_io import ticket_message
     from services.teacher.training_log import TrainingLog
     from trainer.evaluate import HeldOut
 
@@ -109,26 +143,9 @@ def test_bootstrap_distill_promote_serve_on_clinc150_without_gold(tmp_path, clin
 
     topics = [clinc_env[f"TRIAGE_{t}_TOPIC"] for t in ("TICKETS", "RESULTS", "DEAD_LETTER")]
     asyncio.run(ensure_topics(clinc_env["TRIAGE_BOOTSTRAP_SERVERS"], topics, 1))
-    serve = subprocess.Popen([str(TRIAGE), "serve"], cwd=tmp_path, env=clinc_env,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        async def stream() -> list:
-            bootstrap = clinc_env["TRIAGE_BOOTSTRAP_SERVERS"]
-            results = asyncio.create_task(read_topic(
-                bootstrap, clinc_env["TRIAGE_RESULTS_TOPIC"], timeout_s=600,
-                until=lambda got: len({r.key for r in got}) >= len(texts)))
-            await produce(bootstrap, clinc_env["TRIAGE_TICKETS_TOPIC"],
-                          [ticket_message(f"c-{i}", t) for i, t in enumerate(texts)])
-            return await results
-
-        received = asyncio.run(stream())
-    finally:
-        serve.send_signal(signal.SIGTERM)
-        try:
-            serve_out, _ = serve.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            _kill_group(serve.pid)
-            serve_out, _ = serve.communicate()
+    received, serve_out = serve_and_stream(
+        clinc_env, tmp_path, [ticket_message(f"c-{i}", t) for i, t in enumerate(texts)],
+        until=lambda got: len({r.key for r in got}) >= len(texts))
     answers = {r.key: json.loads(r.value) for r in received}
     assert len(answers) == len(texts), tail(serve_out)
     labels = set(task.field("intent").labels)

@@ -8,16 +8,12 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import signal
-import subprocess
-import time
-import uuid
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.test_cli import TRIAGE, _kill_group, check, run_cli, tail
-from tests.e2e.test_second_task import _free_port
+from tests.e2e.test_cli import _kill_group, check, run_cli, tail
+from tests.e2e.test_second_task import serve_and_stream, start_standin_env
 
 pytestmark = pytest.mark.e2e
 
@@ -27,25 +23,8 @@ def ticket_env(tmp_path, cli_env, kafka_bootstrap):
     from services.dev.ticket_dataset import TICKET_TASK_PATH, write_ticket_dataset
 
     paths = write_ticket_dataset(tmp_path / "tickets")
-    port = _free_port()
-    standin = subprocess.Popen(
-        [str(TRIAGE), "standin", "--port", str(port), "--data", str(paths["train"]), "--data",
-         str(paths["test"]), "--ticket-entity-rules"],
-        env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    deadline = time.monotonic() + 60
-    line = ""
-    while time.monotonic() < deadline and "STAND-IN" not in line:
-        line = standin.stdout.readline()
-    assert "STAND-IN" in line, "the stand-in did not start"
-    suffix = uuid.uuid4().hex[:8]
-    env = {**cli_env, "TRIAGE_TASK_PATH": str(TICKET_TASK_PATH),
-           "TRIAGE_TEACHER_BASE_URL": f"http://127.0.0.1:{port}/v1",
-           "TRIAGE_BOOTSTRAP_SERVERS": kafka_bootstrap, "TRIAGE_SESSION_TIMEOUT_MS": "3000",
-           "TRIAGE_HEARTBEAT_INTERVAL_MS": "500", "TRIAGE_REGISTRY_POLL_S": "1",
-           "TRIAGE_TICKETS_TOPIC": f"tk-{suffix}", "TRIAGE_RESULTS_TOPIC": f"tk-results-{suffix}",
-           "TRIAGE_DEAD_LETTER_TOPIC": f"tk-dlq-{suffix}", "TRIAGE_CONSUMER_GROUP": f"tk-{suffix}",
-           "TRIAGE_ESCALATIONS_TOPIC": f"tk-escalations-{suffix}",
-           "TRIAGE_TEACHER_CONSUMER_GROUP": f"tk-teacher-{suffix}"}
+    standin, env = start_standin_env(cli_env, kafka_bootstrap, TICKET_TASK_PATH, "tk", [
+        "--data", str(paths["train"]), "--data", str(paths["test"]), "--ticket-entity-rules"])
     yield env, paths
     _kill_group(standin.pid)
     standin.wait()
@@ -54,7 +33,7 @@ def ticket_env(tmp_path, cli_env, kafka_bootstrap):
 def test_bootstrap_distill_serve_the_ticket_task_with_entities(tmp_path, ticket_env):
     from schemas.answer import span_in_text
     from schemas.task import TaskSpec
-    from services.stream.kafka_io import ensure_topics, produce, read_topic, ticket_message
+    from services.stream.kafka_io import ensure_topics, ticket_message
     from services.teacher.corpus import read_records
 
     env, paths = ticket_env
@@ -77,26 +56,10 @@ def test_bootstrap_distill_serve_the_ticket_task_with_entities(tmp_path, ticket_
     rows = [r for r in read_records(paths["test"])][::60][:30]
     topics = [env[f"TRIAGE_{t}_TOPIC"] for t in ("TICKETS", "RESULTS", "DEAD_LETTER", "ESCALATIONS")]
     asyncio.run(ensure_topics(env["TRIAGE_BOOTSTRAP_SERVERS"], topics, 1))
-    serve = subprocess.Popen([str(TRIAGE), "serve"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        async def stream() -> list:
-            bootstrap = env["TRIAGE_BOOTSTRAP_SERVERS"]
-            done = lambda got: len({r.key for r in got}) >= len(rows) and not any(  # noqa: E731
-                json.loads(r.value)["route"] == "unverified" for r in _latest(got).values())
-            results = asyncio.create_task(read_topic(bootstrap, env["TRIAGE_RESULTS_TOPIC"], timeout_s=600, until=done))
-            await produce(bootstrap, env["TRIAGE_TICKETS_TOPIC"],
-                          [ticket_message(f"t-{i}", r["text"]) for i, r in enumerate(rows)])
-            return await results
-
-        received = asyncio.run(stream())
-    finally:
-        serve.send_signal(signal.SIGTERM)
-        try:
-            serve_out, _ = serve.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            _kill_group(serve.pid)
-            serve_out, _ = serve.communicate()
+    done = lambda got: len({r.key for r in got}) >= len(rows) and not any(  # noqa: E731
+        json.loads(r.value)["route"] == "unverified" for r in _latest(got).values())
+    received, serve_out = serve_and_stream(
+        env, tmp_path, [ticket_message(f"t-{i}", r["text"]) for i, r in enumerate(rows)], until=done)
     answers = {k.decode(): json.loads(r.value) for k, r in _latest(received).items()}
     assert len(answers) == len(rows), tail(serve_out)
     types = set(task.entity_field.type_names)
