@@ -39,13 +39,20 @@ def task():
 
 
 @pytest.fixture(scope="session")
-async def student(student_model_path, task):
-    """The real vLLM engine on SmolLM2-135M, base model (no adapter)."""
-    from services.student.engine import EngineConfig, VllmClassifier
+async def student_engine(student_model_path):
+    """The real vLLM engine on SmolLM2-135M (multi-LoRA: room for several tasks' adapters)."""
+    from services.student.engine import EngineConfig
+    from services.student.shared_engine import StudentEngine
 
-    config = EngineConfig(model_path=student_model_path, max_num_seqs=128)
-    async with VllmClassifier.started(config, task) as classifier:
-        yield classifier
+    config = EngineConfig(model_path=student_model_path, max_num_seqs=128, max_loras=4)
+    async with StudentEngine.started(config) as engine:
+        yield engine
+
+
+@pytest.fixture(scope="session")
+async def student(student_engine, task):
+    """The BANKING77 classifier on the shared engine, base model (no adapter)."""
+    return student_engine.classifier(task)
 
 
 @pytest.fixture

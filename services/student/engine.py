@@ -8,7 +8,6 @@ batching packs them into as few forward passes as the scheduler allows.
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -98,7 +97,8 @@ class EngineConfig:
     max_model_len: int = 2048
     max_num_seqs: int = 256
     max_lora_rank: int = 16
-    max_loras: int = 2  # live + a candidate under evaluation
+    max_loras: int = 2  # adapters in one engine step: per task, its live one + one being swapped in
+    max_cpu_loras: int | None = None  # adapters kept loaded in host memory; None: max_loras
     gpu_memory_utilization: float = 0.85
     cpu_kv_cache_gib: int = 1
     cpu_reserved_cores: int | None = None  # None: 0 on machines with <= 4 cores, else vLLM's
@@ -109,7 +109,11 @@ class EngineConfig:
     def from_settings(cls, settings: Settings) -> EngineConfig:
         """Every engine field that Settings defines (same names), nothing else."""
         names = [f.name for f in fields(cls) if f.name in type(settings).model_fields]
-        return cls(**{name: getattr(settings, name) for name in names})
+        values = {name: getattr(settings, name) for name in names}
+        for name in ("max_loras", "max_cpu_loras"):  # None in Settings: this class's default
+            if values.get(name) is None:
+                values.pop(name, None)
+        return cls(**values)
 
 
 LOGPROB_IDS_PER_REQUEST = 128  # vllm.sampling_params.MAX_LOGPROB_TOKEN_IDS in 0.32
@@ -166,58 +170,14 @@ class VllmClassifier:
     async def started(
         cls, config: EngineConfig, task: TaskSpec, adapter: AdapterRef | None = None
     ) -> AsyncIterator[VllmClassifier]:
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(config.cpu_kv_cache_gib))
-        reserved = config.cpu_reserved_cores
-        if reserved is None and (os.cpu_count() or 1) <= 4:
-            # vLLM-CPU keeps one core for its scheduler process; on a 2-core machine that halves
-            # the model's compute (measured: 12.5 -> 14.5 tickets/s with both cores). The
-            # scheduler mostly waits on the worker, so it shares the cores fine.
-            reserved = 0
-        if reserved is not None:
-            os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", str(reserved))
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        from vllm.config import StructuredOutputsConfig
-        from vllm.engine.arg_utils import AsyncEngineArgs  # heavy: only when starting
-        from vllm.v1.engine.async_llm import AsyncLLM
+        """An engine of its own serving one task (a multi-task process shares one
+        `StudentEngine` between its tasks instead)."""
+        from services.student.shared_engine import StudentEngine
 
-        args = AsyncEngineArgs(
-            model=str(config.model_path),
-            dtype=config.dtype,
-            block_size=config.block_size,
-            enforce_eager=config.enforce_eager,
-            max_model_len=config.max_model_len,
-            max_num_seqs=config.max_num_seqs,
-            enable_lora=True,
-            max_lora_rank=config.max_lora_rank,
-            max_loras=config.max_loras,
-            enable_prefix_caching=True,
-            max_logprobs=128,
-            use_tqdm_on_load=False,  # a progress bar per engine start is noise in logs
-            gpu_memory_utilization=config.gpu_memory_utilization,
-            seed=config.seed,
-            disable_log_stats=True,
-            # The entities field's grammar: xgrammar, and no optional whitespace (per request
-            # the flag does nothing), so the JSON is written exactly as the trainer's targets.
-            structured_outputs_config=StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True),
-            **config.extra,
-        )
-        engine = AsyncLLM.from_engine_args(args)
-        try:
-            tokenizer = engine.get_tokenizer()
-            if asyncio.iscoroutine(tokenizer):
-                tokenizer = await tokenizer
-            classifier = cls(engine, tokenizer, task, config)
+        async with StudentEngine.started(config) as engine:
+            classifier = engine.classifier(task)
             await classifier.use_adapter(adapter)
             yield classifier
-        finally:
-            engine.shutdown()
-            # AsyncLLM.__del__ calls shutdown() again; if anything still holds the engine at
-            # interpreter exit, that runs with vLLM's module globals already None (a noisy
-            # TypeError traceback). Shut down once: the instance attribute shadows the method.
-            engine.shutdown = lambda *args, **kwargs: None
-            if "classifier" in locals():
-                classifier._engine = None
-            del engine
 
     @property
     def live_adapter(self) -> AdapterRef | None:
