@@ -8,6 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from schemas.routing import RouteHop
 from schemas.task import Entity
 
 
@@ -61,6 +62,10 @@ class Classification(BaseModel):
                                            "fields it was asked for)")
     teacher_model: str | None = None
     audited: bool = Field(default=False, description="confident ticket also sent to the teacher")
+    route_chain: list[RouteHop] = Field(default_factory=list, description="the router tasks "
+                                        "this ticket came through, first to last")
+    forwarded_to: str | None = Field(default=None, description="a router task: the task this "
+                                     "answer forwarded the ticket to")
     truncated: bool = Field(default=False, description="the student saw the ticket cut to fit (head + tail)")
     latency_ms: float = Field(ge=0.0, description="student: consume -> result ready; teacher worker "
                               "(teacher, unverified): ticket arrival -> result ready")

@@ -12,7 +12,7 @@ it is the confident result already on the results topic.
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -35,4 +35,7 @@ class Escalation(BaseModel):
     # The fields below their calibrated threshold (None: all, e.g. an audit or an older record).
     # The teacher worker asks for only these when that is cheaper than asking for every field.
     unsure_fields: list[str] | None = None
+    # A router task's escalation: the ticket as received, forwarded by the teacher worker once
+    # the first answer (the teacher's or, past the deadline, the student's) is published.
+    ticket: dict[str, Any] | None = None
     escalated_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))

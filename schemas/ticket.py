@@ -7,6 +7,8 @@ from typing import Any, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from schemas.routing import MAX_ROUTE_HOPS, RouteHop
+
 
 class Ticket(BaseModel):
     """A support ticket. `id` is the producer's id; results are keyed by it.
@@ -21,6 +23,8 @@ class Ticket(BaseModel):
     subject: str | None = Field(default=None, max_length=1000)
     created_at: datetime | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
+    # Set by triage when a router task forwarded this ticket (services/stream/routing.py).
+    route_chain: list[RouteHop] = Field(default_factory=list, max_length=MAX_ROUTE_HOPS)
 
     @field_validator("text")
     @classmethod

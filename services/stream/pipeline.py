@@ -21,6 +21,7 @@ from schemas.escalation import Escalation
 from schemas.ticket import Ticket
 from services.student.engine import LIVE, Classifier, EngineRejection, StudentPrediction
 from services.teacher.escalation import RollingRate, should_audit, unsure_fields
+from services.stream.routing import Router, forwarded_result
 from services.stream.validation import Rejection, parse_ticket
 
 if TYPE_CHECKING:
@@ -46,12 +47,13 @@ class InboundRecord:
 
 @dataclass(frozen=True)
 class Outcome:
-    kind: str  # "result" | "dead_letter" | "escalation" (an escalation or an audit request)
+    kind: str  # "result" | "dead_letter" | "escalation" (an escalation or an audit request) | "forward"
     key: bytes | None
     payload: bytes
     record: InboundRecord
-    route: str | None = None
+    route: str | None = None  # a forward: the task it goes to
     confidence: float | None = None
+    topic: str | None = None  # only a forward names its topic (the target task's tickets topic)
 
 
 @dataclass
@@ -81,6 +83,7 @@ class TicketPipeline:
         max_message_bytes: int = 64_000,
         max_text_chars: int = 4_000,
         dead_letter_copy_bytes: int = 64_000,
+        router: Router | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
@@ -90,6 +93,7 @@ class TicketPipeline:
         self.max_message_bytes = max_message_bytes
         self.max_text_chars = max_text_chars
         self.dead_letter_copy_bytes = dead_letter_copy_bytes
+        self.router = router
         self.clock = clock
         self.wall_clock = wall_clock
         self.stats = PipelineStats()
@@ -198,18 +202,30 @@ class TicketPipeline:
             truncated=pred.truncated,
             latency_ms=max(0.0, (self.clock() - record.received_at) * 1000),
             engine_ms=pred.engine_ms,
+            route_chain=ticket.route_chain,
         )
         key = ticket.id.encode()
         if escalate:
             self.stats.escalations += 1
             return [self._escalation(record, ticket, result, "escalation", unsure)]
         self.stats.results[Route.student.value] += 1
-        published = Outcome("result", key, result.model_dump_json().encode(), record,
-                            route=Route.student.value, confidence=pred.confidence)
+        # A router's confident answer: its forward goes out with the result, before the commit.
+        forward = self.router.plan(self._as_sent(ticket), result) if self.router else None
+        result = forwarded_result(result, forward)
+        published = [Outcome("result", key, result.model_dump_json().encode(), record,
+                             route=Route.student.value, confidence=pred.confidence)]
+        if forward is not None:
+            published.append(Outcome("forward", forward.key, forward.payload, record, route=forward.task,
+                                     topic=forward.topic))
         if not audit:
-            return [published]
+            return published
         self.stats.audits += 1
-        return [published, self._escalation(record, ticket, result, "audit")]
+        return [*published, self._escalation(record, ticket, result, "audit")]
+
+    @staticmethod
+    def _as_sent(ticket: Ticket) -> dict[str, Any]:
+        """The ticket as a producer would send it again (declared inputs included)."""
+        return ticket.model_dump(mode="json", exclude_none=True, exclude_defaults=True)
 
     def _escalation(self, record: InboundRecord, ticket: Ticket, result: Classification, kind: str,
                     unsure: list[str] | None = None) -> Outcome:
@@ -218,7 +234,8 @@ class TicketPipeline:
             ticket_time_ms = int((self.wall_clock() - (self.clock() - record.received_at)) * 1000)
         request = Escalation(kind=kind, ticket_id=ticket.id, text=ticket.full_text(self.inputs),
                              student_result=result, ticket_time_ms=ticket_time_ms,
-                             unsure_fields=unsure or None)
+                             unsure_fields=unsure or None,
+                             ticket=self._as_sent(ticket) if self.router and kind == "escalation" else None)
         return Outcome("escalation", ticket.id.encode(), request.model_dump_json().encode(), record,
                        route=kind, confidence=result.confidence)
 

@@ -38,7 +38,7 @@ async def publish_outcomes(
     headers = {**HEADERS, "triage-replica": replica_id}
 
     async def send(outcome: Outcome) -> Any:
-        topic = topics[outcome.kind]
+        topic = outcome.topic or topics[outcome.kind]
         try:
             future = await broker.publish(outcome.payload, topic, key=outcome.key, headers=headers,
                                           no_confirm=True)

@@ -38,8 +38,9 @@ COMMIT_EVERY_S = 0.5
 
 class TeacherWorker:
     def __init__(self, broker: Any, settings: Any, task: Any, metrics: Any, *, replica_id: str,
-                 teacher: Any | None = None, training_log: Any | None = None) -> None:
+                 teacher: Any | None = None, training_log: Any | None = None, router: Any | None = None) -> None:
         self.broker, self.settings, self.task, self.metrics = broker, settings, task, metrics
+        self.router = router  # a router task: forwards each ticket after its first answer
         self.replica_id = replica_id
         self._injected = {"teacher": teacher, "training_log": training_log}
         self.tracker = OffsetTracker()
@@ -86,6 +87,7 @@ class TeacherWorker:
                 deadline_s=s.escalation_deadline_s,
                 slots=TeacherSlots(s.teacher_concurrency, max(1, s.teacher_concurrency // 4)),
                 metrics=self.metrics, retry_max_s=s.teacher_retry_max_s,
+                router=self.router, send_forward=self._send_forward,
             )
             upkeep = asyncio.create_task(self._upkeep(), name="teacher-lane-upkeep")
             try:
@@ -153,6 +155,9 @@ class TeacherWorker:
 
     async def _publish_result(self, result: Classification) -> None:
         await self._send(self.settings.results_topic, result.ticket_id.encode(), result.model_dump_json().encode())
+
+    async def _send_forward(self, forward: Any) -> None:
+        await self._send(forward.topic, forward.key, forward.payload)
 
     async def _send(self, topic: str, key: bytes | None, payload: bytes) -> None:
         headers = {**HEADERS, "triage-replica": self.replica_id}

@@ -37,6 +37,7 @@ from schemas.classification import Classification, Route
 from schemas.escalation import Escalation
 from schemas.task import Entity
 from schemas.training import TrainingExample
+from services.stream.routing import Forward, Router, forwarded_result
 from services.teacher.client import TeacherUnavailable
 from services.teacher.escalation import AuditEstimator
 
@@ -49,6 +50,8 @@ log = logging.getLogger(__name__)
 
 # publish(result) -> None once the broker acknowledged it (raises otherwise).
 PublishResult = Callable[[Classification], Awaitable[None]]
+# send_forward(forward) -> None: a router task's forwarded ticket, acknowledged by the broker.
+SendForward = Callable[["Forward"], Awaitable[None]]
 
 
 class TeacherSlots:
@@ -150,8 +153,10 @@ class EscalationResolver:
         deadline_s: float, slots: TeacherSlots, metrics: ServiceMetrics | None = None,
         max_ticket_attempts: int = 3, retry_base_s: float = 0.5, retry_max_s: float = 10.0,
         wall_clock: Callable[[], float] = time.time,
+        router: Router | None = None, send_forward: SendForward | None = None,
     ) -> None:
         self.teacher, self.training_log, self.publish = teacher, training_log, publish
+        self.router, self.send_forward = router, send_forward
         self.deadline_s, self.slots, self.metrics = deadline_s, slots, metrics
         self.max_ticket_attempts, self.retry_base_s, self.retry_max_s = max_ticket_attempts, retry_base_s, retry_max_s
         self.wall_clock = wall_clock
@@ -199,7 +204,10 @@ class EscalationResolver:
             "teacher": answer.labels, "teacher_model": answer.model,
             "latency_ms": self._since_ticket_ms(request),
         })
-        await self.publish(result)
+        if unverified_sent:  # a correction: the ticket was already forwarded on the first answer
+            await self.publish(result)
+        else:
+            await self._publish_first(request, result)
         self.stats.teacher_results += 1
         self.stats.corrections += int(unverified_sent)
         if self.metrics:
@@ -211,10 +219,21 @@ class EscalationResolver:
     async def _publish_unverified(self, request: Escalation) -> None:
         result = request.student_result.model_copy(update={
             "route": Route.unverified, "latency_ms": self._since_ticket_ms(request)})
-        await self.publish(result)
+        await self._publish_first(request, result)
         self.stats.unverified += 1
         if self.metrics:
             self.metrics.observe_result(Route.unverified.value, None, self._since_ticket_ms(request) / 1000)
+
+    async def _publish_first(self, request: Escalation, result: Classification) -> None:
+        """A ticket's first published answer; a router task's forward follows it."""
+        forward = None
+        if self.router is not None and request.ticket is not None:
+            forward = self.router.plan(request.ticket, result)
+        await self.publish(forwarded_result(result, forward))
+        if forward is not None and self.send_forward is not None:
+            await self.send_forward(forward)
+            if self.metrics:
+                self.metrics.forwarded_to(forward.task)
 
     # ---- audits ---------------------------------------------------------------------------
     async def _audit(self, request: Escalation) -> None:

@@ -1,0 +1,76 @@
+"""A router task forwards each ticket it answers to the task its answer names. Pure functions.
+
+A router is an ordinary task (TaskSpec, adapter, thresholds, teacher, flywheel) whose
+deployment entry says which of its categorical fields picks the next task (`route.field`) and
+which label goes where (`route.to`). The ticket is forwarded, as received plus one
+`RouteHop`, to that task's tickets topic; the specialist's result carries the whole chain.
+
+Exactly once per answered ticket: a confident answer's forward is published with its result,
+before the batch's offsets are committed; an escalated ticket is forwarded by the teacher
+worker right after its first published answer (the teacher's, or the student's `unverified`
+one at the deadline; a later teacher correction does not forward again). As everywhere in
+triage, a crash between publish and commit re-delivers (at least once); specialists key
+their results by ticket id, so a repeat overwrites the same key.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from schemas.classification import Classification
+from schemas.routing import MAX_ROUTE_HOPS, RouteHop
+from schemas.task import TaskSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Forward:
+    """One forwarded ticket: the record to publish and the task it goes to."""
+
+    task: str
+    topic: str
+    key: bytes
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class Router:
+    task: str  # this (router) task's name, recorded in the hop
+    field: str  # the categorical field whose label picks the next task
+    targets: Mapping[str, str]  # label -> task name; a label not listed stays here
+    topics: Mapping[str, str]  # task name -> its tickets topic
+
+    def check(self, spec: TaskSpec) -> None:
+        """Fail fast (ValueError) when the routes do not fit the router's TaskSpec."""
+        fields = {f.name: f for f in spec.categorical_fields}
+        if self.field not in fields:
+            raise ValueError(f"route.field {self.field!r} is not a categorical field of task {spec.name!r}")
+        unknown = sorted(set(self.targets) - set(fields[self.field].labels))
+        if unknown:
+            raise ValueError(f"route.to names labels {unknown[:5]} that field {self.field!r} does not have")
+
+    def plan(self, ticket: Mapping[str, Any], result: Classification) -> Forward | None:
+        """Where `result` sends `ticket` (None: its label routes nowhere, or a loop)."""
+        label = result.fields.get(self.field)
+        target = self.targets.get(label) if label is not None else None
+        if target is None:
+            return None
+        chain = list(ticket.get("route_chain") or [])
+        seen = {hop.get("task") for hop in chain if isinstance(hop, Mapping)} | {self.task}
+        if target in seen or len(chain) >= MAX_ROUTE_HOPS:
+            log.warning("not forwarding ticket %s to %s: routing loop (chain %s)", result.ticket_id, target,
+                        [h.get("task") for h in chain if isinstance(h, Mapping)])
+            return None
+        hop = RouteHop(task=self.task, field=self.field, label=label, route=result.route.value, to=target)
+        forwarded = {**ticket, "route_chain": [*chain, hop.model_dump(mode="json")]}
+        return Forward(target, self.topics[target], result.ticket_id.encode(),
+                       json.dumps(forwarded, ensure_ascii=False).encode())
+
+
+def forwarded_result(result: Classification, forward: Forward | None) -> Classification:
+    """The router's own result, naming the task it forwarded the ticket to."""
+    return result if forward is None else result.model_copy(update={"forwarded_to": forward.task})
