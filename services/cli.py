@@ -45,6 +45,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     if s.role != "teacher":  # the teacher worker needs no model
         ensure_student_model(s.model_path)
+    if s.deployment_path is not None:  # several tasks, one engine
+        from services.deployment import Deployment
+        from services.stream.swarm import SwarmService, all_task_topics
+
+        deployment = Deployment.from_file(s.deployment_path)
+        if args.create_topics:
+            asyncio.run(ensure_topics(s.bootstrap_servers, all_task_topics(s, deployment), s.topic_partitions))
+        swarm = SwarmService(s, deployment)
+        asyncio.run(swarm.app.run())
+        return swarm.exit_code
     if args.create_topics:
         asyncio.run(ensure_topics(s.bootstrap_servers, all_topics(s), s.topic_partitions))
     service = TriageService(s)
@@ -94,7 +104,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     from services.student.registry import AdapterRegistry
 
-    registry = AdapterRegistry(settings().registry_dir)
+    registry = AdapterRegistry(_task_settings(args).registry_dir)
     ref = registry.current()
     print(json.dumps({
         "registry": str(registry.root),
@@ -110,7 +120,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
     from services.student.registry import AdapterRegistry
 
     try:
-        ref = AdapterRegistry(settings().registry_dir).promote(args.adapter_id, args.reason)
+        ref = AdapterRegistry(_task_settings(args).registry_dir).promote(args.adapter_id, args.reason)
     except KeyError as exc:  # unknown or malformed id: a message, not a traceback
         print(f"triage promote: {exc.args[0]}", file=sys.stderr)
         return 1
@@ -121,9 +131,19 @@ def cmd_promote(args: argparse.Namespace) -> int:
 def cmd_rollback(args: argparse.Namespace) -> int:
     from services.student.registry import AdapterRegistry
 
-    ref = AdapterRegistry(settings().registry_dir).rollback(args.reason)
+    ref = AdapterRegistry(_task_settings(args).registry_dir).rollback(args.reason)
     print(f"current adapter: {ref.adapter_id if ref else 'base model'}")
     return 0
+
+
+def _task_settings(args: argparse.Namespace):
+    """The settings of `--task NAME` of the deployment (TRIAGE_DEPLOYMENT_PATH), else the process's."""
+    from services.deployment import settings_for
+
+    try:
+        return settings_for(getattr(args, "task", None))
+    except (ValueError, KeyError) as exc:
+        raise SystemExit(f"triage {args.command}: {exc}") from None
 
 
 # ---- parser --------------------------------------------------------------------------------
@@ -168,13 +188,18 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, add_help=False)
         p.add_argument("rest", nargs=argparse.REMAINDER)
         p.set_defaults(fn=fn)
-    sub.add_parser("status", help="live adapter, its threshold, registry history").set_defaults(fn=cmd_status)
+    task_help = "a task of the deployment (TRIAGE_DEPLOYMENT_PATH); default: the single task"
+    p = sub.add_parser("status", help="live adapter, its threshold, registry history")
+    p.add_argument("--task", default=None, help=task_help)
+    p.set_defaults(fn=cmd_status)
     p = sub.add_parser("promote", help="make an adapter already in the registry current")
     p.add_argument("adapter_id")
     p.add_argument("--reason", default="manual promotion")
+    p.add_argument("--task", default=None, help=task_help)
     p.set_defaults(fn=cmd_promote)
     p = sub.add_parser("rollback", help="back to the previously promoted adapter (or the base model)")
     p.add_argument("--reason", default="manual rollback")
+    p.add_argument("--task", default=None, help=task_help)
     p.set_defaults(fn=cmd_rollback)
     if importlib.util.find_spec("services.dev") is not None:
         _dev().register(sub)

@@ -74,6 +74,9 @@ class Settings(BaseSettings):
     model_path: Path = Field(default_factory=default_model_dir)
     # Task definition (fields, labels, instructions, teacher few-shot examples).
     task_path: Path = Field(default_factory=default_task_path)
+    # Several tasks in one process (one engine, one adapter per task): a JSON file naming them
+    # (services/deployment.py; example deploy/tasks.json). Empty = the one task above.
+    deployment_path: Path | None = None
     # float32 on CPU (bf16 is ~6x slower on AVX2); bfloat16 on GPU.
     dtype: str = "float32"
     # 32 lets short shared prompt prefixes hit the prefix cache (128 never does on CPU).
@@ -85,6 +88,10 @@ class Settings(BaseSettings):
     # Largest LoRA rank served; vLLM sizes its LoRA buffers (and CPU LoRA cost) by it, so keep
     # it at the trainer's rank (trainer/train.py --lora-r, default 16).
     max_lora_rank: int = 16
+    # Adapters batched in one engine step (vLLM max_loras; GPU memory is reserved for each)
+    # and kept loaded in host memory (max_cpu_loras). None: two per task (live + a swap).
+    max_loras: int | None = Field(default=None, ge=1)
+    max_cpu_loras: int | None = Field(default=None, ge=1)
     # GPU memory share for vLLM (ignored on CPU, where VLLM_CPU_KVCACHE_SPACE applies).
     gpu_memory_utilization: float = Field(default=0.85, gt=0.0, le=1.0)
     # KV cache size on CPU in GiB (sets VLLM_CPU_KVCACHE_SPACE if unset).

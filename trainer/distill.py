@@ -213,8 +213,6 @@ def heldout_line(heldout: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from services.settings import Settings
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--max-minutes", type=float, default=28.0, help="training time budget")
     parser.add_argument("--epsilon", type=float, default=0.03, help="target error of accepted tickets")
@@ -234,10 +232,20 @@ def main(argv: list[str] | None = None) -> int:
                         help="train from scratch instead of from the live adapter's weights")
     parser.add_argument("--train-arg", action="append", default=[], metavar="KEY=VALUE",
                         help="extra trainer.train flag, e.g. lora_layers=8 (repeatable)")
+    parser.add_argument("--task", default=None,
+                        help="re-distil this task of the deployment (TRIAGE_DEPLOYMENT_PATH): its log and registry")
+    parser.add_argument("--deployment", default=None, help="the deployment file (default TRIAGE_DEPLOYMENT_PATH)")
     opts = parser.parse_args(argv)
+    from services.deployment import settings_for
     from services.student.engine import EngineConfig
 
-    settings = Settings()
+    try:
+        settings = settings_for(opts.task, opts.deployment)
+    except (ValueError, KeyError) as exc:
+        print(f"triage distill: {exc}", file=sys.stderr)
+        return 2
+    if opts.task and opts.work_dir == parser.get_default("work_dir"):
+        opts.work_dir = str(Path(opts.work_dir) / opts.task)
     cfg = DistillConfig(
         registry_dir=settings.registry_dir, log_path=settings.training_log_path,
         model_path=settings.model_path, task_path=settings.task_path, work_dir=Path(opts.work_dir),

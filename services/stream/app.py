@@ -28,6 +28,7 @@ from schemas.task import TaskSpec
 from services.student.engine import Classifier, EngineConfig, VllmClassifier
 from services.stream.kafka_io import group_batch_options, report_lag
 from services.stream.pipeline import EscalationConfig, InboundRecord, Outcome, TicketPipeline
+from services.stream.routing import Router
 from services.stream.teacher_lane import TeacherWorker
 from services.logs import configure_logging, log_context
 from services.settings import Settings
@@ -46,13 +47,23 @@ class TriageService:
         teacher: Any | None = None,
         training_log: Any | None = None,
         metrics: Any | None = None,
+        broker: KafkaBroker | None = None,
+        router: Router | None = None,
+        name: str | None = None,
     ) -> None:
+        """`broker`, `router`, `name`: a task of a multi-task process (services/stream/swarm.py),
+        which owns the broker, the engine (`shared_engine`) and the metrics server."""
         if settings.embedded_broker:
             raise ValueError("TRIAGE_BOOTSTRAP_SERVERS is empty: start a broker (triage demo does)")
         self.settings = settings
         self.task = TaskSpec.from_file(settings.task_path)
+        self.name = name or self.task.name
+        if router is not None:
+            router.check(self.task)
+        self.router = router
         self.runs_student = settings.role in ("all", "student")
         self._injected = {"classifier": classifier}
+        self.shared_engine: Any = None  # set by the multi-task process before `resources()`
         if metrics is None:
             from services.stream.metrics import ServiceMetrics
 
@@ -67,7 +78,7 @@ class TriageService:
         self._failed_attempts = 0  # consecutive failed attempts of the current batch
         self._dead: str | None = None  # why this replica stopped itself (readiness stays false)
         # acks="all": a result counts as published only once every in-sync replica has it.
-        self.broker = KafkaBroker(settings.bootstrap_servers, acks="all", logger=log)
+        self.broker = broker or KafkaBroker(settings.bootstrap_servers, acks="all", logger=log)
         self.subscriber: Any = None
         if self.runs_student:
             # Manual commits: only after every outcome of the batch is acknowledged.
@@ -80,10 +91,12 @@ class TriageService:
         self.worker: TeacherWorker | None = None
         if settings.role in ("all", "teacher"):
             self.worker = TeacherWorker(self.broker, settings, self.task, metrics, replica_id=self.replica_id,
-                                        teacher=teacher, training_log=training_log)
-        self.app = FastStream(self.broker, lifespan=self._lifespan, logger=log)
-        if self.worker is not None:  # before the consumer closes: commit what is finished
-            self.app.on_shutdown(self.worker.stop)
+                                        teacher=teacher, training_log=training_log, router=router)
+        self.app: Any = None
+        if broker is None:  # a task of a multi-task process runs in that process's app
+            self.app = FastStream(self.broker, lifespan=self._lifespan, logger=log)
+            if self.worker is not None:  # before the consumer closes: commit what is finished
+                self.app.on_shutdown(self.worker.stop)
 
     # ---- lifecycle ---------------------------------------------------------------------------
     @asynccontextmanager
@@ -102,6 +115,9 @@ class TriageService:
             background = []
             if self.runs_student:
                 classifier = self._injected["classifier"]
+                if classifier is None and self.shared_engine is not None:
+                    classifier = self.shared_engine.classifier(self.task)
+                    await classifier.use_adapter(self._current_adapter())
                 if classifier is None:
                     classifier = await stack.enter_async_context(
                         VllmClassifier.started(EngineConfig.from_settings(s), self.task, self._current_adapter())
@@ -113,6 +129,7 @@ class TriageService:
                     max_message_bytes=s.max_message_bytes,
                     max_text_chars=s.max_text_chars,
                     dead_letter_copy_bytes=s.dead_letter_copy_bytes,
+                    router=self.router,
                 )
                 self.metrics.set_live_adapter(getattr(classifier.live_adapter, "adapter_id", None))
                 background.append(asyncio.create_task(self._watch_registry(), name="registry-watch"))
@@ -169,6 +186,8 @@ class TriageService:
             elif outcome.kind == "result":
                 e2e = max(0.0, now_wall - record.timestamp_ms / 1000) if record.timestamp_ms else None
                 self.metrics.observe_result(outcome.route, outcome.confidence, e2e)
+            elif outcome.kind == "forward":
+                self.metrics.forwarded_to(outcome.route)
             elif outcome.route == "escalation":  # its result comes from the teacher worker
                 self.metrics.observe_confidence(outcome.confidence)
 

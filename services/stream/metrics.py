@@ -128,6 +128,9 @@ class ServiceMetrics:
         self.consumer_lag = gauge(
             "triage_consumer_lag", "Messages behind the log end, per assigned partition.",
             ["topic", "partition"])
+        self.forwarded = counter(
+            "triage_forwarded_total",
+            "Tickets a router task forwarded to another task's tickets topic, by target task.", ["to"])
         self.training_examples = counter(
             "triage_training_examples_total", "Examples newly written to the training log.")
         self.ready = gauge("triage_ready", "1 when this replica is ready to consume.")
@@ -230,6 +233,9 @@ class ServiceMetrics:
         with contextlib.suppress(KeyError):
             self.consumer_lag.remove(topic, str(partition))
 
+    def forwarded_to(self, task: str) -> None:
+        self.forwarded.labels(to=task).inc()
+
     def training_examples_logged(self, n: int = 1) -> None:
         self.training_examples.inc(n)
 
@@ -253,8 +259,11 @@ class ServiceMetrics:
 
 
 # --- HTTP (aiohttp) ---------------------------------------------------------------------------
-def metrics_app(metrics: ServiceMetrics, readiness: Callable[[], tuple[bool, str]] | None = None) -> Any:
-    """/metrics (Prometheus exposition), /healthz (the loop answers), /readyz (`readiness()`)."""
+def metrics_app(metrics: Any, readiness: Callable[[], tuple[bool, str]] | None = None,
+                task_readiness: Callable[[str], tuple[bool, str] | None] | None = None) -> Any:
+    """/metrics (Prometheus exposition), /healthz (the loop answers), /readyz (`readiness()`),
+    and with `task_readiness` (a multi-task process) /readyz/<task>. `metrics`: anything with
+    `exposition()` (a ServiceMetrics, or services.stream.metrics_hub.TaskMetricsHub)."""
     from aiohttp import web
 
     check = readiness or metrics.readiness
@@ -272,10 +281,20 @@ def metrics_app(metrics: ServiceMetrics, readiness: Callable[[], tuple[bool, str
             ok, reason = False, f"readiness check failed: {exc!r}"
         return web.Response(status=200 if ok else 503, text=f"{reason or ('ready' if ok else 'not ready')}\n")
 
+    async def task_readyz(request: web.Request) -> web.Response:
+        assert task_readiness is not None
+        state = task_readiness(request.match_info["task"])
+        if state is None:
+            return web.Response(status=404, text="no such task\n")
+        ok, reason = state
+        return web.Response(status=200 if ok else 503, text=f"{reason}\n")
+
     app = web.Application()
     app.router.add_get("/metrics", metrics_handler)  # GET also answers HEAD; other methods 405
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    if task_readiness is not None:
+        app.router.add_get("/readyz/{task}", task_readyz)
     return app
 
 
@@ -285,12 +304,14 @@ async def serve_metrics(
     host: str = "0.0.0.0",
     port: int = 9464,
     readiness: Callable[[], tuple[bool, str]] | None = None,
+    *,
+    task_readiness: Callable[[str], tuple[bool, str] | None] | None = None,
 ) -> AsyncIterator[int]:
     """Serve /metrics, /healthz and /readyz on the current event loop until the block exits;
     yields the bound port (port 0 picks a free one). `readiness` defaults to `metrics.readiness`."""
     from aiohttp import web
 
-    runner = web.AppRunner(metrics_app(metrics, readiness), access_log=None, shutdown_timeout=1.0)
+    runner = web.AppRunner(metrics_app(metrics, readiness, task_readiness), access_log=None, shutdown_timeout=1.0)
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port)

@@ -474,8 +474,9 @@ def test_dashboard_has_the_required_views(dashboard: dict) -> None:
     assert "sum by (route) (rate(triage_results_total" in exprs
     assert "sum by (outcome) (rate(triage_teacher_requests_total" in exprs
     assert "sum by (reason) (rate(triage_dead_letter_total" in exprs
-    assert "max by (topic, partition) (triage_consumer_lag)" in exprs
-    assert "sum(triage_ready)" in exprs
+    assert "max by (topic, partition) (triage_consumer_lag{" in exprs
+    assert "sum(triage_ready{" in exprs
+    assert "sum by (task, to) (rate(triage_forwarded_total" in exprs
     assert any(p["type"] == "heatmap" for p in _panels(dashboard))
 
 
@@ -496,3 +497,13 @@ def test_alert_rules_use_registered_metrics_and_are_wired_in(compose: dict) -> N
     assert "/etc/prometheus/alerts.yml" in config["rule_files"]
     mounts = compose["services"]["prometheus"]["volumes"]
     assert any(m.startswith("./prometheus/alerts.yml:/etc/prometheus/alerts.yml") for m in mounts)
+
+
+def test_every_dashboard_selector_follows_the_task_variable(dashboard: dict) -> None:
+    """Multi-task processes label every series with `task`; each panel filters on the
+    dashboard's task selector (".*" for All also matches single-task series without it)."""
+    assert any(v["name"] == "task" and v.get("allValue") == ".*" for v in dashboard["templating"]["list"])
+    for panel in _panels(dashboard):
+        for target in panel.get("targets", []):
+            selectors = re.findall(r"\btriage_[a-zA-Z0-9_]+(\{[^}]*\})?", target["expr"])
+            assert selectors and all('task=~"$task"' in s for s in selectors), (panel["title"], target["expr"])

@@ -42,6 +42,7 @@ CONTRACT = {
     "triage_batch_retry_streak": "gauge",
     "triage_field_escalations": "counter",
     "triage_rejected_answers": "counter",
+    "triage_forwarded": "counter",
 }
 
 

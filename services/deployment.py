@@ -1,0 +1,155 @@
+"""Several tasks in one process: which tasks, on which topics, with which registry and log.
+
+`TRIAGE_DEPLOYMENT_PATH` names a JSON file (example: deploy/tasks.json)::
+
+    {"tasks": [
+      {"name": "desk", "task_path": "schemas/tasks/banking77_desk.json",
+       "tickets_topic": "triage.tickets",
+       "route": {"field": "desk", "to": {"cards": "cards", "payments": "intents"}}},
+      {"name": "intents", "task_path": "schemas/tasks/banking77.json"},
+      {"name": "cards", "task_path": "schemas/tasks/banking77_tickets.json",
+       "settings": {"audit_rate": 0.1}}
+    ]}
+
+Each task gets, unless its entry says otherwise, topics `triage.<name>.{tickets,results,
+dead-letter,escalations}`, consumer groups `triage.<name>` / `triage-teacher.<name>`, its own
+adapter registry `<TRIAGE_REGISTRY_DIR>/<name>` and training log `<TRIAGE_DATA_DIR>/<name>`.
+`settings` overrides any other TRIAGE_ setting for that task (thresholds, audit rate, teacher
+endpoint, ...). Engine settings are the process's: one engine serves every task.
+
+The file itself must be valid (a bad file stops the process at once); a task whose TaskSpec
+fails to load fails only that task (services/stream/swarm.py).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+if TYPE_CHECKING:
+    from services.settings import Settings
+    from services.stream.routing import Router
+
+# Process-wide: one engine, one broker connection, one metrics port for every task.
+ENGINE_SETTINGS = frozenset({
+    "bootstrap_servers", "model_path", "dtype", "block_size", "enforce_eager", "max_model_len",
+    "max_num_seqs", "max_lora_rank", "max_loras", "max_cpu_loras", "gpu_memory_utilization",
+    "cpu_kv_cache_gib", "cpu_reserved_cores", "seed", "metrics_port", "control_topic", "role",
+    "deployment_path", "log_level", "log_format",
+})
+
+
+class RouteSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    field: str = Field(min_length=1, description="the router's categorical field that picks the next task")
+    to: dict[str, str] = Field(min_length=1, description="label -> task name (other labels stay here)")
+
+
+class TaskDeployment(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,39}$")
+    task_path: Path
+    tickets_topic: str | None = None
+    results_topic: str | None = None
+    dead_letter_topic: str | None = None
+    escalations_topic: str | None = None
+    consumer_group: str | None = None
+    teacher_consumer_group: str | None = None
+    registry_dir: Path | None = None
+    data_dir: Path | None = None
+    route: RouteSpec | None = None
+    settings: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("settings")
+    @classmethod
+    def _known_settings(cls, value: dict[str, Any]) -> dict[str, Any]:
+        from services.settings import Settings
+
+        unknown = sorted(set(value) - set(Settings.model_fields))
+        shared = sorted(set(value) & ENGINE_SETTINGS)
+        if unknown:
+            raise ValueError(f"unknown settings {unknown}")
+        if shared:
+            raise ValueError(f"settings {shared} are the process's (one engine for every task)")
+        return value
+
+
+class Deployment(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    tasks: list[TaskDeployment] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Deployment:
+        names = [t.name for t in self.tasks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"task names must be unique: {names}")
+        for t in self.tasks:
+            if t.route is None:
+                continue
+            for label, target in t.route.to.items():
+                if target not in names or target == t.name:
+                    raise ValueError(f"task {t.name!r}: route {label!r} -> {target!r} names no other task")
+        return self
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Deployment:
+        return cls.model_validate(json.loads(Path(path).read_text(encoding="utf-8")))
+
+    def task(self, name: str) -> TaskDeployment:
+        for t in self.tasks:
+            if t.name == name:
+                return t
+        raise KeyError(f"no task {name!r} in the deployment (tasks: {[t.name for t in self.tasks]})")
+
+    def task_settings(self, base: Settings, name: str) -> Settings:
+        """The Settings one task runs with: the process's, with the task's topics, groups,
+        registry, training log and overrides. Loads nothing (the TaskSpec is read later)."""
+        t = self.task(name)
+        prefix = f"triage.{t.name}"
+        values: dict[str, Any] = {
+            "task_path": t.task_path,
+            "tickets_topic": t.tickets_topic or f"{prefix}.tickets",
+            "results_topic": t.results_topic or f"{prefix}.results",
+            "dead_letter_topic": t.dead_letter_topic or f"{prefix}.dead-letter",
+            "escalations_topic": t.escalations_topic or f"{prefix}.escalations",
+            "consumer_group": t.consumer_group or prefix,
+            "teacher_consumer_group": t.teacher_consumer_group or f"triage-teacher.{t.name}",
+            "registry_dir": t.registry_dir or base.registry_dir / t.name,
+            "data_dir": t.data_dir or base.data_dir / t.name,
+            **t.settings,
+        }
+        merged = {**base.model_dump(), **values}
+        return type(base).model_validate(merged)
+
+    def router(self, base: Settings, name: str) -> Router | None:
+        from services.stream.routing import Router
+
+        t = self.task(name)
+        if t.route is None:
+            return None
+        topics = {target: self.task_settings(base, target).tickets_topic for target in set(t.route.to.values())}
+        return Router(task=t.name, field=t.route.field, targets=dict(t.route.to), topics=topics)
+
+    def engine_loras(self) -> int:
+        """Adapters one engine step must hold: each task's live one + one being swapped in."""
+        return 2 * len(self.tasks)
+
+
+def settings_for(task: str | None, deployment_path: str | Path | None = None) -> Settings:
+    """The Settings of `task` in the process's deployment (TRIAGE_DEPLOYMENT_PATH, or
+    `deployment_path`); with no task, the process's own (the single-task layout)."""
+    from services.settings import Settings
+
+    base = Settings()
+    if task is None:
+        return base
+    path = deployment_path or base.deployment_path
+    if path is None:
+        raise ValueError(f"--task {task}: no deployment file (set TRIAGE_DEPLOYMENT_PATH or pass --deployment)")
+    return Deployment.from_file(path).task_settings(base, task)
