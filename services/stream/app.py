@@ -117,7 +117,14 @@ class TriageService:
                 classifier = self._injected["classifier"]
                 if classifier is None and self.shared_engine is not None:
                     classifier = self.shared_engine.classifier(self.task)
-                    await classifier.use_adapter(self._current_adapter())
+                    try:
+                        await classifier.use_adapter(self._current_adapter())
+                    except Exception:
+                        # One task's broken adapter must not stop the others: this task serves
+                        # the base model (uncalibrated: everything escalates) and the registry
+                        # watch retries the adapter at every poll.
+                        log.exception("task %s: the registry's current adapter failed to load; serving "
+                                      "the base model until it loads", self.name)
                 if classifier is None:
                     classifier = await stack.enter_async_context(
                         VllmClassifier.started(EngineConfig.from_settings(s), self.task, self._current_adapter())

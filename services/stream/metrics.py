@@ -300,15 +300,16 @@ def metrics_app(metrics: Any, readiness: Callable[[], tuple[bool, str]] | None =
 
 @contextlib.asynccontextmanager
 async def serve_metrics(
-    metrics: ServiceMetrics,
+    metrics: Any,
     host: str = "0.0.0.0",
     port: int = 9464,
     readiness: Callable[[], tuple[bool, str]] | None = None,
     *,
     task_readiness: Callable[[str], tuple[bool, str] | None] | None = None,
 ) -> AsyncIterator[int]:
-    """Serve /metrics, /healthz and /readyz on the current event loop until the block exits;
-    yields the bound port (port 0 picks a free one). `readiness` defaults to `metrics.readiness`."""
+    """Serve /metrics, /healthz, /readyz (and /readyz/<task> with `task_readiness`) on the
+    current event loop until the block exits; yields the bound port (port 0 picks a free one).
+    `metrics`: a ServiceMetrics or a TaskMetricsHub; `readiness` defaults to `metrics.readiness`."""
     from aiohttp import web
 
     runner = web.AppRunner(metrics_app(metrics, readiness, task_readiness), access_log=None, shutdown_timeout=1.0)

@@ -57,9 +57,15 @@ class TaskMetricsHub:
         return None if m is None else m.readiness()
 
     def readiness(self) -> tuple[bool, str]:
-        states = {name: self.task_readiness(name) for name in self.metrics}
-        loaded = [ok for name, (ok, _) in states.items() if name not in self.failed]  # type: ignore[misc]
-        ready = bool(loaded) and all(loaded)
-        reasons = "; ".join(f"{name}: {'FAILED' if name in self.failed else 'ready' if ok else 'not ready'} ({why})"
-                            for name, (ok, why) in states.items())  # type: ignore[misc]
-        return ready, reasons
+        """Ready when every task that loaded is ready (and at least one did); the reason lists
+        every task, a failed one too even without a ServiceMetrics of its own."""
+        names = [*self.metrics, *(n for n in self.failed if n not in self.metrics)]
+        loaded: list[bool] = []
+        parts: list[str] = []
+        for name in names:
+            ok, why = self.task_readiness(name) or (False, "unknown task")
+            if name not in self.failed:
+                loaded.append(ok)
+            state = "FAILED" if name in self.failed else "ready" if ok else "not ready"
+            parts.append(f"{name}: {state} ({why})")
+        return bool(loaded) and all(loaded), "; ".join(parts)

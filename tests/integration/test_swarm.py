@@ -1,11 +1,13 @@
 """Several tasks in one process on one engine (issue 13), through a real broker.
 
-One SwarmService with four tasks: a router (`desk`, base model, some answers confident, some
+One SwarmService with five tasks: a router (`desk`, base model, some answers confident, some
 escalated) in front of two BANKING77 specialists (`a` with its own LoRA adapter, `b` on the
-base model) and a task whose TaskSpec does not exist. Checked: the broken task fails only its
-own readiness; the router forwards every ticket exactly once, with the chain in the
-specialist's result; promoting `a`'s adapter moves `a` and leaves `b`'s results unchanged
-(same adapter, same labels), although their requests share engine steps.
+base model), a task whose TaskSpec does not exist and one whose registry holds an adapter
+trained for another TaskSpec. Checked: the broken task fails only its own readiness, the
+foreign adapter only falls back to the base model for its task; the router forwards every
+ticket exactly once, with the chain in the specialist's result; promoting `a`'s adapter moves
+`a` and leaves `b`'s results unchanged (same adapter, same labels), although their requests
+share engine steps.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ async def _results(bootstrap: str, topic: str, want: set[str]) -> dict[str, Clas
 async def test_tasks_share_one_engine_without_touching_each_other(make_settings, student_engine,
                                                                    student_model_path, tmp_path):
     sfx = uuid.uuid4().hex[:6]
-    desk, a, b, broken = f"desk-{sfx}", f"a-{sfx}", f"b-{sfx}", f"broken-{sfx}"
+    desk, a, b, broken, foreign = (f"{n}-{sfx}" for n in ("desk", "a", "b", "broken", "foreign"))
     intents = str(REPO / "schemas/tasks/banking77.json")
     deployment = Deployment.model_validate({"tasks": [
         {"name": desk, "task_path": str(REPO / "schemas/tasks/banking77_desk.json"),
@@ -58,15 +60,21 @@ async def test_tasks_share_one_engine_without_touching_each_other(make_settings,
         {"name": a, "task_path": intents, "settings": {"audit_rate": 0.0}},
         {"name": b, "task_path": intents, "settings": {"audit_rate": 0.0}},
         {"name": broken, "task_path": str(tmp_path / "no-such-task.json")},
+        # its registry's adapter was trained for another TaskSpec: it cannot load
+        {"name": foreign, "task_path": str(REPO / "schemas/tasks/banking77_desk.json"),
+         "registry_dir": str(tmp_path / "registry-a")},
     ]})
     settings = make_settings(max_batch=16, registry_poll_s=0.3, escalation_deadline_s=0.0)
     await ensure_topics(settings.bootstrap_servers, all_task_topics(settings, deployment), 2)
     topic = {t.name: deployment.task_settings(settings, t.name) for t in deployment.tasks}
     registry_a = AdapterRegistry(topic[a].registry_dir)
+    assert topic[a].registry_dir != tmp_path / "registry-a"
+    registry_foreign = AdapterRegistry(tmp_path / "registry-a")
     make_lora(student_model_path, tmp_path / "a1", seed=1)
     make_lora(student_model_path, tmp_path / "a2", seed=2)
     first = registry_a.add(tmp_path / "a1")
     registry_a.promote(first.adapter_id, reason="test")
+    registry_foreign.promote(registry_foreign.add(tmp_path / "a1").adapter_id, reason="test")
     texts = [r.text for r in load_split("test")[:12]]
     routed = [r.text for r in load_split("test")[100:124]]
     bootstrap = settings.bootstrap_servers
@@ -75,7 +83,9 @@ async def test_tasks_share_one_engine_without_touching_each_other(make_settings,
     assert set(swarm.failed) == {broken} and "no-such-task.json" in swarm.failed[broken]
     hub = swarm.hub()
     async with swarm.running():
-        assert await _wait(lambda: all(hub.task_readiness(n)[0] for n in (desk, a, b))), hub.readiness()
+        assert await _wait(lambda: all(hub.task_readiness(n)[0] for n in (desk, a, b, foreign))), hub.readiness()
+        # a task whose adapter cannot load serves the base model; the others keep theirs
+        assert swarm.services[foreign].pipeline.classifier.live_adapter is None
         ok, why = hub.task_readiness(broken)
         assert not ok and "task failed to load" in why  # ... and only that task: the others are ready
         assert hub.readiness()[0], hub.readiness()

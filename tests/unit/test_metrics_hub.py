@@ -54,3 +54,16 @@ async def test_readyz_per_task_over_http():
         assert (await aget(port, "/readyz"))[0] == 503  # b is not ready
         status, body = await aget(port, "/metrics")
         assert status == 200 and 'task="b"' in body
+
+
+def test_readiness_reason_lists_every_task_and_histograms_keep_their_series():
+    a = ServiceMetrics()
+    a.set_ready(True, "engine warm")
+    a.observe_batch(3, 0.2)
+    h = TaskMetricsHub({"a": a}, {"gone": "ValueError: bad spec"})  # no ServiceMetrics for "gone"
+    assert h.readiness() == (True, "a: ready (engine warm); gone: FAILED (task failed to load: ValueError: bad spec)")
+    assert TaskMetricsHub({}, {"gone": "x"}).readiness()[0] is False  # nothing loaded: not ready
+    samples = Samples.parse(h.exposition().decode())
+    assert samples.value("triage_batch_size_bucket", le="4.0", task="a") == 1
+    assert samples.value("triage_batch_size_count", task="a") == 1
+    assert samples.value("triage_engine_latency_seconds_sum", task="a") == 0.2

@@ -159,3 +159,21 @@ async def test_an_escalated_router_ticket_is_forwarded_once_by_its_first_answer(
     # no teacher at all: unverified at once, forwarded once
     published, forwarded = await resolve(None, deadline_s=5.0)
     assert [p.route.value for p in published] == ["unverified"] and len(forwarded) == 1
+
+
+def test_cli_commands_take_a_task_of_the_deployment(tmp_path, monkeypatch, capsys):
+    from services.cli import main
+
+    path = tmp_path / "tasks.json"
+    path.write_text(json.dumps(deployment()))
+    monkeypatch.setenv("TRIAGE_REGISTRY_DIR", str(tmp_path / "reg"))
+    monkeypatch.setenv("TRIAGE_DEPLOYMENT_PATH", str(path))
+    assert main(["status", "--task", "cards"]) == 0
+    assert json.loads(capsys.readouterr().out)["registry"] == str(tmp_path / "reg" / "cards")
+    with pytest.raises(SystemExit, match="no task 'nope'"):
+        main(["status", "--task", "nope"])
+    monkeypatch.delenv("TRIAGE_DEPLOYMENT_PATH")
+    with pytest.raises(SystemExit, match="no deployment file"):
+        main(["rollback", "--task", "cards"])
+    assert main(["distill", "--task", "cards"]) == 2  # refused before anything is trained
+    assert "no deployment file" in capsys.readouterr().err
