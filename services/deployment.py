@@ -127,14 +127,16 @@ class Deployment(BaseModel):
         merged = {**base.model_dump(), **values}
         return type(base).model_validate(merged)
 
-    def router(self, base: Settings, name: str) -> Router | None:
+    def router(self, base: Settings, name: str, inputs: dict[str, frozenset[str]] | None = None) -> Router | None:
+        """`inputs`: task -> its TaskSpec's input names, for the tasks whose spec loaded."""
         from services.stream.routing import Router
 
         t = self.task(name)
         if t.route is None:
             return None
         topics = {target: self.task_settings(base, target).tickets_topic for target in set(t.route.to.values())}
-        return Router(task=t.name, field=t.route.field, targets=dict(t.route.to), topics=topics)
+        return Router(task=t.name, field=t.route.field, targets=dict(t.route.to), topics=topics,
+                      inputs=dict(inputs or {}))
 
     def engine_loras(self) -> int:
         """Adapters one engine step must hold: each task's live one + one being swapped in."""

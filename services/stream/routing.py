@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from schemas.classification import Classification
 from schemas.routing import MAX_ROUTE_HOPS, RouteHop
 from schemas.task import TaskSpec
+from schemas.ticket import Ticket
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,9 @@ class Router:
     field: str  # the categorical field whose label picks the next task
     targets: Mapping[str, str]  # label -> task name; a label not listed stays here
     topics: Mapping[str, str]  # task name -> its tickets topic
+    # task name -> the extra ticket fields its TaskSpec declares (its `inputs`); a field the
+    # target does not declare would be refused there, so it travels in `metadata` instead.
+    inputs: Mapping[str, frozenset[str]] = field(default_factory=dict)
 
     def check(self, spec: TaskSpec) -> None:
         """Fail fast (ValueError) when the routes do not fit the router's TaskSpec."""
@@ -66,9 +70,22 @@ class Router:
                         [h.get("task") for h in chain if isinstance(h, Mapping)])
             return None
         hop = RouteHop(task=self.task, field=self.field, label=label, route=result.route.value, to=target)
-        forwarded = {**ticket, "route_chain": [*chain, hop.model_dump(mode="json")]}
+        forwarded = self._for_target(target, ticket)
+        forwarded["route_chain"] = [*chain, hop.model_dump(mode="json")]
         return Forward(target, self.topics[target], result.ticket_id.encode(),
                        json.dumps(forwarded, ensure_ascii=False).encode())
+
+
+    def _for_target(self, target: str, ticket: Mapping[str, Any]) -> dict[str, Any]:
+        declared = self.inputs.get(target)
+        extras = {k: v for k, v in ticket.items() if k not in Ticket.model_fields}
+        moved = {k: v for k, v in extras.items() if declared is not None and k not in declared}
+        if not moved:
+            return dict(ticket)
+        kept = {k: v for k, v in ticket.items() if k not in moved}
+        metadata = dict(kept.get("metadata") or {})
+        metadata["inputs_not_declared_here"] = {**metadata.get("inputs_not_declared_here", {}), **moved}
+        return {**kept, "metadata": metadata}
 
 
 def forwarded_result(result: Classification, forward: Forward | None) -> Classification:

@@ -23,9 +23,10 @@ from typing import Any, AsyncIterator
 from faststream import FastStream
 from faststream.kafka import KafkaBroker
 
+from schemas.task import TaskSpec
 from services.deployment import Deployment
 from services.settings import Settings
-from services.stream.app import TriageService
+from services.stream.app import TriageService, consuming
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +45,20 @@ class SwarmService:
         self.services: dict[str, TriageService] = {}
         self.failed: dict[str, str] = {}  # task -> why it is not running
         self.metrics: dict[str, ServiceMetrics] = {}
+        inputs = {}  # task -> the ticket fields it declares: what a router may forward to it as is
+        for entry in deployment.tasks:
+            try:
+                spec = TaskSpec.from_file(deployment.task_settings(settings, entry.name).task_path)
+                inputs[entry.name] = frozenset(i.name for i in spec.inputs)
+            except Exception:
+                pass  # reported below, when the task itself is built
         for entry in deployment.tasks:
             metrics = self.metrics[entry.name] = ServiceMetrics()
             try:
                 task_settings = deployment.task_settings(settings, entry.name).model_copy(update={"metrics_port": 0})
                 self.services[entry.name] = TriageService(
                     task_settings, broker=self.broker, metrics=metrics, name=entry.name, teacher=teacher,
-                    router=deployment.router(settings, entry.name))
+                    router=deployment.router(settings, entry.name, inputs))
             except Exception as exc:  # this task only: the others still serve
                 why = f"{type(exc).__name__}: {str(exc)[:300]}"
                 self.failed[entry.name] = why
@@ -106,12 +114,8 @@ class SwarmService:
     @asynccontextmanager
     async def running(self) -> AsyncIterator[SwarmService]:
         """Run in the current event loop (tests, demo): resources, then consume."""
-        async with self.resources():
-            await self.app.start()
-            try:
-                yield self
-            finally:
-                await self.app.stop()
+        async with consuming(self.resources(), self.app):
+            yield self
 
 
 def _adapter_id(service: TriageService) -> str:

@@ -177,3 +177,17 @@ def test_cli_commands_take_a_task_of_the_deployment(tmp_path, monkeypatch, capsy
         main(["rollback", "--task", "cards"])
     assert main(["distill", "--task", "cards"]) == 2  # refused before anything is trained
     assert "no deployment file" in capsys.readouterr().err
+
+
+def test_an_input_the_target_does_not_declare_travels_in_metadata():
+    router = Router(task="desk", field="intent", targets={"card_arrival": "cards"},
+                    topics={"cards": "triage.cards.tickets"}, inputs={"cards": frozenset({"product"})})
+    ticket = {"id": "T-1", "text": "where is my card", "product": "app", "reporter": "ana",
+              "metadata": {"crm": 7}}
+    sent = json.loads(router.plan(ticket, result("card_arrival")).payload)
+    assert sent["product"] == "app" and "reporter" not in sent  # the target would refuse it
+    assert sent["metadata"] == {"crm": 7, "inputs_not_declared_here": {"reporter": "ana"}}
+    from services.stream.validation import parse_ticket
+
+    parsed = parse_ticket(json.dumps(sent).encode(), max_bytes=10_000, max_text_chars=1000, inputs=["product"])
+    assert isinstance(parsed, Ticket) and parsed.route_chain[0].task == "desk"
