@@ -157,12 +157,8 @@ class TriageService:
     @asynccontextmanager
     async def running(self) -> AsyncIterator[TriageService]:
         """Run in the current event loop (tests, demo): resources, then consume."""
-        async with self.resources():
-            await self.app.start()
-            try:
-                yield self
-            finally:
-                await self.app.stop()
+        async with consuming(self.resources(), self.app):
+            yield self
 
     # ---- the hot path --------------------------------------------------------------------
     async def _handle_batch(self, msg: KafkaMessage) -> None:
@@ -297,6 +293,18 @@ class TriageService:
             if self._dead is not None:
                 return
             await asyncio.sleep(1.0)
+
+
+@asynccontextmanager
+async def consuming(resources: Any, app: FastStream) -> AsyncIterator[None]:
+    """Enter `resources` (an async context manager), then start the app's subscribers in the
+    current event loop; stop them before the resources close."""
+    async with resources:
+        await app.start()
+        try:
+            yield
+        finally:
+            await app.stop()
 
 
 def _engine_dead(exc: BaseException | None) -> bool:
