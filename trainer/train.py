@@ -67,7 +67,7 @@ class TrainArgs:
     log_version: int | None = field(default=None, metadata={"help": "default: current"})
     train_tsv: str = field(default="", metadata={"help": "labelled TSV instead of the log"})
     max_examples: int = field(default=0, metadata={"help": "0 = all training rows"})
-    entity_empty_ratio: float = field(default=0.5, metadata={
+    entity_empty_ratio: float = field(default=1.0, metadata={
         "help": "entities field: train on every row with an entity and this many `[]` rows per "
                 "such row (the rest train their other fields only); < 0 = all rows"})
     val_fraction: float = field(default=0.05, metadata={"help": "content-hash split"})
@@ -75,6 +75,9 @@ class TrainArgs:
         "help": "log rows: share of bootstrap rows held out for calibration (never trained on)"})
     rows_manifest: str = field(default="", metadata={
         "help": "write the content hashes of every row trained or validated on here"})
+    entity_loss: str = field(default="sum", metadata={
+        "help": "entities field: 'sum' of the answer's token losses (the few tokens that decide "
+                "an entity weigh as much as a categorical code each) or 'mean' per example"})
     lora_layers: int = field(default=4, metadata={"help": "LoRA on the top K layers; 0 = all"})
     lora_r: int = 16
     lora_alpha: int = 32
@@ -103,7 +106,7 @@ class TrainArgs:
 
 
 # --- the loss ---------------------------------------------------------------------------------
-def code_loss(inner, head_rows, code_ids, hidden, lengths, batch):
+def code_loss(inner, head_rows, code_ids, hidden, lengths, batch, entity_loss: str = "sum"):
     """Cross-entropy over each field's code tokens at the last real position, and for the
     entities field the mean next-token cross-entropy over the answer's JSON tokens (full
     vocabulary: a span can be any text): (sum over examples, n correct)."""
@@ -127,8 +130,12 @@ def code_loss(inner, head_rows, code_ids, hidden, lengths, batch):
         token_loss = F.cross_entropy(logits, targets, reduction="none")
         right = logits.argmax(-1) == targets
         start = 0
-        for _, e in answers:  # each example weighs one, like a categorical field
-            loss = loss + token_loss[start : start + e.answer_len].mean()
+        for _, e in answers:
+            # "sum": the syntax tokens are learnt at once and cost ~0 after; what is left are
+            # the decisions (one more entity?, its type, its span), each weighing one like a
+            # code. "mean" divided them by the answer's length (~12 tokens per entity).
+            part = token_loss[start : start + e.answer_len]
+            loss = loss + (part.sum() if entity_loss == "sum" else part.mean())
             correct += int(right[start : start + e.answer_len].all())
             start += e.answer_len
     return loss, correct
@@ -248,7 +255,8 @@ def main(args: TrainArgs) -> dict:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             hidden, lengths = batch_hidden(inner, cut, states, train, idx, pad_id, device)
             hidden = run_layers(inner, inner.layers[cut:], hidden)
-        loss, right = code_loss(inner, head_rows, code_ids, hidden.float(), lengths, [train[i] for i in idx])
+        loss, right = code_loss(inner, head_rows, code_ids, hidden.float(), lengths, [train[i] for i in idx],
+                                args.entity_loss)
         (loss / len(idx)).backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         opt.step()
@@ -260,7 +268,7 @@ def main(args: TrainArgs) -> dict:
     t_train = time.monotonic()
     budget = max(1.0, (deadline - t_train) * 0.9 - 30)  # leave time to evaluate and save
     rng.shuffle(train_order := list(range(len(train))))
-    prefix_minutes, cache = 0.0, None
+    prefix_minutes, prefix_computed, cache = 0.0, 0, None
     if states is not None and args.prefix_cache:
         cache = reuse.PrefixCache(args.prefix_cache, args.base_model, cut, f"{dtype_name}-bf16autocast={autocast}")
         print(f"frozen-layer cache: {cache.fill(train, states)} of {len(train)} examples")
@@ -272,8 +280,9 @@ def main(args: TrainArgs) -> dict:
         prefix_budget = args.prefix_share * budget
         # Several fields: a row's prompts share the ticket's prefix; run it once (trainer/packing.py).
         packed = len(task.fields) > 1
-        batches = (packing.row_batches(train, train_order, 64, random.Random(args.seed)) if packed else
-                   buckets([train[i] for i in train_order], 64, random.Random(args.seed)))
+        pending = [i for i in train_order if states[i] is None]  # the prefix cache filled the rest
+        batches = (packing.row_batches(train, pending, 64, random.Random(args.seed)) if packed else
+                   buckets([train[i] for i in pending], 64, random.Random(args.seed)))
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             for idx in tqdm(batches, desc="frozen layers", unit="batch"):
                 if time.monotonic() - t_prefix > prefix_budget:
@@ -284,8 +293,9 @@ def main(args: TrainArgs) -> dict:
                         for i, state in zip(group, got):
                             states[i] = state
                 else:
-                    batch_hidden(inner, cut, states, train, [train_order[i] for i in idx], pad_id, device)
+                    batch_hidden(inner, cut, states, train, [pending[i] for i in idx], pad_id, device)
         train_order = [i for i in train_order if states[i] is not None]
+        prefix_computed = sum(states[i] is not None for i in pending)
         prefix_minutes = (time.monotonic() - t_prefix) / 60
         print(f"frozen pass: {len(train_order)} of {len(train)} examples in {prefix_minutes:.1f} min")
         budget, t_train = budget - (time.monotonic() - t_train), time.monotonic()  # the rest: LoRA steps
@@ -329,7 +339,7 @@ def main(args: TrainArgs) -> dict:
         "curve": curve,
         "train_loss_ema": ema_loss, "train_acc_ema": ema_acc,
         "train_minutes": round(train_minutes, 2), "cpu_bf16_autocast": autocast,
-        "prefix_minutes": round(prefix_minutes, 2),
+        "prefix_minutes": round(prefix_minutes, 2), "prefix_computed": prefix_computed,
         "prefix_cache_hits": cache.hits if cache is not None else None,
         "warm_start": warm,
         "total_minutes": round((time.monotonic() - t0) / 60, 2),

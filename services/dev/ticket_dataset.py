@@ -124,7 +124,9 @@ _DEMONYMS = _words(
     "American|Americans|Australian|Austrian|Belgian|Brazilian|British|Canadian|Chinese|Danish|Dutch|"
     "English|European|Finnish|French|German|Greek|Indian|Irish|Italian|Japanese|Mexican|Norwegian|"
     "Polish|Portuguese|Russian|Scottish|Spanish|Swedish|Swiss|Turkish|Welsh")
-_COUNTRY = re.compile(rf"\b(?:(?i:{_COUNTRY_NAMES})|{_COUNTRY_CASED}|{_DEMONYMS})(?![\w.])")
+# Not followed by a letter or ".letter" ("U.S" inside "U.S.A"), but a full stop may end the
+# sentence: "I live in the EU." names the EU (it was missed before, so the gold disagreed with itself).
+_COUNTRY = re.compile(rf"\b(?:(?i:{_COUNTRY_NAMES})|{_COUNTRY_CASED}|{_DEMONYMS})(?!\w|\.\w)")
 
 # ---- card_brand: card networks only, any case ("visa" in a bank ticket is the card). Apple Pay
 # and Google Pay are wallets, not brands, and are not extracted.
@@ -139,7 +141,7 @@ _CARD_BRAND = re.compile(
 _WEEKDAY = "monday|tuesday|wednesday|thursday|friday|saturday|sunday"
 _MONTH = "january|february|march|april|june|july|august|september|october|november|december"
 _DAY = r"\d{1,2}(?:st|nd|rd|th)?"
-_COUNT = r"\d+|an?|one|two|three|four|five|six|seven|eight|nine|ten|a\s+few|a\s+couple\s+of|few|several"
+_COUNT = r"\d+|an?|one|two|three|four|five|six|seven|eight|nine|ten|a\s+few|a\s+couple(?:\s+of)?|few|several"
 _DATE = re.compile(
     rf"\b(?i:(?:last|this|next|past)\s+(?:{_WEEKDAY}|week|month|year|night|weekend)"
     rf"|(?:{_WEEKDAY})|today|yesterday|tomorrow|tonight|this\s+(?:morning|afternoon|evening)"

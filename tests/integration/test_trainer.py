@@ -176,3 +176,18 @@ def test_next_cycle_warm_starts_and_reuses_the_frozen_pass(tmp_path, tiny_adapte
     mismatched = main(TrainArgs(out_dir=str(tmp_path / "three"), max_steps=1, init_adapter=str(tiny_adapter),
                                 **{**common, "lora_r": 4, "lora_alpha": 8}))["meta"]["train_metrics"]
     assert mismatched["warm_start"] == {"from": str(tiny_adapter), "used": False, "why": "different LoRA shape"}
+
+
+def test_the_frozen_pass_computes_only_what_the_cache_lacks(tmp_path, small_sets, student_model_path):
+    """A nightly cycle on yesterday's rows runs no frozen layer again: the pass covers only the
+    examples the prefix cache does not hold."""
+    from trainer.train import TrainArgs, main
+
+    common = dict(base_model=str(student_model_path), train_tsv=str(small_sets["train"]), val_fraction=0.1,
+                  lora_layers=2, lora_r=8, lora_alpha=16, batch_size=8, max_minutes=5, epochs=1.0,
+                  prefix_cache=str(tmp_path / "cache"))
+    first = main(TrainArgs(out_dir=str(tmp_path / "one"), **common))["meta"]["train_metrics"]
+    assert first["prefix_cache_hits"] == 0 and first["prefix_computed"] == first["examples_used"] > 0
+    second = main(TrainArgs(out_dir=str(tmp_path / "two"), **common))["meta"]["train_metrics"]
+    assert second["prefix_cache_hits"] == first["examples_used"] and second["prefix_computed"] == 0
+    assert second["examples_used"] == first["examples_used"]

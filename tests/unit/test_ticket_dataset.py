@@ -52,6 +52,11 @@ def E(kind: str, text: str) -> dict[str, str]:
      [E("country", "Spain"), E("country", "UK"), E("country", "US"), E("country", "France"),
       E("country", "EU")]),
     ("Do you give us cards in the USA?", [E("country", "USA")]),  # "us" is a pronoun
+    # a full stop ends the name; a letter after it continues an abbreviation
+    ("I live in the EU. I was in Spain. Card from the U.S.A. works", [E("country", "EU"), E("country", "Spain"),
+                                                                       E("country", "U.S.A.")]),
+    ("I ordered it a couple weeks ago, and a couple of days ago.",
+     [E("date", "a couple weeks ago"), E("date", "a couple of days ago")]),
     ("Is it a visa or a Mastercard? I only have American Express and Amex, not Apple Pay.",
      [E("card_brand", "visa"), E("card_brand", "Mastercard"), E("card_brand", "American Express"),
       E("card_brand", "Amex")]),
