@@ -97,6 +97,9 @@ def configure_logging(level: str = "INFO", fmt: str = "auto", *, verbose: bool =
         warnings.filterwarnings("ignore")
         os.environ.setdefault("PYTHONWARNINGS", "ignore")  # vLLM's engine processes too
         os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+        # torch's Python loggers in vLLM's worker process ("Triton not available" on CPU):
+        # only the environment reaches that process. "-all" = ERROR for every torch logger.
+        os.environ.setdefault("TORCH_LOGS", "-all")
     use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if use_json else TextFormatter())

@@ -77,7 +77,8 @@ class TrainArgs:
         "help": "write the content hashes of every row trained or validated on here"})
     entity_loss: str = field(default="sum", metadata={
         "help": "entities field: 'sum' of the answer's token losses (the few tokens that decide "
-                "an entity weigh as much as a categorical code each) or 'mean' per example"})
+                "an entity weigh as much as a categorical code each) or 'mean' per example",
+        "choices": ["sum", "mean"]})
     lora_layers: int = field(default=4, metadata={"help": "LoRA on the top K layers; 0 = all"})
     lora_r: int = 16
     lora_alpha: int = 32
@@ -108,8 +109,11 @@ class TrainArgs:
 # --- the loss ---------------------------------------------------------------------------------
 def code_loss(inner, head_rows, code_ids, hidden, lengths, batch, entity_loss: str = "sum"):
     """Cross-entropy over each field's code tokens at the last real position, and for the
-    entities field the mean next-token cross-entropy over the answer's JSON tokens (full
-    vocabulary: a span can be any text): (sum over examples, n correct)."""
+    entities field the next-token cross-entropy over the answer's JSON tokens (full vocabulary:
+    a span can be any text), summed or averaged per answer by `entity_loss`:
+    (sum over examples, n correct)."""
+    if entity_loss not in ("sum", "mean"):
+        raise ValueError(f"entity_loss must be 'sum' or 'mean', not {entity_loss!r}")
     last = inner.norm(hidden[torch.arange(len(batch)), lengths - 1])
     loss, correct = hidden.new_zeros(()), 0
     for name, ids in code_ids.items():

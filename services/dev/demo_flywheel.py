@@ -26,8 +26,9 @@ async def flywheel(
     pipeline, worker = service.pipeline, service.worker
     train_texts = data.train_texts
     texts = sample_texts(train_texts, options.bootstrap, seed=0)
-    say(f"bootstrap: the teacher labels a random sample of {len(texts)} of the {len(train_texts)} "
-        f"historical ({data.name} train) tickets into the training log")
+    sample = (f"all {len(texts)}" if len(texts) == len(train_texts) else
+              f"a random sample of {len(texts)} of the {len(train_texts)}")
+    say(f"bootstrap: the teacher labels {sample} historical ({data.name} train) tickets into the training log")
     boot = await run_bootstrap(teacher=worker.teacher, log=worker.training_log, texts=texts,
                                concurrency=16, progress=sys.stderr.isatty())
     # off the event loop: the service shares it, and reading the log is a scan

@@ -1,5 +1,6 @@
 """The entities field's loss: every decision in the answer weighs like a categorical code."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -33,3 +34,9 @@ def test_sum_counts_every_answer_token_and_mean_divides_by_the_answer():
     per_example, _ = code_loss(Inner(), head, codes, hidden, lengths, batch, "mean")
     assert torch.allclose(per_example, cat_loss + token_losses.mean())
     assert total > per_example  # four tokens, each a full unit of loss under "sum"
+
+
+def test_an_unknown_reduction_is_refused_not_treated_as_mean():
+    head, codes, hidden, lengths, batch = _case()
+    with pytest.raises(ValueError, match="entity_loss"):
+        code_loss(Inner(), head, codes, hidden, lengths, batch, "avg")
