@@ -77,6 +77,23 @@ def span_in_text(span: str, text: str) -> bool:
     return bool(needle) and needle in normalise_whitespace(text)
 
 
+def span_as_written(span: str, text: str) -> str | None:
+    """The ticket's own spelling of `span` (whitespace-normalised): the span itself when it
+    occurs as is, else its first case-insensitive occurrence ("Last night" for "last night"),
+    else None. The student writes a span from its vocabulary, so its capitalisation can differ
+    from the ticket's; the published span is always the ticket's text."""
+    needle, hay = normalise_whitespace(span), normalise_whitespace(text)
+    if not needle:
+        return None
+    if needle in hay:
+        return needle
+    at = hay.casefold().find(needle.casefold())
+    # casefold can change lengths ("ß" -> "ss"): only a same-length fold maps back to the text
+    if at < 0 or len(hay.casefold()) != len(hay) or len(needle.casefold()) != len(needle):
+        return None
+    return hay[at : at + len(needle)]
+
+
 def entity_problem(spec: EntityFieldSpec, item: Any, text: str) -> str | None:
     """Why one entity is invalid (a reason of ANSWER_REASONS), or None."""
     if not isinstance(item, Mapping) or set(item) != {"type", "text"} or not all(
@@ -89,16 +106,23 @@ def entity_problem(spec: EntityFieldSpec, item: Any, text: str) -> str | None:
     return None
 
 
-def keep_valid_entities(spec: EntityFieldSpec, items: Iterable[Any], text: str) -> tuple[list[Entity], Counter[str]]:
-    """The student's entities: invalid ones dropped and counted by reason, duplicates dropped."""
+def keep_valid_entities(spec: EntityFieldSpec, items: Iterable[Any], text: str, *,
+                        fold_case: bool = False) -> tuple[list[Entity], Counter[str]]:
+    """The student's entities: invalid ones dropped and counted by reason, duplicates dropped.
+    `fold_case`: a span that occurs in the ticket up to case is kept in the ticket's spelling
+    (`span_as_written`). The teacher's answers are checked strictly (`check_entities`)."""
     kept: list[Entity] = []
     dropped: Counter[str] = Counter()
     for item in items:
         problem = entity_problem(spec, item, text)
+        written = None
+        if problem == "span_not_in_text" and fold_case:
+            written = span_as_written(item["text"], text)
+            problem = None if written is not None else problem
         if problem is not None:
             dropped[problem] += 1
             continue
-        entity = Entity(type=item["type"], text=normalise_whitespace(item["text"]))
+        entity = Entity(type=item["type"], text=written or normalise_whitespace(item["text"]))
         if entity not in kept:
             kept.append(entity)
     if len(kept) > spec.max_entities:

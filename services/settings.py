@@ -6,6 +6,7 @@ Inner components take explicit arguments; only the CLI / app factory reads Setti
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -99,6 +100,13 @@ class Settings(BaseSettings):
     # Cores vLLM-CPU keeps for its scheduler (VLLM_CPU_NUM_OF_RESERVED_CPU if unset); None:
     # 0 on machines with <= 4 cores (the model gets both of a laptop's/CI's 2), else vLLM's 1.
     cpu_reserved_cores: int | None = Field(default=None, ge=0)
+    # How the student writes entity spans. "free": any text under the JSON schema, then checked
+    # against the ticket (case repaired; a span not in it is dropped and the field escalates).
+    # "ticket": a grammar per ticket enumerating its word runs, so every span occurs by
+    # construction, but a span the model did not mean is cut to a prefix that occurs ("a" for
+    # an imagined "a few days ago"): measured on the example task, entity precision 0.85
+    # ("ticket") vs 0.99 ("free") on the same adapter (README).
+    entity_span_grammar: Literal["free", "ticket"] = "free"
     seed: int = 0
 
     # --- Adapters ----------------------------------------------------------------------

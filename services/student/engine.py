@@ -102,6 +102,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.85
     cpu_kv_cache_gib: int = 1
     cpu_reserved_cores: int | None = None  # None: 0 on machines with <= 4 cores, else vLLM's
+    entity_span_grammar: str = "free"  # "free" | "ticket" (Settings.entity_span_grammar)
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -257,17 +258,20 @@ class VllmClassifier:
     async def _entities(self, prompt_ids: list[int], text: str, adapter: AdapterRef | None) -> EntityPrediction:
         """The entities field: JSON generated under the field's schema (xgrammar), greedy.
         Confidence = probability of the whole generated list (product over its tokens; the
-        tokens the grammar forces count 1). Spans not in the ticket or of an undeclared type are
-        dropped and counted; unparsable output (cut by max_tokens) is confidence 0."""
+        tokens the grammar forces count 1). Spans not in the ticket (up to case) or of an
+        undeclared type are dropped and counted, and make the confidence 0; unparsable output
+        (cut by max_tokens) is confidence 0 too."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import StructuredOutputsParams
 
         spec = self.task.entity_field
         assert spec is not None
-        # Spans restricted to the ticket's own words (a grammar per ticket); a very long ticket
-        # gets the generic grammar, its spans checked after decoding.
-        spans = span_candidates(text, spec.max_span_chars)
+        # "ticket": spans restricted to the ticket's own word runs (a grammar per ticket; a very
+        # long ticket gets the generic one). "free": the generic grammar; either way the spans
+        # are checked after decoding (parse_entity_output).
+        spans = (span_candidates(text, spec.max_span_chars)
+                 if self.config.entity_span_grammar == "ticket" else None)
         params = SamplingParams(
             max_tokens=entity_max_tokens(spec), temperature=0.0, logprobs=0,
             structured_outputs=StructuredOutputsParams(json=entity_list_schema(spec, spans)),

@@ -64,6 +64,8 @@ def parse_entity_output(spec: Any, completion: Any, text: str) -> EntityPredicti
             raise ValueError("not a list")
     except ValueError:
         return EntityPrediction(entities=[], confidence=0.0, dropped={"malformed_json": 1})
-    kept, dropped = keep_valid_entities(spec, items, text)
-    confidence = min(1.0, max(0.0, math.exp(total))) if completion.logprobs else 0.0
+    kept, dropped = keep_valid_entities(spec, items, text, fold_case=True)
+    # A dropped span means the list published is not the one the student meant: it has no
+    # confidence, so the field escalates (the calibrated threshold never certifies 0).
+    confidence = min(1.0, max(0.0, math.exp(total))) if completion.logprobs and not dropped else 0.0
     return EntityPrediction(entities=kept, confidence=confidence, dropped=dict(dropped))

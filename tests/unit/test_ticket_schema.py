@@ -2,12 +2,14 @@
 
 import asyncio
 import json
+import math
 
 import pytest
 from pydantic import ValidationError
 
 from schemas.answer import (
-    AnswerError, answers_agree, check_answer, entity_json, keep_valid_entities, valid_fields,
+    AnswerError, answers_agree, check_answer, check_entities, entity_json, keep_valid_entities,
+    valid_fields,
 )
 from schemas.classification import Classification, EntityPrediction, FieldPrediction, Route
 from schemas.escalation import Escalation
@@ -91,6 +93,32 @@ def test_student_spans_not_in_the_text_are_dropped_and_counted():
     assert dropped == {"span_not_in_text": 1, "unknown_entity_type": 1}
     assert entity_json(kept) == '[{"type":"amount","text":"200 euros"},{"type":"country","text":"Spain"}]'
 
+
+def test_the_student_span_is_kept_in_the_tickets_spelling_when_only_case_differs():
+    items = [{"type": "country", "text": "spain"}, {"type": "amount", "text": "200 EUROS"},
+             {"type": "country", "text": "Narnia"}]
+    kept, dropped = keep_valid_entities(TASK.entity_field, items, TEXT, fold_case=True)
+    assert kept == [Entity(type="country", text="Spain"), Entity(type="amount", text="200 euros")]
+    assert dropped == {"span_not_in_text": 1}
+    # strict unless asked: the teacher's answers and the default stay case-sensitive
+    assert keep_valid_entities(TASK.entity_field, items, TEXT)[1] == {"span_not_in_text": 3}
+    with pytest.raises(AnswerError, match="span_not_in_text"):
+        check_entities(TASK.entity_field, items[:1], TEXT)
+
+
+def test_a_dropped_student_span_leaves_the_entities_without_confidence():
+    from types import SimpleNamespace
+
+    from services.student.outputs import parse_entity_output
+
+    def completion(text):  # two generated tokens at probability 0.9 each
+        return SimpleNamespace(text=text, token_ids=[1, 2], logprobs=[{1: math.log(0.9)}, {2: math.log(0.9)}])
+
+    kept = parse_entity_output(TASK.entity_field, completion('[{"type":"country","text":"spain"}]'), TEXT)
+    assert kept.entities == [Entity(type="country", text="Spain")] and kept.confidence == pytest.approx(0.81)
+    imagined = parse_entity_output(TASK.entity_field, completion('[{"type":"country","text":"Narnia"}]'), TEXT)
+    assert imagined.entities == [] and imagined.dropped == {"span_not_in_text": 1}
+    assert imagined.confidence == 0.0  # "[]" published, but not what the student meant: escalate
 
 def test_stored_answers_keep_only_fields_valid_today():
     labels = {"category": "topic_2", "priority": "gone_label", "entities": [{"type": "country", "text": "Spain"}]}
