@@ -107,8 +107,12 @@ def choose_threshold(
     order = np.argsort(-conf, kind="stable")
     conf_sorted, errors_cum = conf[order], np.cumsum(~ok[order])
     best: tuple[float, int, int] | None = None
+    # Confidence 0 marks an answer the student could not give (a span it could not copy, output
+    # cut by the token budget): never certified, however accurate the rest is, so the walk
+    # stops at the lowest positive confidence and threshold 0 is never chosen.
+    usable = int((conf > 0).sum())
     k, step = walk_start(epsilon, delta), max(1, int(n * GRID_SHARE))
-    while k <= n:
+    while k <= usable:
         # Accept everything with confidence >= the k-th highest (ties are accepted together).
         t = conf_sorted[k - 1]
         k_all = int(np.searchsorted(-conf_sorted, -t, side="right"))
@@ -116,9 +120,9 @@ def choose_threshold(
         if clopper_pearson_upper(errors, k_all, delta) > epsilon:
             break
         best = (float(t), k_all, errors)
-        if k_all >= n:
+        if k_all >= usable:
             break
-        k = min(n, max(k_all + 1, k + step))  # the grid's last point is "accept everything"
+        k = min(usable, max(k_all + 1, k + step))  # the grid's last point: every positive one
     method = "clopper-pearson fixed-sequence (confidence-ordered, 2% grid from 3 errors), one-sided"
     if best is None:
         return ThresholdChoice(1.0, epsilon, delta, method, False, n, 0, 0, 0.0, 1.0, 1.0)

@@ -98,8 +98,10 @@ class StreamReport:
             per_field += (f"\n  {name}: published {f['published_accuracy']:.1%} right, student alone "
                           f"{f['student_accuracy']:.1%}")
             if "published_f1" in f:
-                per_field += (f"; entity F1 published {f['published_f1']:.3f}, student {f['student_f1']:.3f} "
-                              f"(precision {f['student_precision']:.3f}, recall {f['student_recall']:.3f})")
+                detail = (f"precision {f['student_precision']:.3f}, recall {f['student_recall']:.3f}"
+                          if f.get("student_entities", 1) else "it extracted none")
+                per_field += (f"; entity F1 published {f['published_f1']:.3f}, student "
+                              f"{f['student_f1']:.3f} ({detail})")
         return (
             f"  {d['tickets_in']} in: {d['results']} answered + {d['dead_lettered']} dead-lettered "
             f"(all accounted for: {'yes' if d['accounted_for'] else 'NO'}); "
@@ -257,6 +259,7 @@ class FieldTally:
                 out[name][f"{who}_f1"] = round(prf["f1"], 4)
                 out[name][f"{who}_precision"] = round(prf["precision"], 4)
                 out[name][f"{who}_recall"] = round(prf["recall"], 4)
+                out[name][f"{who}_entities"] = prf["predicted_entities"]
         return out
 
 

@@ -79,6 +79,15 @@ def test_perfect_model_accepts_everything():
     assert choice.feasible and choice.coverage == 1.0 and choice.threshold == 0.5
 
 
+def test_confidence_zero_is_never_certified_even_when_right():
+    # 20 answers at confidence 0 (spans the student could not copy), all of them right: a
+    # threshold of 0 would certify them; the walk stops at the lowest positive confidence
+    conf = np.concatenate([np.linspace(0.5, 1, 400), np.zeros(20)])
+    choice = cal.choose_threshold(conf, np.ones(420, bool), 0.03)
+    assert choice.feasible and choice.threshold == 0.5 and choice.accepted == 400
+    assert cal.apply_threshold(conf, np.ones(420, bool), choice.threshold)["coverage"] == pytest.approx(400 / 420)
+    assert not cal.choose_threshold(np.zeros(200), np.ones(200, bool), 0.03).feasible
+
 def test_ties_are_accepted_together():
     conf = np.array([0.9] * 300 + [0.5] * 10)
     correct = np.array([True] * 300 + [False] * 10)
