@@ -27,16 +27,20 @@ def settings(**overrides):
 
 # ---- product commands ---------------------------------------------------------------------
 def cmd_model(args: argparse.Namespace) -> int:
-    from services.student.model_store import ensure_student_model
+    from services.student.model_store import ModelPathError, ensure_student_model
 
-    print(ensure_student_model(settings().model_path))
+    try:
+        print(ensure_student_model(settings().model_path))
+    except ModelPathError as exc:
+        print(f"triage model: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from services.stream.app import TriageService
     from services.stream.kafka_io import all_topics, ensure_topics
-    from services.student.model_store import ensure_student_model
+    from services.student.model_store import ModelPathError, ensure_student_model
 
     s = settings(role=args.role)
     if s.embedded_broker:
@@ -44,7 +48,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
               "(for a local broker: `triage broker` in another terminal)", file=sys.stderr)
         return 2
     if s.role != "teacher":  # the teacher worker needs no model
-        ensure_student_model(s.model_path)
+        try:
+            ensure_student_model(s.model_path)
+        except ModelPathError as exc:
+            print(f"triage serve: {exc}", file=sys.stderr)
+            return 2
     if s.deployment_path is not None:  # several tasks, one engine
         from services.deployment import Deployment
         from services.stream.swarm import SwarmService, all_task_topics

@@ -71,7 +71,8 @@ class Settings(BaseSettings):
     batch_max_attempts: int = Field(default=8, ge=1)
 
     # --- Student engine (vLLM) ----------------------------------------------------------
-    # HF model folder of the student. Default: SmolLM2-135M converted from the packaged GGUF.
+    # HF model folder of the student. Default: SmolLM2-135M converted from the packaged GGUF
+    # (only that default folder is ever written; another path must already hold a model).
     model_path: Path = Field(default_factory=default_model_dir)
     # Task definition (fields, labels, instructions, teacher few-shot examples).
     task_path: Path = Field(default_factory=default_task_path)

@@ -387,6 +387,26 @@ def test_dockerfile_common_shape(name: str) -> None:
             assert f"!{source}" in (DEPLOY / f"{name}.dockerignore").read_text().replace("/**", "")
 
 
+def _env(ins: list[tuple[str, str]]) -> dict[str, str]:
+    return dict(re.findall(r"\b([A-Z_]+)=(\S+)", " ".join(rest for word, rest in ins if word == "ENV")))
+
+
+@pytest.mark.parametrize("name", ["Dockerfile.cpu", "Dockerfile.gpu"])
+def test_dockerfile_model_is_converted_where_it_is_served(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`RUN triage model` converts only into the default folder (under TRIAGE_CACHE_DIR); the
+    image serves TRIAGE_MODEL_PATH: they must be the same folder, writable by the image's user."""
+    from services.student.model_store import default_model_dir
+
+    ins = _instructions(DEPLOY / name)
+    env = _env(ins)
+    monkeypatch.setenv("TRIAGE_CACHE_DIR", env["TRIAGE_CACHE_DIR"])
+    assert Path(env["TRIAGE_MODEL_PATH"]) == default_model_dir()
+    runs = " ".join(rest for word, rest in ins if word == "RUN")
+    assert re.search(rf"chown -R triage:triage [^&]*{re.escape(str(default_model_dir().parent))}(\s|$)", runs)
+    env_at = next(i for i, (word, rest) in enumerate(ins) if word == "ENV" and "TRIAGE_CACHE_DIR" in rest)
+    assert env_at < ins.index(("RUN", "triage model"))
+
+
 def test_dockerfile_cpu_install_order() -> None:
     ins = _instructions(DEPLOY / "Dockerfile.cpu")
     assert next(rest for word, rest in ins if word == "FROM").startswith("python:3.11-slim")
