@@ -70,24 +70,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return service.exit_code  # non-zero when the replica stopped because it broke
 
 
-def cmd_bootstrap(args: argparse.Namespace) -> int:
-    from contextlib import AsyncExitStack
+NO_TEACHER = ("triage bootstrap: no teacher configured: set TRIAGE_TEACHER_BASE_URL (with "
+              "TRIAGE_TEACHER_MODEL, TRIAGE_TEACHER_API_KEY) to an OpenAI-compatible endpoint; for the "
+              "dev gold-label stand-in run `triage standin` in another terminal, then "
+              "TRIAGE_TEACHER_BASE_URL=http://127.0.0.1:8099/v1")
 
+
+def cmd_bootstrap(args: argparse.Namespace) -> int:
     from services.teacher.bootstrap import bootstrap_from_settings
 
     s = settings()
-    dev = _dev() if args.tsv is None or not s.teacher_base_url else None
-    path = args.tsv or dev.dataset_path(args.split)  # a BANKING77 split: dev convenience
-
-    async def run():
-        async with AsyncExitStack() as stack:
-            ready = s if dev is None else await stack.enter_async_context(dev.standin_teacher(s))
-            return await bootstrap_from_settings(
-                ready, path, limit=args.limit, seed=args.seed, concurrency=args.concurrency,
-                progress=sys.stderr.isatty() and not args.no_progress)
-
+    if not s.teacher_base_url:  # never a stand-in by itself: its labels would be invented ones
+        print(NO_TEACHER, file=sys.stderr)
+        return 2
+    path = args.tsv or _dev().dataset_path(args.split)  # --split: BANKING77 texts, dev only
     try:
-        report = asyncio.run(run())
+        report = asyncio.run(bootstrap_from_settings(
+            s, path, limit=args.limit, seed=args.seed, concurrency=args.concurrency,
+            progress=sys.stderr.isatty() and not args.no_progress))
     except KeyboardInterrupt:
         print("bootstrap interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
@@ -180,9 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="student consumer, teacher worker, or both in one process (default TRIAGE_ROLE, all)")
     p.set_defaults(fn=cmd_serve)
     p = sub.add_parser("bootstrap", help="label historical tickets with the teacher (resumable)")
-    source = p.add_mutually_exclusive_group()
+    source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--tsv", type=Path, help="tickets to label: TSV or JSONL with a 'text' column")
-    source.add_argument("--split", default="train", help="dev only: a BANKING77 split (default train)")
+    source.add_argument("--split", help="dev only: the texts of a BANKING77 split (train, dev, test)")
     p.add_argument("--limit", type=int, default=None,
                    help="label a uniform random sample of N texts (not the first N)")
     p.add_argument("--seed", type=int, default=0, help="the sample's seed (a rerun resumes the same sample)")

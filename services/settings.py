@@ -129,8 +129,9 @@ class Settings(BaseSettings):
     escalation_deadline_s: float = Field(default=30.0, ge=0.0)
 
     # --- Teacher (any OpenAI-compatible endpoint) ---------------------------------------
-    # Empty = no teacher: the teacher worker publishes escalated answers as `unverified` (the
-    # demo and `triage bootstrap` start the gold-label stand-in instead). OPENAI_* work as fallbacks.
+    # Empty = no teacher: the teacher worker publishes escalated answers as `unverified`,
+    # labels nothing, and /readyz says so; `triage bootstrap` refuses. Only the demo and the
+    # tests start the gold-label stand-in (`triage standin`). OPENAI_* work as fallbacks.
     teacher_base_url: str = Field(
         default="", validation_alias=AliasChoices("TRIAGE_TEACHER_BASE_URL", "OPENAI_BASE_URL", "teacher_base_url")
     )

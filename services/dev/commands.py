@@ -9,9 +9,7 @@ import json
 import signal
 import sys
 import time
-from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, AsyncIterator
 
 
 def dataset_path(split: str) -> Path:
@@ -21,20 +19,6 @@ def dataset_path(split: str) -> Path:
     if split not in BANKING77_SPLITS:
         raise SystemExit(f"unknown split {split!r}; expected one of {BANKING77_SPLITS} (or pass --tsv)")
     return banking77_dir() / f"{split}.tsv"
-
-
-@asynccontextmanager
-async def standin_teacher(settings: Any) -> AsyncIterator[Any]:
-    """`settings` with the gold-label stand-in as teacher, when no teacher is configured."""
-    if settings.teacher_base_url:
-        yield settings
-        return
-    from services.dev.standin import run_standin
-
-    async with run_standin() as standin:
-        print(f"no TRIAGE_TEACHER_BASE_URL: using the gold-label teacher STAND-IN at {standin.base_url}",
-              flush=True)
-        yield settings.model_copy(update={"teacher_base_url": standin.base_url})
 
 
 def cmd_broker(args: argparse.Namespace) -> int:

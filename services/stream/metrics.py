@@ -141,6 +141,7 @@ class ServiceMetrics:
         self.batch_retry_streak = gauge(
             "triage_batch_retry_streak", "Consecutive failed attempts of the current batch (0 = healthy).")
         self._ready, self._ready_reason = False, "starting"
+        self._readiness_note = ""  # a standing fact /readyz always tells (no teacher configured)
         # Known label values start at 0 so rate() and dashboards see them from the first scrape.
         for route in ROUTES:
             self.results.labels(route=route)
@@ -250,9 +251,14 @@ class ServiceMetrics:
         self._ready = ready
         self._ready_reason = reason or ("ready" if ready else "not ready")
 
+    def note_readiness(self, note: str) -> None:
+        """A fact /readyz appends to every reason without changing readiness itself."""
+        self._readiness_note = note
+
     def readiness(self) -> tuple[bool, str]:
         """Default readiness callable for `serve_metrics`: follows `set_ready`."""
-        return self._ready, self._ready_reason
+        note = f"; {self._readiness_note}" if self._readiness_note else ""
+        return self._ready, self._ready_reason + note
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

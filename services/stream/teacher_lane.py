@@ -34,6 +34,7 @@ from services.teacher.worker import EscalationResolver, TeacherSlots
 log = logging.getLogger(__name__)
 
 COMMIT_EVERY_S = 0.5
+NO_TEACHER = "none configured — escalations are published unverified and nothing is labelled"
 
 
 class TeacherWorker:
@@ -79,9 +80,9 @@ class TeacherWorker:
 
                 teacher = build_teacher(s, self.task, self.metrics)
                 stack.push_async_callback(teacher.aclose)
-            if teacher is None:
-                log.warning("no teacher configured (TRIAGE_TEACHER_BASE_URL): escalated tickets are "
-                            "published as unverified student answers")
+            if teacher is None:  # legitimate (student only), but never silent: a log line and /readyz
+                log.warning("teacher: %s (set TRIAGE_TEACHER_BASE_URL to ask one)", NO_TEACHER)
+                self.metrics.note_readiness(f"teacher: {NO_TEACHER}")
             self.resolver = EscalationResolver(
                 teacher=teacher, training_log=training_log, publish=self._publish_result,
                 deadline_s=s.escalation_deadline_s,

@@ -100,6 +100,21 @@ def _summary(out: str) -> tuple[int, int, int, int]:
     return tuple(int(x) for x in found[0])
 
 
+def start_standin(env: dict[str, str], args: list[str] | None = None) -> tuple[subprocess.Popen, str]:
+    """`triage standin` on a free port, waited for: (its process, its base URL). Kill its
+    process group when done."""
+    port = _free_port()
+    standin = subprocess.Popen(
+        [str(TRIAGE), "standin", "--port", str(port), *(args or [])],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.monotonic() + 60
+    line = ""
+    while time.monotonic() < deadline and "STAND-IN" not in line:
+        line = standin.stdout.readline()
+    assert "STAND-IN" in line, "the stand-in did not start"
+    return standin, f"http://127.0.0.1:{port}/v1"
+
+
 def test_bootstrap_labels_once_then_resumes(tmp_path, cli_env):
     from schemas.task import TaskSpec, default_task_path
     from services.dev.datasets import load_split
@@ -107,10 +122,18 @@ def test_bootstrap_labels_once_then_resumes(tmp_path, cli_env):
     from services.teacher.training_log import TrainingLog
 
     args = ["bootstrap", "--split", "train", "--limit", "40"]
-    first = check(run_cli(args, cli_env, tmp_path, timeout_s=300))
-    assert "STAND-IN" in first, tail(first)  # no teacher URL: it started the stand-in itself
+    refused = run_cli(args, cli_env, tmp_path, timeout_s=120)  # no teacher: none started for it
+    assert refused.returncode == 2 and "TRIAGE_TEACHER_BASE_URL" in refused.stdout, tail(refused.stdout)
+    assert not (tmp_path / "data" / "training_log.sqlite3").exists()
+    standin, url = start_standin(cli_env)  # the stand-in only where it is named
+    try:
+        env = {**cli_env, "TRIAGE_TEACHER_BASE_URL": url}
+        first = check(run_cli(args, env, tmp_path, timeout_s=300))
+        second = check(run_cli(args, env, tmp_path, timeout_s=300))
+    finally:
+        _kill_group(standin.pid)
+        standin.wait()
     assert _summary(first) == (40, 0, 0, 40)
-    second = check(run_cli(args, cli_env, tmp_path, timeout_s=300))
     assert _summary(second) == (0, 40, 0, 40)
 
     assert "a uniform sample (seed 0) of 40" in first, tail(first)

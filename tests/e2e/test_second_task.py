@@ -14,41 +14,23 @@ import json
 import re
 import signal
 import subprocess
-import time
 import uuid
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.test_cli import TRIAGE, _kill_group, check, run_cli, tail
+from tests.e2e.test_cli import TRIAGE, _kill_group, check, run_cli, start_standin, tail
 
 pytestmark = pytest.mark.e2e
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_standin_env(cli_env: dict, kafka_bootstrap: str, task_path: Path, prefix: str,
                       standin_args: list[str]) -> tuple[subprocess.Popen, dict]:
     """A `triage standin` subprocess (waited for) and the CLI environment for a task with it
     as the teacher, on fresh topics and consumer groups named `prefix-*`."""
-    port = _free_port()
-    standin = subprocess.Popen(
-        [str(TRIAGE), "standin", "--port", str(port), *standin_args],
-        env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    deadline = time.monotonic() + 60
-    line = ""
-    while time.monotonic() < deadline and "STAND-IN" not in line:
-        line = standin.stdout.readline()
-    assert "STAND-IN" in line, "the stand-in did not start"
+    standin, url = start_standin(cli_env, standin_args)
     suffix = uuid.uuid4().hex[:8]
-    env = {**cli_env, "TRIAGE_TASK_PATH": str(task_path),
-           "TRIAGE_TEACHER_BASE_URL": f"http://127.0.0.1:{port}/v1",
+    env = {**cli_env, "TRIAGE_TASK_PATH": str(task_path), "TRIAGE_TEACHER_BASE_URL": url,
            "TRIAGE_BOOTSTRAP_SERVERS": kafka_bootstrap, "TRIAGE_SESSION_TIMEOUT_MS": "3000",
            "TRIAGE_HEARTBEAT_INTERVAL_MS": "500", "TRIAGE_REGISTRY_POLL_S": "1",
            "TRIAGE_TICKETS_TOPIC": f"{prefix}-{suffix}", "TRIAGE_RESULTS_TOPIC": f"{prefix}-results-{suffix}",
