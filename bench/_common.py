@@ -164,7 +164,7 @@ async def service(
     answered by the student, so the figures are the serving path's alone.
     """
     from services.stream.app import TriageService
-    from services.stream.kafka_io import all_topics, ensure_topics
+    from services.stream.kafka_io import create_topics, plan_topics
 
     suffix = uuid.uuid4().hex[:8]
     values: dict[str, Any] = dict(
@@ -188,7 +188,7 @@ async def service(
     )
     values.update(overrides)
     settings = base_settings(**values)
-    await ensure_topics(bootstrap, all_topics(settings), settings.topic_partitions)
+    await create_topics(bootstrap, plan_topics(settings))
     svc = TriageService(settings, classifier=classifier)
     collector = await Collector(bootstrap, settings.results_topic).start()
     try:

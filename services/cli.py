@@ -39,7 +39,7 @@ def cmd_model(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from services.stream.app import TriageService
-    from services.stream.kafka_io import all_topics, ensure_topics
+    from services.stream.kafka_io import create_topics, plan_topics
     from services.student.model_store import ModelPathError, ensure_student_model
 
     s = settings(role=args.role)
@@ -55,16 +55,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
             return 2
     if s.deployment_path is not None:  # several tasks, one engine
         from services.deployment import Deployment
-        from services.stream.swarm import SwarmService, all_task_topics
+        from services.stream.swarm import SwarmService, plan_task_topics
 
         deployment = Deployment.from_file(s.deployment_path)
         if args.create_topics:
-            asyncio.run(ensure_topics(s.bootstrap_servers, all_task_topics(s, deployment), s.topic_partitions))
+            asyncio.run(create_topics(s.bootstrap_servers, plan_task_topics(s, deployment)))
         swarm = SwarmService(s, deployment)
         asyncio.run(swarm.app.run())
         return swarm.exit_code
     if args.create_topics:
-        asyncio.run(ensure_topics(s.bootstrap_servers, all_topics(s), s.topic_partitions))
+        asyncio.run(create_topics(s.bootstrap_servers, plan_topics(s)))
     service = TriageService(s)
     asyncio.run(service.app.run())
     return service.exit_code  # non-zero when the replica stopped because it broke
@@ -175,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("model", help="convert the packaged SmolLM2 GGUF to an HF folder (once)").set_defaults(fn=cmd_model)
     p = sub.add_parser("serve", help="run the service (FastStream consumer + vLLM student)")
-    p.add_argument("--create-topics", action="store_true", help="create missing topics first")
+    p.add_argument("--create-topics", action="store_true",
+                   help="create missing topics first (results compacted, control one partition)")
     p.add_argument("--role", choices=("all", "student", "teacher"), default=None,
                    help="student consumer, teacher worker, or both in one process (default TRIAGE_ROLE, all)")
     p.set_defaults(fn=cmd_serve)

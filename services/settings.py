@@ -50,8 +50,12 @@ class Settings(BaseSettings):
     # arrives; Tansu holds the whole wait, so a hop (tickets -> escalations -> results) could
     # cost 500 ms (the client default) each. Lower = more empty fetches when idle.
     fetch_max_wait_ms: int = Field(default=100, ge=0, le=5_000)
-    # Partitions created for the topics when we create them (embedded broker, demo).
+    # Partitions created for the topics when we create them (`serve --create-topics`, demo);
+    # the control topic always gets one (swap commands stay ordered).
     topic_partitions: int = Field(default=4, ge=1)
+    # Replication factor of topics we create: 1 fits a single broker (dev, compose); production
+    # uses 3 (deploy/k8s/kafka-topics.yaml) so a broker can be lost without losing results.
+    topic_replication: int = Field(default=1, ge=1)
 
     # --- Input validation --------------------------------------------------------------
     # Tickets longer than this (characters) are dead-lettered, not truncated silently.

@@ -87,9 +87,10 @@ def make_settings(kafka_bootstrap, tmp_path, student_model_path):
 
 
 async def create_topics(settings) -> None:
-    from services.stream.kafka_io import all_topics, ensure_topics
+    """The topics as `triage serve --create-topics` makes them (results compacted, control 1 partition)."""
+    from services.stream import kafka_io
 
-    await ensure_topics(settings.bootstrap_servers, all_topics(settings), settings.topic_partitions)
+    await kafka_io.create_topics(settings.bootstrap_servers, kafka_io.plan_topics(settings))
 
 
 def make_lora(model_path, out_dir, seed: int, task=None, threshold: float | None = 0.0, rank: int = 8) -> None:

@@ -46,7 +46,7 @@ async def run_demo(base: Settings, options: DemoOptions) -> dict[str, Any]:
     from services.stream.app import TriageService
     from services.dev.broker import EmbeddedBroker
     from services.dev.demo_data import DATASETS
-    from services.stream.kafka_io import all_topics, ensure_topics
+    from services.stream.kafka_io import create_topics, plan_topics
     from services.student.model_store import ensure_student_model
     from services.dev.standin import load_gold, run_standin
 
@@ -87,7 +87,7 @@ async def run_demo(base: Settings, options: DemoOptions) -> dict[str, Any]:
             "registry_poll_s": 1.0,
             "metrics_port": 0 if base.metrics_port == 9464 else base.metrics_port,
         })
-        await ensure_topics(settings.bootstrap_servers, all_topics(settings), settings.topic_partitions)
+        await create_topics(settings.bootstrap_servers, plan_topics(settings))
         say("starting the service (vLLM engine start takes ~1 min on 2 CPU cores)")
         t0 = time.monotonic()
         service = TriageService(settings)

@@ -8,12 +8,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 if TYPE_CHECKING:
     from services.settings import Settings
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -126,26 +129,85 @@ async def report_lag(consumer: Any, metrics: Any, reported: set[Any]) -> set[Any
 
 def all_topics(settings: Settings) -> list[str]:
     """Every topic a replica reads or writes, in a stable order."""
-    return [settings.tickets_topic, settings.results_topic, settings.dead_letter_topic, settings.control_topic,
-            settings.escalations_topic]
+    return list(plan_topics(settings))
 
 
-async def ensure_topics(bootstrap_servers: str, topics: Iterable[str], partitions: int) -> None:
-    """Create missing topics (idempotent). Real Kafka deployments usually pre-create them."""
+@dataclass(frozen=True)
+class TopicSpec:
+    """How `triage serve --create-topics` creates one topic."""
+
+    partitions: int
+    replication: int = 1
+    config: tuple[tuple[str, str], ...] = ()  # Kafka topic configs (name, value)
+
+
+# The results topic is a changelog keyed by ticket id (the latest record wins: a teacher's
+# correction replaces the unverified answer): compacted, every record kept a day first.
+RESULTS_TOPIC_CONFIG = (("cleanup.policy", "compact"), ("min.compaction.lag.ms", "86400000"))
+# Escalations wait here while the teacher is down: keep a week.
+ESCALATIONS_TOPIC_CONFIG = (("retention.ms", "604800000"),)
+
+
+def plan_topics(settings: Settings) -> dict[str, TopicSpec]:
+    """One task's topics as the docs describe them (deploy/k8s/kafka-topics.yaml): data topics
+    with `topic_partitions`, the results topic compacted, the control topic one partition (swap
+    commands stay ordered, every replica reads all of it), all at `topic_replication`."""
+    n, rf = settings.topic_partitions, settings.topic_replication
+    roles = {
+        settings.tickets_topic: TopicSpec(n, rf),
+        settings.results_topic: TopicSpec(n, rf, RESULTS_TOPIC_CONFIG),
+        settings.dead_letter_topic: TopicSpec(n, rf),
+        settings.control_topic: TopicSpec(1, rf),
+        settings.escalations_topic: TopicSpec(n, rf, ESCALATIONS_TOPIC_CONFIG),
+    }
+    if len(roles) != 5:  # one name for two roles would give a topic two conflicting specs
+        raise ValueError("the tickets, results, dead-letter, control and escalations topics must differ")
+    return roles
+
+
+def merge_plans(plans: Iterable[dict[str, TopicSpec]]) -> dict[str, TopicSpec]:
+    """Several tasks' plans as one; a topic two tasks plan differently is an error."""
+    merged: dict[str, TopicSpec] = {}
+    for plan in plans:
+        for topic, spec in plan.items():
+            if merged.setdefault(topic, spec) != spec:
+                raise ValueError(f"topic {topic!r} is planned twice, differently: {merged[topic]} vs {spec}")
+    return merged
+
+
+async def create_topics(bootstrap_servers: str, plan: dict[str, TopicSpec]) -> list[str]:
+    """Create the plan's missing topics; returns those created. Idempotent: an existing topic
+    is left as it is (a partition count that differs from the plan is logged, not changed:
+    partitions can only be added, and that moves keys)."""
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-    from aiokafka.errors import TopicAlreadyExistsError
+    from aiokafka.errors import TopicAlreadyExistsError, for_code
 
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers)
     await admin.start()
     try:
         existing = set(await admin.list_topics())
-        missing = [t for t in dict.fromkeys(topics) if t not in existing]
+        missing = [t for t in plan if t not in existing]
         if missing:
-            try:
-                await admin.create_topics(
-                    [NewTopic(name=t, num_partitions=partitions, replication_factor=1) for t in missing]
-                )
-            except TopicAlreadyExistsError:
-                pass  # another replica won the race
+            response = await admin.create_topics([
+                NewTopic(name=t, num_partitions=plan[t].partitions, replication_factor=plan[t].replication,
+                         topic_configs=dict(plan[t].config)) for t in missing])
+            # Per-topic errors come back in the response, not as exceptions.
+            for topic, code, *message in response.topic_errors:
+                error = for_code(code)
+                if code and error is not TopicAlreadyExistsError:  # already: another replica won the race
+                    raise RuntimeError(f"creating topic {topic!r} ({plan[topic]}): {error.__name__}"
+                                       f" {message[0] if message and message[0] else ''}".rstrip())
+        present = [t for t in plan if t in existing]
+        for described in await admin.describe_topics(present) if present else []:
+            topic, partitions = described["topic"], len(described["partitions"])
+            if partitions != plan[topic].partitions:
+                log.warning("topic %s exists with %d partitions, planned %d: left as it is", topic,
+                            partitions, plan[topic].partitions)
+        return missing
     finally:
         await admin.close()
+
+
+async def ensure_topics(bootstrap_servers: str, topics: Iterable[str], partitions: int) -> None:
+    """Create missing topics, all alike (tests, benches); the service's topics: `create_topics`."""
+    await create_topics(bootstrap_servers, {t: TopicSpec(partitions) for t in dict.fromkeys(topics)})

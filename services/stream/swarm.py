@@ -27,6 +27,7 @@ from schemas.task import TaskSpec
 from services.deployment import Deployment
 from services.settings import Settings
 from services.stream.app import TriageService, consuming
+from services.stream.kafka_io import TopicSpec, merge_plans, plan_topics
 
 log = logging.getLogger(__name__)
 
@@ -124,11 +125,12 @@ def _adapter_id(service: TriageService) -> str:
     return getattr(adapter, "adapter_id", None) or "base model"
 
 
-def all_task_topics(settings: Settings, deployment: Deployment) -> list[str]:
-    """Every topic of every task (for `--create-topics` and the demo)."""
-    from services.stream.kafka_io import all_topics
+def plan_task_topics(settings: Settings, deployment: Deployment) -> dict[str, TopicSpec]:
+    """Every task's topics as `plan_topics` makes them (each task's results compacted; the
+    control topic, process-wide, one partition), as one plan for `--create-topics`."""
+    return merge_plans(plan_topics(deployment.task_settings(settings, entry.name)) for entry in deployment.tasks)
 
-    topics: list[str] = []
-    for entry in deployment.tasks:
-        topics += all_topics(deployment.task_settings(settings, entry.name))
-    return list(dict.fromkeys(topics))
+
+def all_task_topics(settings: Settings, deployment: Deployment) -> list[str]:
+    """Every topic of every task (the demo, tests)."""
+    return list(plan_task_topics(settings, deployment))

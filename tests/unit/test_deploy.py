@@ -81,6 +81,14 @@ def test_compose_topic_init_creates_every_settings_topic(compose: dict) -> None:
     # The results topic is a changelog (unverified, then the teacher's correction): compacted.
     results_line = next(line for line in script.splitlines() if f"--topic {default('results_topic')}" in line)
     assert "cleanup.policy=compact" in results_line
+    # Every topic as `triage serve --create-topics` plans it: partitions and configs.
+    from services.stream.kafka_io import plan_topics
+
+    for topic, spec in plan_topics(Settings(_env_file=None)).items():
+        line = next(line for line in script.splitlines() if re.search(rf"--topic {re.escape(topic)}( |$)", line))
+        partitions = re.search(r"--partitions (\S+)", line)[1]
+        assert partitions == ('"$$PARTITIONS"' if spec.partitions == default("topic_partitions") else str(spec.partitions))
+        assert re.findall(r"--config (\S+)", line) == [f"{k}={v}" for k, v in spec.config], topic
 
 
 def test_compose_triage_service(compose: dict) -> None:
