@@ -1,7 +1,8 @@
 """What the escalations topic carries: a ticket the teacher should see, with the student's answer.
 
 The student consumer publishes one record per uncertain ticket (`kind="escalation"`) and per
-audited confident ticket (`kind="audit"`), keyed by ticket id, then commits the ticket. The
+confident ticket of the evaluation sample (`kind="audit"`), keyed by ticket id, then commits
+the ticket. The
 teacher worker (services/teacher/worker.py) consumes them in its own consumer group.
 
 `student_result` is the student's answer exactly as it would be published: for an escalation
@@ -38,4 +39,7 @@ class Escalation(BaseModel):
     # A router task's escalation: the ticket as received, forwarded by the teacher worker once
     # the first answer (the teacher's or, past the deadline, the student's) is published.
     ticket: dict[str, Any] | None = None
+    # In the evaluation sample (schemas.training): the teacher's label is logged under this
+    # source and held out, never trained on. Every audit is; an escalation may be.
+    sample: Literal["sample", "sample-cold"] | None = None
     escalated_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))

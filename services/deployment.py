@@ -8,7 +8,7 @@
        "route": {"field": "desk", "to": {"cards": "cards", "payments": "intents"}}},
       {"name": "intents", "task_path": "schemas/tasks/banking77.json"},
       {"name": "cards", "task_path": "schemas/tasks/banking77_tickets.json",
-       "settings": {"audit_rate": 0.1}}
+       "settings": {"eval_share": 0.1}}
     ]}
 
 Each task gets, unless its entry says otherwise, topics `triage.<name>.{tickets,results,
@@ -42,6 +42,10 @@ ENGINE_SETTINGS = frozenset({
 })
 
 
+# Settings renamed since: a deployment file may still use the old name.
+RENAMED_SETTINGS = {"audit_rate": "eval_share"}
+
+
 class RouteSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -70,6 +74,7 @@ class TaskDeployment(BaseModel):
     def _known_settings(cls, value: dict[str, Any]) -> dict[str, Any]:
         from services.settings import Settings
 
+        value = {RENAMED_SETTINGS.get(k, k): v for k, v in value.items()}  # older files keep working
         unknown = sorted(set(value) - set(Settings.model_fields))
         shared = sorted(set(value) & ENGINE_SETTINGS)
         if unknown:

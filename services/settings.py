@@ -12,7 +12,9 @@ from pydantic import AliasChoices, Field, SecretStr, field_validator, model_vali
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from schemas.task import default_task_path
-from schemas.training import DEFAULT_HELDOUT_FRACTION
+from schemas.training import (
+    DEFAULT_COLD_EVAL_SHARE, DEFAULT_COLD_ROWS_UNTIL, DEFAULT_EVAL_SHARE, DEFAULT_HELDOUT_FRACTION,
+)
 from services.student.model_store import default_cache_dir, default_model_dir
 
 
@@ -124,8 +126,16 @@ class Settings(BaseSettings):
     # Escalate when any field's confidence is below this. None = the live adapter's own
     # calibrated threshold (stored with it); uncalibrated (base model) escalates everything.
     confidence_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
-    # Fraction of confident tickets also sent to the teacher to estimate live accuracy.
-    audit_rate: float = Field(default=0.05, ge=0.0, le=1.0)
+    # The evaluation sample: this content-hash share of every consumed ticket, whatever the
+    # student's confidence. An escalated one's teacher label is held out (calibration, gate,
+    # never training); a confident one is also sent to the teacher (an audit: live accuracy).
+    # It grows with traffic from the first ticket and estimates live error without the
+    # easy-ticket bias of auditing confident tickets only. (TRIAGE_AUDIT_RATE: its old name.)
+    eval_share: float = Field(default=DEFAULT_EVAL_SHARE, ge=0.0, le=1.0, validation_alias=AliasChoices(
+        "TRIAGE_EVAL_SHARE", "TRIAGE_AUDIT_RATE", "eval_share", "audit_rate"))
+    # The share while no calibrated adapter is live (cold start): every ticket escalates then,
+    # so the larger sample costs no extra teacher call and the first distil comes sooner.
+    eval_share_cold: float = Field(default=DEFAULT_COLD_EVAL_SHARE, ge=0.0, le=1.0)
     # Seconds from a ticket's arrival until an escalated ticket gets the student's answer as
     # `unverified` if the teacher has not answered; the teacher's answer follows under the same
     # key. 30 s: a frontier call takes 1-3 s, so normally users only ever see the teacher's
@@ -174,9 +184,12 @@ class Settings(BaseSettings):
     data_dir: Path = Field(default_factory=lambda: default_cache_dir() / "data")
 
     # Calibration + promotion gate run on the training log's held-out slice (teacher labels;
-    # schemas.training.is_heldout): this share of bootstrap rows and every audit row, never
-    # trained on. Changing it moves rows between training and held-out: keep it fixed.
+    # schemas.training.is_heldout): this share of bootstrap rows and the evaluation sample,
+    # never trained on. Changing it moves rows between training and held-out: keep it fixed.
     heldout_fraction: float = Field(default=DEFAULT_HELDOUT_FRACTION, gt=0.0, lt=1.0)
+    # Cold-start sample rows (4x the steady share) stay held out until the steady-state sample
+    # holds this many rows; then they train and the slice is uniform over time again.
+    heldout_cold_rows_until: int = Field(default=DEFAULT_COLD_ROWS_UNTIL, ge=0)
     # Optional files (TSV/JSONL with the task's labels) for `triage distill` / `triage eval`:
     # calibration = a curated set used INSTEAD of the held-out slice; report = an extra report
     # (e.g. a gold set), never used for a decision.

@@ -21,7 +21,9 @@ from typing import Any, Iterable, Sequence
 
 from schemas.answer import entity_json, valid_fields
 from schemas.task import TaskSpec
-from schemas.training import DEFAULT_HELDOUT_FRACTION, content_hash, in_hash_share, is_heldout
+from schemas.training import (
+    DEFAULT_COLD_ROWS_UNTIL, DEFAULT_HELDOUT_FRACTION, content_hash, hash_unit, in_hash_share, is_heldout,
+)
 from services.teacher.corpus import read_records
 from services.student.prompting import LabelCodes, PromptStyle, encode_prompt, fit_prompt, render_prompt
 
@@ -153,13 +155,25 @@ def in_validation(text: str, fraction: float) -> bool:
     return in_hash_share(text, "split", fraction)
 
 
-def split_heldout(rows: Iterable[Row], fraction: float = DEFAULT_HELDOUT_FRACTION) -> tuple[list[Row], list[Row]]:
+def split_heldout(rows: Iterable[Row], fraction: float = DEFAULT_HELDOUT_FRACTION,
+                  cold_rows_until: int = DEFAULT_COLD_ROWS_UNTIL) -> tuple[list[Row], list[Row]]:
     """(trainable, held out) by `schemas.training.is_heldout`: bootstrap rows by content hash,
-    every audit row; held-out rows calibrate and gate, they are never trained on."""
+    every evaluation-sample row, and the cold-start sample rows while the steady-state sample
+    holds fewer than `cold_rows_until` rows. Held-out rows calibrate and gate, never train."""
+    rows = list(rows)
+    cold_held = sum(r.source == "sample" for r in rows) < cold_rows_until
     trainable, heldout = [], []
     for row in rows:
-        (heldout if is_heldout(row.text, row.source, fraction) else trainable).append(row)
+        (heldout if is_heldout(row.text, row.source, fraction, cold_held=cold_held) else trainable).append(row)
     return trainable, heldout
+
+
+def uniform_subsample(rows: Sequence[Row], n: int) -> list[Row]:
+    """`n` rows chosen by content hash: a uniform sample that keeps its members as the slice
+    grows (the newest N would be a sample of the last days only)."""
+    if n <= 0 or n >= len(rows):
+        return list(rows)
+    return sorted(rows, key=lambda r: hash_unit(r.text, "eval-limit"))[:n]
 
 
 def data_hash(rows: Iterable[Row]) -> str:
@@ -169,13 +183,13 @@ def data_hash(rows: Iterable[Row]) -> str:
 
 def build(
     rows: Sequence[Row], task: TaskSpec, *, val_fraction: float, data_version: int | None = None,
-    heldout_fraction: float | None = None,
+    heldout_fraction: float | None = None, cold_rows_until: int = DEFAULT_COLD_ROWS_UNTIL,
 ) -> TrainingData:
     """Train/validation rows. `heldout_fraction` (log rows): the held-out slice is removed first."""
     unique = dedup(rows)
     heldout: list[Row] = []
     if heldout_fraction is not None:
-        unique, heldout = split_heldout(unique, heldout_fraction)
+        unique, heldout = split_heldout(unique, heldout_fraction, cold_rows_until)
     usable = valid_rows(unique, task)
     train = [r for r in usable if not in_validation(r.text, val_fraction)]
     validation = [r for r in usable if in_validation(r.text, val_fraction)]

@@ -5,8 +5,9 @@
 
 1. pin the training log's current version (rows appended meanwhile wait for the next cycle)
    and take its held-out slice at that version (`schemas.training.is_heldout`: a content-hash
-   share of bootstrap rows + every audit row, distributed like live traffic, teacher-labelled,
-   never trained on); refuse before training when it is too small to certify epsilon;
+   share of bootstrap rows + the evaluation sample of live traffic, distributed like live
+   traffic, teacher-labelled, never trained on); refuse before training when it is too small
+   to certify epsilon;
 2. train a candidate with `python -m trainer.train` in a subprocess, into a fresh run folder
    outside the registry (a killed or failed run leaves the registry untouched; the child
    also keeps torch's memory and any CUDA context out of the process that starts vLLM); the
@@ -43,10 +44,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from schemas.task import TaskSpec
-from schemas.training import DEFAULT_HELDOUT_FRACTION
+from schemas.training import DEFAULT_COLD_ROWS_UNTIL, DEFAULT_HELDOUT_FRACTION
 from services.student.registry import (
     CONFIG_FILE, AdapterRef, AdapterRegistry, CurrentMoved, read_meta, write_meta,
 )
+from services.student.prompting import trained_for_same_prompt
 from trainer.evaluate import HeldOut, evaluate, fit_lora_rank, min_heldout, summary_line
 from trainer.promote import decide
 
@@ -60,8 +62,9 @@ class DistillConfig:
     work_dir: Path = Path("var/distill")
     calibration_tsv: str = ""  # a curated gate/threshold file instead of the log's held-out slice
     report_tsv: str = ""  # extra report set, e.g. gold (candidate only); "" or "none" skips it
-    eval_limit: int = 0  # held-out rows per evaluation, newest first (0 = all)
+    eval_limit: int = 0  # held-out rows per evaluation, chosen by content hash (0 = all)
     heldout_fraction: float = DEFAULT_HELDOUT_FRACTION  # Settings.heldout_fraction
+    heldout_cold_rows_until: int = DEFAULT_COLD_ROWS_UNTIL  # Settings.heldout_cold_rows_until
     warm_start: bool = True  # start from the live adapter's weights when its shape matches
     score_base: bool = False  # with no adapter live, also score the base model (report only)
     epsilon: float = 0.03  # target error of tickets the student answers
@@ -111,7 +114,8 @@ async def run_distill_async(
     candidate_dir = run_dir / "adapter"
     flags = {"base_model": cfg.model_path, "task_path": cfg.task_path, "log_path": cfg.log_path,
              "log_version": version, "max_minutes": cfg.max_minutes,
-             "heldout_fraction": cfg.heldout_fraction, "rows_manifest": run_dir / "trained_rows.txt",
+             "heldout_fraction": cfg.heldout_fraction, "heldout_cold_rows_until": cfg.heldout_cold_rows_until,
+             "rows_manifest": run_dir / "trained_rows.txt",
              "prefix_cache": Path(cfg.work_dir) / "frozen-cache",  # the next cycle reuses it
              "init_adapter": registry.get(live_at_start).path if cfg.warm_start and live_at_start else None,
              **cfg.train_args}
@@ -122,6 +126,12 @@ async def run_distill_async(
 
     candidate = AdapterRef.from_dir(candidate_dir)
     live = registry.current()
+    if live is not None and not trained_for_same_prompt(live, candidate, task):
+        # A field or label changed since it was trained: the service refuses it and serves
+        # the base model, so it is no benchmark (its codes would be read as today's labels).
+        print(f"live adapter {live.adapter_id} was trained for another version of the task; the "
+              "service does not serve it: gating against no adapter")
+        live = None
     adapters = {"candidate": candidate}
     if live is not None or cfg.score_base:
         adapters["live"] = live
@@ -187,17 +197,19 @@ def load_calibration(cfg: DistillConfig, task: TaskSpec, version: int) -> HeldOu
     if cfg.calibration_tsv:
         calib = HeldOut.from_tsv("calibration", cfg.calibration_tsv, task, cfg.eval_limit)
     else:
-        calib = HeldOut.from_log(cfg.log_path, task, version=version,
-                                 fraction=cfg.heldout_fraction, limit=cfg.eval_limit)
+        calib = HeldOut.from_log(cfg.log_path, task, version=version, fraction=cfg.heldout_fraction,
+                                 limit=cfg.eval_limit, cold_rows_until=cfg.heldout_cold_rows_until)
     need = min_heldout(cfg.epsilon, cfg.delta, len(task.fields))
     if len(calib.rows) < need:
         where = (cfg.calibration_tsv if cfg.calibration_tsv else
                  f"the training log's held-out slice (v{version}: {cfg.heldout_fraction:.0%} of "
-                 f"bootstrap rows + every audit row; sources {calib.sources or 'none'})")
+                 f"bootstrap rows + the evaluation sample of live tickets; sources "
+                 f"{calib.sources or 'none'})")
         raise ValueError(
             f"{len(calib.rows)} held-out rows in {where}; certifying a {cfg.epsilon:.0%} error "
-            f"target needs at least {need} (and ~{10 * need} for useful coverage): label more "
-            f"tickets with `triage bootstrap` or let audits accumulate")
+            f"target needs at least {need} (and ~{10 * need} for useful coverage): keep the "
+            f"service running (its evaluation sample grows with traffic; `triage status` says "
+            f"how far) or label history with `triage bootstrap`")
     return calib
 
 
@@ -224,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="extra report set, e.g. a gold file (default TRIAGE_REPORT_PATH; "
                              "'none' skips); never used for the decision")
     parser.add_argument("--eval-limit", type=int, default=0,
-                        help="held-out rows per evaluation, the newest N (0 = all)")
+                        help="held-out rows per evaluation, N chosen by content hash (0 = all)")
     parser.add_argument("--work-dir", default="var/distill")
     parser.add_argument("--score-base", action="store_true",
                         help="with no adapter live, also score the base model (report only)")
@@ -252,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         calibration_tsv=str(opts.calibration_tsv or settings.calibration_path or ""),
         report_tsv=str(settings.report_path if opts.report_tsv is None else opts.report_tsv),
         eval_limit=opts.eval_limit, heldout_fraction=settings.heldout_fraction,
+        heldout_cold_rows_until=settings.heldout_cold_rows_until,
         warm_start=not opts.cold_start, score_base=opts.score_base,
         epsilon=opts.epsilon, margin=opts.margin, max_minutes=opts.max_minutes,
         train_args=dict(a.split("=", 1) for a in opts.train_arg),

@@ -30,8 +30,10 @@ from typing import Any, Sequence
 
 from schemas.task import TaskSpec
 from trainer import calibration as cal
-from schemas.training import DEFAULT_HELDOUT_FRACTION, content_hash
-from trainer.dataset import Row, data_hash, dedup, read_tsv, rows_from_log, split_heldout, valid_rows
+from schemas.training import DEFAULT_COLD_ROWS_UNTIL, DEFAULT_HELDOUT_FRACTION, content_hash
+from trainer.dataset import (
+    Row, data_hash, dedup, read_tsv, rows_from_log, split_heldout, uniform_subsample, valid_rows,
+)
 from trainer.plots import plot
 from trainer.scoring import accepted_tickets, field_scores, score
 
@@ -64,13 +66,15 @@ class HeldOut:
 
     @classmethod
     def from_log(cls, path: str | Path, task: TaskSpec, *, version: int | None = None,
-                 fraction: float = DEFAULT_HELDOUT_FRACTION, limit: int = 0) -> HeldOut:
+                 fraction: float = DEFAULT_HELDOUT_FRACTION, limit: int = 0,
+                 cold_rows_until: int = DEFAULT_COLD_ROWS_UNTIL) -> HeldOut:
         """The training log's held-out slice (`schemas.training.is_heldout`) up to `version`:
-        teacher labels only, no gold needed. `limit`: the newest N rows (closest to live
-        traffic). Rows whose labels the task no longer has are left out."""
+        teacher labels only, no gold needed. `limit`: N rows chosen by content hash (uniform;
+        the newest N would over-weight the last days). Rows whose labels the task no longer
+        has are left out."""
         rows, version = rows_from_log(path, version)
-        _, heldout = split_heldout(valid_rows(dedup(rows), task), fraction)
-        return cls("heldout", str(path), heldout[-limit:] if limit else heldout, version)
+        _, heldout = split_heldout(dedup(rows), fraction, cold_rows_until)  # the trainer's split
+        return cls("heldout", str(path), uniform_subsample(valid_rows(heldout, task), limit), version)
 
 
 @dataclass(frozen=True)
@@ -353,7 +357,7 @@ def calibration_set(settings: Any, task: TaskSpec, path: str | None, limit: int 
     if path:
         return HeldOut.from_tsv("calibration", path, task, limit)
     return HeldOut.from_log(settings.training_log_path, task, fraction=settings.heldout_fraction,
-                            limit=limit)
+                            limit=limit, cold_rows_until=settings.heldout_cold_rows_until)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -368,7 +372,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--report-tsv", default=None, help="final report set (default "
                         "TRIAGE_REPORT_PATH; 'none' or empty skips it)")
     parser.add_argument("--limit", type=int, default=0, help="N rows of each set (0 = all; "
-                        "the log's held-out slice: the newest N)")
+                        "the log's held-out slice: N chosen by content hash)")
     parser.add_argument("--epsilon", type=float, default=0.03)
     parser.add_argument("--delta", type=float, default=0.05)
     parser.add_argument("--out", default="var/eval")

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from schemas.task import TaskSpec, default_task_path
-from schemas.training import DEFAULT_HELDOUT_FRACTION, content_hash
+from schemas.training import DEFAULT_COLD_ROWS_UNTIL, DEFAULT_HELDOUT_FRACTION, content_hash
 from services.student.prompting import PromptStyle, build_all_codes, prompt_fingerprint
 from services.student.registry import META_FILE
 from trainer import dataset, packing, reuse
@@ -73,6 +73,8 @@ class TrainArgs:
     val_fraction: float = field(default=0.05, metadata={"help": "content-hash split"})
     heldout_fraction: float = field(default=DEFAULT_HELDOUT_FRACTION, metadata={
         "help": "log rows: share of bootstrap rows held out for calibration (never trained on)"})
+    heldout_cold_rows_until: int = field(default=DEFAULT_COLD_ROWS_UNTIL, metadata={
+        "help": "cold-start evaluation-sample rows stay held out until the sample has this many"})
     rows_manifest: str = field(default="", metadata={
         "help": "write the content hashes of every row trained or validated on here"})
     entity_loss: str = field(default="sum", metadata={
@@ -184,7 +186,8 @@ def load_data(args: TrainArgs, task: TaskSpec, codes, tokenizer):
     else:
         raise SystemExit("give --log-path or --train-tsv")
     data = dataset.build(rows, task, val_fraction=args.val_fraction, data_version=version,
-                         heldout_fraction=args.heldout_fraction if args.log_path and not args.train_tsv else None)
+                         heldout_fraction=args.heldout_fraction if args.log_path and not args.train_tsv else None,
+                         cold_rows_until=args.heldout_cold_rows_until)
     if args.max_examples and len(data.train) > args.max_examples:
         data.train = random.Random(args.seed).sample(data.train, args.max_examples)
         data.counts["train"] = len(data.train)

@@ -43,6 +43,7 @@ async def flywheel(
         work_dir=options.workdir / "distill", max_minutes=options.train_minutes,
         report_tsv="none",  # no gold anywhere in the loop: the streamed test tickets are the report
         eval_limit=options.eval_limit, heldout_fraction=settings.heldout_fraction,
+        heldout_cold_rows_until=settings.heldout_cold_rows_until,
     )
     for round_no in range(1, options.rounds + 1):
         config.train_args = {"epochs": options.epochs if round_no == 1 else options.epochs_warm}

@@ -131,7 +131,7 @@ class TriageService:
                     )
                 self.pipeline = TicketPipeline(
                     classifier=classifier,
-                    escalation=EscalationConfig(s.confidence_threshold, s.audit_rate),
+                    escalation=EscalationConfig(s.confidence_threshold, s.eval_share, s.eval_share_cold),
                     metrics=self.metrics,
                     max_message_bytes=s.max_message_bytes,
                     max_text_chars=s.max_text_chars,

@@ -88,7 +88,11 @@ class ServiceMetrics:
         self.escalations = counter(
             "triage_escalations_total", "Tickets escalated to the teacher (low confidence).")
         self.audits = counter(
-            "triage_audits_total", "Confident tickets also sent to the teacher to audit.")
+            "triage_audits_total", "Confident tickets of the evaluation sample also sent to the teacher.")
+        self.eval_sample = counter(
+            "triage_eval_sample_total", "Tickets in the evaluation sample (held out, never trained on), "
+            "by whether the student answered them alone (student) or escalated them (escalated): "
+            "student / all = the live coverage.", ["route"])
         self.escalation_rate = gauge(
             "triage_escalation_rate", "Rolling share of tickets escalated (set by the app).")
         self.audited_accuracy = gauge(
@@ -182,6 +186,9 @@ class ServiceMetrics:
 
     def audited(self, n: int = 1) -> None:
         self.audits.inc(n)
+
+    def sampled(self, route: str) -> None:
+        self.eval_sample.labels(route).inc()
 
     def corrected(self, n: int = 1) -> None:
         self.corrections.inc(n)

@@ -10,6 +10,7 @@ ticket costs this consumer one Kafka record, so confident tickets never wait for
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -20,7 +21,8 @@ from schemas.dead_letter import DeadLetter
 from schemas.escalation import Escalation
 from schemas.ticket import Ticket
 from services.student.engine import LIVE, Classifier, EngineRejection, StudentPrediction
-from services.teacher.escalation import RollingRate, should_audit, unsure_fields
+from schemas.training import eval_sample_source
+from services.teacher.escalation import RollingRate, unsure_fields
 from services.stream.routing import Router, forwarded_result
 from services.stream.validation import Rejection, parse_ticket
 
@@ -29,9 +31,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# An uncalibrated student (base model, or an adapter without a stored threshold) is never
-# trusted on its own: everything escalates until a calibrated adapter is promoted.
-DEFAULT_UNCALIBRATED_THRESHOLD = 1.0
+# An uncalibrated student (base model, or an adapter without a stored threshold, or a field added
+# since calibration) is never trusted on its own: everything escalates until a calibrated
+# adapter is promoted. Infinite, not 1.0: a confidence can be exactly 1.0 (grammar-forced or
+# saturated tokens) and `confidence < 1.0` would let it through.
+DEFAULT_UNCALIBRATED_THRESHOLD = math.inf
 
 
 @dataclass(frozen=True)
@@ -63,14 +67,18 @@ class PipelineStats:
     dead_letter: Counter[str] = field(default_factory=Counter)
     escalations: int = 0
     audits: int = 0
+    sampled: int = 0  # tickets in the evaluation sample (escalated or audited)
     truncated: int = 0
 
 
 @dataclass
 class EscalationConfig:
     threshold_override: float | None = None
-    audit_rate: float = 0.0
-    audit_salt: str = ""
+    # The evaluation sample (schemas.training): a content-hash share of every ticket; the
+    # larger `eval_share_cold` while no calibrated adapter is live (all escalate anyway).
+    # 0 here (no sample); the service passes Settings.eval_share / eval_share_cold.
+    eval_share: float = 0.0
+    eval_share_cold: float = 0.0
 
 
 class TicketPipeline:
@@ -127,12 +135,13 @@ class TicketPipeline:
             if self.metrics:
                 self.metrics.observe_batch(len(valid), engine_s)
             threshold = self.threshold(adapter)
+            cold = self.cold(adapter)
             for (i, ticket), prediction in zip(valid, predictions):
                 if isinstance(prediction, EngineRejection):
                     outcomes[i] = [self.dead_letter(records[i], Rejection(prediction.reason, prediction.detail),
                                                     ticket_id=ticket.id)]
                 else:
-                    outcomes[i] = self._answer(records[i], ticket, prediction, threshold)
+                    outcomes[i] = self._answer(records[i], ticket, prediction, threshold, cold)
         return [o for per_record in outcomes for o in per_record]
 
     def dead_letter(self, record: InboundRecord, rejection: Rejection, *, ticket_id: str | None = None) -> Outcome:
@@ -165,11 +174,21 @@ class TicketPipeline:
             return {"*": DEFAULT_UNCALIBRATED_THRESHOLD, **t} if isinstance(t, dict) else float(t)
         return DEFAULT_UNCALIBRATED_THRESHOLD
 
+    def cold(self, adapter: Any = LIVE) -> bool:
+        """Cold start: no calibrated adapter is live (and no threshold override), so every
+        ticket escalates and sampling more of them for evaluation costs no teacher call."""
+        if self.escalation.threshold_override is not None:
+            return False
+        chosen = self.classifier.live_adapter if adapter is LIVE else adapter
+        return chosen is None or chosen.threshold is None
+
     def _answer(self, record: InboundRecord, ticket: Ticket, pred: StudentPrediction,
-                threshold: float | dict[str, float]) -> list[Outcome]:
+                threshold: float | dict[str, float], cold: bool = False) -> list[Outcome]:
         scores = pred.scores()
         unsure = unsure_fields(scores, threshold)
         escalate = bool(unsure) or not scores
+        text = ticket.full_text(self.inputs)
+        sample = eval_sample_source(text, self.escalation.eval_share, self.escalation.eval_share_cold, cold=cold)
         if pred.entities is not None and self.metrics:
             for reason, n in pred.entities.dropped.items():
                 self.metrics.rejected_answers.labels("student", reason).inc(n)
@@ -179,13 +198,16 @@ class TicketPipeline:
         if pred.truncated:
             self.stats.truncated += 1
         self.escalation_rate.record(escalate)
-        audit = not escalate and should_audit(ticket.id, self.escalation.audit_rate, self.escalation.audit_salt)
+        audit = not escalate and sample is not None  # the sample's confident tickets: an audit
+        self.stats.sampled += sample is not None
         if self.metrics:
             self.metrics.set_escalation_rate(self.escalation_rate.rate())
             if escalate:
                 self.metrics.escalated()
             if audit:
                 self.metrics.audited()
+            if sample is not None:
+                self.metrics.sampled("escalated" if escalate else "student")
         result = Classification(
             ticket_id=ticket.id,
             fields={name: p.label for name, p in pred.fields.items()},
@@ -207,7 +229,7 @@ class TicketPipeline:
         key = ticket.id.encode()
         if escalate:
             self.stats.escalations += 1
-            return [self._escalation(record, ticket, result, "escalation", unsure)]
+            return [self._escalation(record, ticket, result, "escalation", unsure, sample)]
         self.stats.results[Route.student.value] += 1
         # A router's confident answer: its forward goes out with the result, before the commit.
         forward = self.router.plan(self._as_sent(ticket), result) if self.router else None
@@ -220,7 +242,7 @@ class TicketPipeline:
         if not audit:
             return published
         self.stats.audits += 1
-        return [*published, self._escalation(record, ticket, result, "audit")]
+        return [*published, self._escalation(record, ticket, result, "audit", sample=sample)]
 
     @staticmethod
     def _as_sent(ticket: Ticket) -> dict[str, Any]:
@@ -228,13 +250,13 @@ class TicketPipeline:
         return ticket.model_dump(mode="json", exclude_none=True, exclude_defaults=True)
 
     def _escalation(self, record: InboundRecord, ticket: Ticket, result: Classification, kind: str,
-                    unsure: list[str] | None = None) -> Outcome:
+                    unsure: list[str] | None = None, sample: str | None = None) -> Outcome:
         ticket_time_ms = record.timestamp_ms if record.timestamp_ms and record.timestamp_ms > 0 else None
         if ticket_time_ms is None:  # no producer timestamp: from when this batch arrived
             ticket_time_ms = int((self.wall_clock() - (self.clock() - record.received_at)) * 1000)
         request = Escalation(kind=kind, ticket_id=ticket.id, text=ticket.full_text(self.inputs),
                              student_result=result, ticket_time_ms=ticket_time_ms,
-                             unsure_fields=unsure or None,
+                             unsure_fields=unsure or None, sample=sample,
                              ticket=self._as_sent(ticket) if self.router and kind == "escalation" else None)
         return Outcome("escalation", ticket.id.encode(), request.model_dump_json().encode(), record,
                        route=kind, confidence=result.confidence)
@@ -246,6 +268,7 @@ class TicketPipeline:
             "dead_letter": dict(self.stats.dead_letter),
             "escalations": self.stats.escalations,
             "audits": self.stats.audits,
+            "sampled": self.stats.sampled,
             "truncated": self.stats.truncated,
             "threshold": self.threshold(),
         }

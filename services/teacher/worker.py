@@ -12,8 +12,10 @@ latest record wins):
 While the teacher is down the escalation keeps waiting (backoff up to `retry_max_s`): it is
 never dropped, and its offset is not committed until its result is acknowledged.
 
-An audit (`kind="audit"`) publishes nothing: the teacher's answer is logged (source "audit")
-and compared with the confident answer already published (the live accuracy estimate).
+An audit (`kind="audit"`: a confident ticket of the evaluation sample) publishes nothing: the
+teacher's answer is logged (source "sample": held out) and compared with the confident answer
+already published (the live accuracy estimate). A sampled escalation's answer is logged under
+its sample source too, so it calibrates instead of training (schemas/training.py).
 Audits take at most `audit_slots` of the teacher's concurrency and only when no escalation
 waits for a slot, so they never starve escalations.
 
@@ -197,7 +199,7 @@ class EscalationResolver:
                 await self._publish_unverified(request)
             return
         if not answer.logged:
-            await self._log(request, answer, source="live")
+            await self._log(request, answer, source=request.sample or "live")
         student = request.student_result
         result = student.model_copy(update={
             **merge_answer(student, answer.labels), "route": Route.teacher, "model": answer.model,
@@ -245,7 +247,9 @@ class EscalationResolver:
             answer = await self._ask(request.text, "audit")
             if answer is None:
                 return
-            await self._log(request, answer, source="audit")
+            # An audit from before the evaluation sample (no `sample`) was a confident ticket
+            # only: logged as "audit", it trains rather than bias the held-out slice.
+            await self._log(request, answer, source=request.sample or "audit")
         self.stats.audits += 1
         agree = agrees(request.student_result, answer.labels)
         self.audit.record(agree)

@@ -3,12 +3,15 @@ never trained on; distill runs on teacher labels alone (no calibration file)."""
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 
 from schemas.task import TaskSpec, default_task_path
-from schemas.training import TrainingExample, content_hash, is_heldout
+from schemas.training import TrainingExample, content_hash, eval_sample_source, is_heldout
 from services.teacher.training_log import TrainingLog
 from trainer import dataset
+from trainer.dataset import Row
 from trainer.evaluate import HeldOut, min_heldout
 
 TASK = TaskSpec.from_file(default_task_path())
@@ -24,11 +27,35 @@ def test_policy_by_source_and_content_hash():
     texts = [f"my card number {i} is blocked" for i in range(4000)]
     share = sum(is_heldout(t, "bootstrap", 0.2) for t in texts) / len(texts)
     assert 0.17 < share < 0.23  # ~ the fraction, by content hash
-    assert all(is_heldout(t, "audit") for t in texts[:50])  # audits measure, never train
-    assert not any(is_heldout(t, s) for t in texts[:200] for s in ("live", "backlog", ""))  # escalations teach
+    assert all(is_heldout(t, "sample") for t in texts[:50])  # the evaluation sample never trains
+    assert all(is_heldout(t, "sample-cold") for t in texts[:50])
+    assert not any(is_heldout(t, "sample-cold", cold_held=False) for t in texts[:50])
+    # escalations teach; legacy audits (confident tickets only: a biased slice) now teach too
+    assert not any(is_heldout(t, s) for t in texts[:200] for s in ("live", "backlog", "audit", ""))
     # the same text is on the same side whatever its case or spacing (content hash)
     assert [is_heldout(t, "bootstrap") for t in texts[:300]] == \
            [is_heldout("  " + t.upper() + " ", "bootstrap") for t in texts[:300]]
+
+
+def test_the_sample_shares_are_nested_and_cold_only_while_cold():
+    texts = [f"where is my refund {i}" for i in range(20000)]
+    steady = {t for t in texts if eval_sample_source(t, 0.05, 0.2, cold=False)}
+    cold = {t: eval_sample_source(t, 0.05, 0.2, cold=True) for t in texts}
+    assert 0.04 < len(steady) / len(texts) < 0.06
+    assert {t for t, s in cold.items() if s == "sample"} == steady  # a ticket keeps its side
+    assert 0.18 < sum(s is not None for s in cold.values()) / len(texts) < 0.22
+    assert all(eval_sample_source(t, 0.05, 0.2, cold=False) in (None, "sample") for t in texts[:500])
+
+
+def test_cold_start_rows_hold_out_until_the_steady_sample_is_large_enough():
+    cold = [Row(f"cold ticket {i}", {"intent": LABELS[0]}, "sample-cold") for i in range(50)]
+    steady = [Row(f"steady ticket {i}", {"intent": LABELS[0]}, "sample") for i in range(30)]
+    live = [Row(f"live ticket {i}", {"intent": LABELS[0]}, "live") for i in range(20)]
+    train, held = dataset.split_heldout(cold + steady[:29] + live, cold_rows_until=30)
+    assert {r.source for r in held} == {"sample", "sample-cold"} and len(train) == 20
+    train, held = dataset.split_heldout(cold + steady + live, cold_rows_until=30)
+    assert {r.source for r in held} == {"sample"} and len(held) == 30  # uniform over time again
+    assert {r.source for r in train} == {"sample-cold", "live"}  # cold rows now teach
 
 
 def test_training_rows_exclude_the_slice_and_the_slice_is_the_evaluators(tmp_path):
@@ -36,25 +63,31 @@ def test_training_rows_exclude_the_slice_and_the_slice_is_the_evaluators(tmp_pat
     with TrainingLog(log_path) as log:
         log.append([example(i, "bootstrap") for i in range(600)])
         log.append([example(i, "live") for i in range(100)])
-        log.append([example(i, "audit") for i in range(30)])
+        log.append([example(i, "sample") for i in range(30)])
+        log.append([example(i, "audit") for i in range(20)])  # a log from before the sample
         version = log.version()
     rows, v = dataset.rows_from_log(log_path)
-    assert v == version and {r.source for r in rows} == {"bootstrap", "live", "audit"}
+    assert v == version and {r.source for r in rows} == {"bootstrap", "live", "sample", "audit"}
     data = dataset.build(rows, TASK, val_fraction=0.05, data_version=v, heldout_fraction=0.2)
     heldout = HeldOut.from_log(log_path, TASK, fraction=0.2)
     trained = {content_hash(r.text) for r in data.train + data.validation}
     held = {content_hash(r.text) for r in heldout.rows}
     assert held and trained and not trained & held
-    assert len(trained) + len(held) == 730  # nothing lost between the two sides
-    assert heldout.sources["audit"] == 30 and "live" not in heldout.sources
+    assert len(trained) + len(held) == 750  # nothing lost between the two sides
+    assert heldout.sources["sample"] == 30 and not {"live", "audit"} & set(heldout.sources)
     assert data.counts["heldout_excluded"] == len(held)
-    # grows with audits; a pinned version reproduces the old slice; limit keeps the newest
+    # grows with the sample; a pinned version reproduces the old slice
     with TrainingLog(log_path) as log:
-        log.append([example(i, "audit") for i in range(30, 40)])
+        log.append([example(i, "sample") for i in range(30, 40)])
     assert len(HeldOut.from_log(log_path, TASK, fraction=0.2).rows) == len(held) + 10
     assert HeldOut.from_log(log_path, TASK, version=version, fraction=0.2).digest == heldout.digest
-    newest = HeldOut.from_log(log_path, TASK, fraction=0.2, limit=5).rows
-    assert [r.text for r in newest] == [f"ticket audit number {i}" for i in range(35, 40)]
+    # a limit takes a uniform share by content hash, not the newest rows, and keeps its members
+    limited = {r.text for r in HeldOut.from_log(log_path, TASK, version=version, fraction=0.2, limit=40).rows}
+    grown = {r.text for r in HeldOut.from_log(log_path, TASK, fraction=0.2, limit=41).rows}
+    assert len(limited) == 40 and limited <= {r.text for r in heldout.rows}
+    assert len(limited & grown) >= 39
+    sources = Counter(r.source for r in HeldOut.from_log(log_path, TASK, fraction=0.2, limit=40).rows)
+    assert sources["bootstrap"] > sources["sample"]  # ~ the slice's mix (~120:40), not the newest
 
 
 async def test_distill_gates_on_the_logs_slice_and_refuses_one_too_small(tmp_path):
@@ -110,7 +143,6 @@ async def test_the_gate_scores_each_adapter_once_per_text_across_cycles(tmp_path
     change: its predictions are cached per text, so only new rows reach the engine."""
     from tests.unit.test_gate import GoldForOne
     from trainer.evaluate import evaluate
-    from trainer.dataset import Row
 
     class Counting(GoldForOne):
         texts: list[str] = []
@@ -122,7 +154,7 @@ async def test_the_gate_scores_each_adapter_once_per_text_across_cycles(tmp_path
     class Ref:
         adapter_id, path = "a-00000000000000aa", tmp_path
 
-    rows = [Row(f"ticket number {i}", {"intent": LABELS[i % 5]}, "audit") for i in range(300)]
+    rows = [Row(f"ticket number {i}", {"intent": LABELS[i % 5]}, "sample") for i in range(300)]
     gold = {r.text: r.labels["intent"] for r in rows}
     clf = Counting(gold, Ref.adapter_id)
     first = await evaluate(None, TASK, {"live": Ref}, HeldOut("heldout", "log", rows[:250]),

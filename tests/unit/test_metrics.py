@@ -24,6 +24,7 @@ CONTRACT = {
     "triage_confidence": "histogram",
     "triage_escalations": "counter",
     "triage_audits": "counter",
+    "triage_eval_sample": "counter",
     "triage_escalation_rate": "gauge",
     "triage_audited_accuracy": "gauge",
     "triage_audited_samples": "gauge",

@@ -1,12 +1,13 @@
 """TicketPipeline with in-memory fakes: routing decisions, outcomes in record order."""
 
 import json
+from collections import Counter
 
 from schemas.classification import Classification, FieldPrediction
 from schemas.escalation import Escalation
 from services.student.engine import StudentPrediction
+from schemas.training import eval_sample_source
 from services.stream.pipeline import EscalationConfig, InboundRecord, TicketPipeline
-from services.teacher.escalation import should_audit
 
 
 class FakeClassifier:
@@ -65,20 +66,44 @@ async def test_uncalibrated_student_escalates_everything():
     assert outcome.kind == "escalation"
 
 
-async def test_audited_tickets_publish_their_result_and_an_audit_request():
-    texts = {f"a{i}": 0.99 for i in range(40)}
+async def test_the_evaluation_sample_is_a_share_of_every_ticket_whatever_its_confidence():
+    """Confident sampled tickets publish their result and go to the teacher (an audit); unsure
+    sampled tickets escalate marked as sample, so their label is held out, not trained on."""
+    texts = {f"a{i}": (0.99 if i % 2 else 0.1) for i in range(400)}
     pipeline = TicketPipeline(classifier=FakeClassifier(texts),
-                              escalation=EscalationConfig(threshold_override=0.5, audit_rate=0.3))
+                              escalation=EscalationConfig(threshold_override=0.5, eval_share=0.3))
     outcomes = await pipeline.process([record(i, ticket(i, t)) for i, t in enumerate(texts)])
-    audited = {f"t{i}" for i in range(40) if should_audit(f"t{i}", 0.3)}
-    assert 0 < len(audited) < 40
+    sampled = {f"t{i}" for i, t in enumerate(texts) if eval_sample_source(t, 0.3, 0.3, cold=False)}
+    confident = {f"t{i}" for i in range(400) if i % 2}
+    assert 0.2 < len(sampled) / 400 < 0.4
     results = [o for o in outcomes if o.kind == "result"]
     requests = [Escalation.model_validate_json(o.payload) for o in outcomes if o.kind == "escalation"]
-    assert len(results) == 40  # every confident ticket is answered at once, audited or not
-    assert {r.ticket_id for r in requests} == audited and {r.kind for r in requests} == {"audit"}
-    assert all(r.student_result.route.value == "student" and r.student_result.audited for r in requests)
+    assert len(results) == 200  # every confident ticket is answered at once, sampled or not
+    audits = {r.ticket_id for r in requests if r.kind == "audit"}
+    assert audits == sampled & confident and all(r.sample == "sample" for r in requests if r.kind == "audit")
+    escalated = [r for r in requests if r.kind == "escalation"]
+    assert {r.ticket_id for r in escalated} == set(f"t{i}" for i in range(400)) - confident
+    assert {r.ticket_id for r in escalated if r.sample == "sample"} == sampled - confident
+    assert all(r.sample is None for r in escalated if r.ticket_id not in sampled)
+    assert all(r.student_result.route.value == "student" and r.student_result.audited
+               for r in requests if r.kind == "audit")
     published = [Classification.model_validate_json(o.payload) for o in results]
-    assert {r.ticket_id for r in published if r.audited} == audited
+    assert {r.ticket_id for r in published if r.audited} == audits
+    assert pipeline.summary()["sampled"] == len(sampled)
+
+
+async def test_cold_start_samples_the_larger_share_and_escalates_even_certain_answers():
+    """No calibrated adapter: every ticket escalates, a confidence of exactly 1.0 included, and
+    the sample takes the cold share (nested: every steady-state member stays in it)."""
+    texts = {f"c{i}": 1.0 for i in range(400)}
+    pipeline = TicketPipeline(classifier=FakeClassifier(texts),
+                              escalation=EscalationConfig(eval_share=0.05, eval_share_cold=0.3))
+    outcomes = await pipeline.process([record(i, ticket(i, t)) for i, t in enumerate(texts)])
+    requests = [Escalation.model_validate_json(o.payload) for o in outcomes]
+    assert len(requests) == 400 and {r.kind for r in requests} == {"escalation"}
+    by_source = Counter(r.sample for r in requests)
+    steady = sum(eval_sample_source(t, 0.05, 0.05, cold=False) is not None for t in texts)
+    assert by_source["sample"] == steady and 0.2 < (by_source["sample"] + by_source["sample-cold"]) / 400 < 0.4
 
 
 # ---- issue 9: no input stops the stream -------------------------------------------------------

@@ -67,11 +67,11 @@ def task():
 def deployment(**route) -> dict:
     return {"tasks": [{"name": "desk", "task_path": "d.json", "tickets_topic": "triage.tickets",
                        "route": route or {"field": "desk", "to": {"cards": "cards"}}},
-                      {"name": "cards", "task_path": "c.json", "settings": {"audit_rate": 0.2}}]}
+                      {"name": "cards", "task_path": "c.json", "settings": {"eval_share": 0.2}}]}
 
 
 def test_each_task_gets_its_own_topics_groups_registry_and_log(tmp_path):
-    base = Settings(_env_file=None, registry_dir=tmp_path / "reg", data_dir=tmp_path / "data", audit_rate=0.05)
+    base = Settings(_env_file=None, registry_dir=tmp_path / "reg", data_dir=tmp_path / "data", eval_share=0.05)
     d = Deployment.model_validate(deployment())
     desk, cards = d.task_settings(base, "desk"), d.task_settings(base, "cards")
     assert desk.tickets_topic == "triage.tickets" and cards.tickets_topic == "triage.cards.tickets"
@@ -80,7 +80,9 @@ def test_each_task_gets_its_own_topics_groups_registry_and_log(tmp_path):
                 cards.teacher_consumer_group}) == 4
     assert (desk.registry_dir, cards.registry_dir) == (tmp_path / "reg" / "desk", tmp_path / "reg" / "cards")
     assert cards.training_log_path == tmp_path / "data" / "cards" / "training_log.sqlite3"
-    assert (desk.audit_rate, cards.audit_rate) == (0.05, 0.2)
+    assert (desk.eval_share, cards.eval_share) == (0.05, 0.2)
+    old = Deployment.model_validate({"tasks": [{"name": "a", "task_path": "a.json", "settings": {"audit_rate": 0.3}}]})
+    assert old.task_settings(base, "a").eval_share == 0.3  # the setting's old name still works
     assert d.router(base, "desk").topics == {"cards": "triage.cards.tickets"} and d.router(base, "cards") is None
 
 

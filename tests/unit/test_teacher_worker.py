@@ -94,14 +94,14 @@ class Teacher:
         return TeacherAnswer({"intent": "lost_or_stolen_card"}, self.model, "ph", 10, 2, 0.001, self.delay_s)
 
 
-def request(kind="escalation", ticket_id="T-1", text="where is my card", age_s=0.0):
+def request(kind="escalation", ticket_id="T-1", text="where is my card", age_s=0.0, sample=None):
     student = Classification(
         ticket_id=ticket_id, fields={"intent": "card_arrival"}, confidence=0.3,
         route="unverified" if kind == "escalation" else "student", model="student", adapter_id="a-1",
         student={"intent": FieldPrediction(label="card_arrival", confidence=0.3)},
         audited=kind == "audit", latency_ms=5.0, engine_ms=3.0)
     return Escalation(kind=kind, ticket_id=ticket_id, text=text, student_result=student,
-                      ticket_time_ms=int((time.time() - age_s) * 1000))
+                      ticket_time_ms=int((time.time() - age_s) * 1000), sample=sample)
 
 
 @pytest.fixture
@@ -181,11 +181,23 @@ async def test_without_a_teacher_escalations_are_unverified_at_once(training_log
 
 async def test_audits_publish_nothing_and_measure_agreement(training_log):
     r, published = resolver(Teacher(), training_log)
-    await r.resolve(request("audit", "A-1", "text one"))
-    agree = request("audit", "A-2", "text two")
+    await r.resolve(request("audit", "A-1", "text one", sample="sample"))
+    agree = request("audit", "A-2", "text two", sample="sample")
     agree.student_result.fields["intent"] = "lost_or_stolen_card"
     await r.resolve(agree)
+    await r.resolve(request("audit", "A-3", "text three"))  # in flight from before the sample
     assert published == []
     summary = r.summary()
-    assert summary["audits"] == 2 and summary["audited_accuracy"] == 0.5
-    assert {e.source for e in training_log.examples()} == {"audit"}
+    assert summary["audits"] == 3 and summary["audited_accuracy"] == pytest.approx(1 / 3)
+    sources = {e.text: e.source for e in training_log.examples()}
+    assert sources == {"text one": "sample", "text two": "sample", "text three": "audit"}
+
+
+async def test_a_sampled_escalation_is_logged_as_held_out_not_as_training(training_log):
+    r, published = resolver(Teacher(), training_log)
+    await r.resolve(request(ticket_id="S-1", text="sampled one", sample="sample"))
+    await r.resolve(request(ticket_id="S-2", text="sampled cold", sample="sample-cold"))
+    await r.resolve(request(ticket_id="L-1", text="not sampled"))
+    assert [p.route.value for p in published] == ["teacher"] * 3
+    sources = {e.text: e.source for e in training_log.examples()}
+    assert sources == {"sampled one": "sample", "sampled cold": "sample-cold", "not sampled": "live"}
