@@ -181,7 +181,7 @@ async def service(
         topic_partitions=4,
         metrics_port=0,
         confidence_threshold=0.0,
-        audit_rate=0.0,
+        eval_share=0.0,
         teacher_base_url="",
         registry_dir=workdir / f"registry-{suffix}",
         data_dir=workdir / f"data-{suffix}",

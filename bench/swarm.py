@@ -52,7 +52,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         task["task_path"] = str(DEPLOYMENT.parents[1] / task["task_path"])
         if task["name"] in registries:
             task["registry_dir"] = str(Path(registries[task["name"]]).resolve())
-        task.setdefault("settings", {})["audit_rate"] = 0.0
+        task.setdefault("settings", {})["eval_share"] = 0.0
     deployment = Deployment.model_validate(spec)
     texts = c.texts(args.tickets)
     with tempfile.TemporaryDirectory() as tmp, EmbeddedBroker() as broker:

@@ -1,8 +1,6 @@
 """Escalation policy: pure functions and small counters, no I/O, no clock.
 
 - `should_escalate`: a ticket goes to the teacher when any field is below its threshold.
-- `should_audit`: deterministic sampling of confident tickets (same id -> same choice, so a
-  replay or a restart audits the same tickets).
 - `AuditEstimator`: live accuracy of confident student answers, measured against the teacher
   on audited tickets, with a Wilson 95% interval.
 - `RollingRate`: share of True over the last N decisions (e.g. the escalation rate).
@@ -10,7 +8,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections import deque
 from typing import Mapping, Protocol
@@ -49,24 +46,6 @@ def should_escalate(
 def unsure_fields(prediction: Mapping[str, HasConfidence], threshold: float | Mapping[str, float]) -> list[str]:
     """The fields strictly below their threshold, in prediction order: what the teacher is asked."""
     return [name for name, p in prediction.items() if p.confidence < field_threshold(name, threshold)]
-
-
-def audit_fraction(ticket_id: str, salt: str = "") -> float:
-    """A uniform-looking number in [0, 1) derived from the ticket id only."""
-    digest = hashlib.sha256(f"{salt}\x00{ticket_id}".encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64
-
-
-def should_audit(ticket_id: str, rate: float, salt: str = "") -> bool:
-    """Deterministic sampling at `rate`: the same (id, salt) always gets the same answer.
-
-    Change `salt` to audit a different subset at the same rate.
-    """
-    if rate <= 0.0:
-        return False
-    if rate >= 1.0:
-        return True
-    return audit_fraction(ticket_id, salt) < rate
 
 
 def wilson_interval(successes: int, n: int, z: float = _Z95) -> tuple[float, float]:

@@ -21,7 +21,7 @@ from schemas.classification import Classification
 from services.stream.app import TriageService
 from services.dev.broker import free_port
 from services.dev.datasets import LabelledText, load_split
-from services.teacher.escalation import should_audit
+from schemas.training import eval_sample_source
 from services.stream.kafka_io import produce, read_topic, ticket_message, unique_keys
 from schemas.text import dedup_key as normalise
 from services.dev.standin import load_gold, run_standin
@@ -133,7 +133,7 @@ async def test_tickets_below_threshold_go_to_teacher_and_training_log(
     async with run_standin(gold=gold) as server:
         settings = make_settings(
             teacher_base_url=server.base_url, teacher_api_key="test-key",
-            confidence_threshold=threshold, audit_rate=0.0, teacher_max_retries=1,
+            confidence_threshold=threshold, eval_share=0.0, teacher_max_retries=1,
         )
         await create_topics(settings)
         async with TriageService(settings, classifier=student).running() as service:
@@ -186,13 +186,13 @@ async def test_tickets_below_threshold_go_to_teacher_and_training_log(
     assert sample(metrics, "triage_training_examples_total") == len(escalated)
 
 
-# --- 2. audit sampling -----------------------------------------------------------------------
+# --- 2. the evaluation sample's confident tickets are audited ---------------------------------
 async def test_audits_sample_confident_tickets_and_measure_accuracy(
     make_settings, student, gold, test_rows
 ):
     tickets = pick(test_rows, gold, 30, offset=600, prefix="aud")
     text_of = {tid: row.text for tid, row in tickets}
-    audited = {tid for tid in text_of if should_audit(tid, 0.5)}
+    audited = {tid for tid, text in text_of.items() if eval_sample_source(text, 0.5, 0.5, cold=False)}
     assert 0 < len(audited) < len(tickets)
     # The zero-shot student is nearly always wrong, which would make any accuracy bug look
     # right (0.0). So the teacher here agrees with the student on half the audited tickets.
@@ -206,7 +206,7 @@ async def test_audits_sample_confident_tickets_and_measure_accuracy(
     async with run_standin(gold=teacher_gold) as server:
         settings = make_settings(
             teacher_base_url=server.base_url, teacher_api_key="test-key",
-            confidence_threshold=0.0, audit_rate=0.5, teacher_max_retries=1,
+            confidence_threshold=0.0, eval_share=0.5, teacher_max_retries=1,
         )
         await create_topics(settings)
         async with TriageService(settings, classifier=student).running() as service:
@@ -236,9 +236,9 @@ async def test_audits_sample_confident_tickets_and_measure_accuracy(
     assert sample(metrics, "triage_audited_samples") == len(audited)
     assert sample(metrics, "triage_audited_accuracy") == pytest.approx(sum(agree) / len(agree))
     assert sample(metrics, "triage_audits_total") == len(audited)
-    # Audit answers are training data too, marked as such.
+    # Audit answers are the evaluation sample: logged as such, held out, never trained on.
     assert {ex.ticket_id for ex in examples} == audited
-    assert all(ex.source == "audit" and ex.labels == {"intent": gold_of[ex.ticket_id]}
+    assert all(ex.source == "sample" and ex.labels == {"intent": gold_of[ex.ticket_id]}
                for ex in examples)
 
 
@@ -252,7 +252,7 @@ async def test_teacher_down_30s_unverified_at_the_deadline_then_corrected(
     port = free_port()  # nothing listens there yet: the teacher is down (connection refused)
     settings = make_settings(
         teacher_base_url=f"http://127.0.0.1:{port}/v1", teacher_api_key="test-key",
-        confidence_threshold=1.0, audit_rate=0.0, escalation_deadline_s=5.0,
+        confidence_threshold=1.0, eval_share=0.0, escalation_deadline_s=5.0,
         teacher_max_retries=1, teacher_timeout_s=0.5, teacher_retry_max_s=2.0,
         teacher_breaker_failures=4, teacher_breaker_reset_s=0.5,
     )
@@ -313,7 +313,7 @@ async def test_api_key_absent_from_all_logs(
     monkeypatch.setenv("TRIAGE_TEACHER_API_KEY", KEY)
     async with run_standin(gold=gold, api_key=KEY) as server:
         settings = make_settings(
-            teacher_base_url=server.base_url, confidence_threshold=1.0, audit_rate=0.0,
+            teacher_base_url=server.base_url, confidence_threshold=1.0, eval_share=0.0,
             teacher_max_retries=3, teacher_timeout_s=2.0,
             teacher_breaker_failures=3, teacher_breaker_reset_s=0.5, escalation_deadline_s=1.0,
             teacher_retry_max_s=1.0,

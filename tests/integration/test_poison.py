@@ -40,7 +40,7 @@ async def committed_offset(settings) -> int:
 
 
 async def test_poison_mix_every_record_has_exactly_one_outcome(make_settings, student):
-    settings = make_settings(topic_partitions=1, max_batch=16, audit_rate=0.0)
+    settings = make_settings(topic_partitions=1, max_batch=16, eval_share=0.0)
     await create_topics(settings)
     rng = random.Random(7)
     ordinary = [ticket_message(f"ok-{i}", text) for i, text in enumerate([

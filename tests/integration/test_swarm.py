@@ -55,10 +55,10 @@ async def test_tasks_share_one_engine_without_touching_each_other(make_settings,
     deployment = Deployment.model_validate({"tasks": [
         {"name": desk, "task_path": str(REPO / "schemas/tasks/banking77_desk.json"),
          # base model: an override splits the answers into confident ones and escalations
-         "settings": {"confidence_threshold": 0.5, "audit_rate": 0.0},
+         "settings": {"confidence_threshold": 0.5, "eval_share": 0.0},
          "route": {"field": "desk", "to": {"cards": a, "payments": b, "account": b}}},
-        {"name": a, "task_path": intents, "settings": {"audit_rate": 0.0}},
-        {"name": b, "task_path": intents, "settings": {"audit_rate": 0.0}},
+        {"name": a, "task_path": intents, "settings": {"eval_share": 0.0}},
+        {"name": b, "task_path": intents, "settings": {"eval_share": 0.0}},
         {"name": broken, "task_path": str(tmp_path / "no-such-task.json")},
         # its registry's adapter was trained for another TaskSpec: it cannot load
         {"name": foreign, "task_path": str(REPO / "schemas/tasks/banking77_desk.json"),

@@ -3,10 +3,10 @@ import math
 import pytest
 
 from schemas.classification import FieldPrediction
+from schemas.training import eval_sample_source
 from services.teacher.escalation import (
     AuditEstimator,
     RollingRate,
-    should_audit,
     should_escalate,
     wilson_interval,
 )
@@ -59,36 +59,19 @@ def test_empty_prediction_escalates():
     assert should_escalate({}, 0.5) is True
 
 
-# --- should_audit --------------------------------------------------------------------------
-def test_audit_is_deterministic():
-    ids = [f"ticket-{i}" for i in range(2000)]
-    first = [should_audit(t, 0.1) for t in ids]
-    assert first == [should_audit(t, 0.1) for t in ids]
-
-
-@pytest.mark.parametrize("rate", [0.01, 0.05, 0.3])
-def test_audit_rate_within_tolerance_over_10k_ids(rate):
+# --- the evaluation sample's membership (replaces ticket-id audit sampling) -----------------
+@pytest.mark.parametrize("share", [0.01, 0.05, 0.3])
+def test_sample_share_within_tolerance_over_10k_texts(share):
     n = 10_000
-    hits = sum(should_audit(f"t{i}", rate) for i in range(n))
-    sd = math.sqrt(n * rate * (1 - rate))
-    assert abs(hits - n * rate) < 5 * sd, (hits, n * rate)
+    hits = sum(eval_sample_source(f"ticket text {i}", share, share, cold=False) is not None for i in range(n))
+    sd = math.sqrt(n * share * (1 - share))
+    assert abs(hits - n * share) < 5 * sd, (hits, n * share)
 
 
-def test_audit_salt_changes_subset_not_rate():
-    ids = [f"t{i}" for i in range(10_000)]
-    a = {t for t in ids if should_audit(t, 0.2)}
-    b = {t for t in ids if should_audit(t, 0.2, salt="other")}
-    assert a != b
-    assert abs(len(a) - len(b)) < 300
-
-
-def test_audit_nested_rates_and_extremes():
-    ids = [f"t{i}" for i in range(5000)]
-    low = {t for t in ids if should_audit(t, 0.05)}
-    high = {t for t in ids if should_audit(t, 0.1)}
-    assert low <= high  # raising the rate only adds tickets
-    assert not any(should_audit(t, 0.0) for t in ids)
-    assert all(should_audit(t, 1.0) for t in ids)
+def test_sample_extremes():
+    texts = [f"t{i}" for i in range(2000)]
+    assert not any(eval_sample_source(t, 0.0, 0.0, cold=True) for t in texts)
+    assert all(eval_sample_source(t, 1.0, 1.0, cold=False) == "sample" for t in texts)
 
 
 # --- Wilson / AuditEstimator / RollingRate -------------------------------------------------
