@@ -111,15 +111,22 @@ def cmd_status(args: argparse.Namespace) -> int:
     import json
 
     from services.student.registry import AdapterRegistry
+    from trainer.distill import heldout_status
 
-    registry = AdapterRegistry(_task_settings(args).registry_dir)
+    s = _task_settings(args)
+    registry = AdapterRegistry(s.registry_dir)
     ref = registry.current()
+    try:
+        evaluation = heldout_status(s, cold=ref is None or ref.threshold is None)
+    except (OSError, ValueError) as exc:  # an unreadable task file: the registry part still helps
+        evaluation = {"error": str(exc)}
     print(json.dumps({
         "registry": str(registry.root),
         "current": ref.adapter_id if ref else None,
         "threshold": ref.threshold if ref else None,
         "adapters": [a.adapter_id for a in registry.list()],
         "history": registry.history()[-10:],
+        "evaluation": evaluation,
     }, indent=1))
     return 0
 

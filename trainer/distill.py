@@ -213,6 +213,32 @@ def load_calibration(cfg: DistillConfig, task: TaskSpec, version: int) -> HeldOu
     return calib
 
 
+def heldout_status(settings: Any, *, cold: bool, epsilon: float = 0.03, delta: float = 0.05) -> dict[str, Any]:
+    """How far the training log is from a distil that can gate (`triage status`): held-out
+    rows held vs needed, and about how many more live tickets the evaluation sample needs
+    (`cold`: no calibrated adapter live, so the sample takes the cold-start share)."""
+    from math import ceil
+
+    task = TaskSpec.from_file(settings.task_path)
+    need = min_heldout(epsilon, delta, len(task.fields))
+    path = Path(settings.training_log_path)
+    calib = (HeldOut.from_log(path, task, fraction=settings.heldout_fraction,
+                              cold_rows_until=settings.heldout_cold_rows_until)
+             if path.exists() else HeldOut("heldout", str(path), []))
+    held, share = len(calib.rows), settings.eval_share_cold if cold else settings.eval_share
+    status = {"training_log": str(path), "heldout_rows": held, "heldout_sources": calib.sources,
+              "needed_to_distil": need, "distil_can_run": held >= need}
+    if held < need:
+        more = need - held
+        status["next"] = (f"{more} more held-out rows before `triage distill` can gate: about "
+                          f"{ceil(more / share)} more tickets at the evaluation sample's {share:.0%}"
+                          if share > 0 else f"{more} more held-out rows (TRIAGE_EVAL_SHARE is 0: "
+                          "bootstrap labelled history or raise it)")
+    else:
+        status["next"] = f"`triage distill` can run (useful coverage from ~{10 * need} held-out rows)"
+    return status
+
+
 def run_distill(cfg: DistillConfig, **kwargs: Any) -> dict[str, Any]:
     """Synchronous entry point (CLI, CronJob); use `run_distill_async` inside an event loop."""
     return asyncio.run(run_distill_async(cfg, **kwargs))
@@ -278,6 +304,10 @@ def main(argv: list[str] | None = None) -> int:
     print(heldout_line(summary["heldout"]))
     print("\n".join(summary["lines"]))
     print(("PROMOTED " if summary["promoted"] else "NOT PROMOTED ") + summary["reason"])
+    if summary["promoted"]:  # replicas swap now (control topic), not at their next registry poll
+        from services.stream.kafka_io import tell_replicas
+
+        print(tell_replicas(settings, task=opts.task, adapter_id=summary["candidate_id"])[1])
     print(f"summary: {summary['run_dir']}/summary.json")
     return 0  # a rejected candidate is a normal outcome, not a failure
 

@@ -166,3 +166,25 @@ async def test_the_gate_scores_each_adapter_once_per_text_across_cycles(tmp_path
     assert clf.texts == [r.text for r in rows[250:]]  # only the 50 new rows
     assert first["live"]["calibration"]["accuracy"] == second["live"]["calibration"]["accuracy"] == 1.0
     assert second["live"]["calibration"]["data"]["n"] == 300
+
+
+def test_status_says_how_far_the_first_distil_is(tmp_path):
+    from services.settings import Settings
+    from trainer.distill import heldout_status
+
+    s = Settings(_env_file=None, data_dir=tmp_path / "data", registry_dir=tmp_path / "reg",
+                 eval_share=0.05, eval_share_cold=0.2)
+    need = min_heldout(0.03, 0.05, len(TASK.fields))
+    empty = heldout_status(s, cold=True)
+    assert empty["heldout_rows"] == 0 and empty["needed_to_distil"] == need and not empty["distil_can_run"]
+    assert f"about {need * 5} more tickets at the evaluation sample's 20%" in empty["next"]
+    assert not s.training_log_path.exists()  # status creates nothing
+    with TrainingLog(s.training_log_path) as log:
+        log.append([example(i, "sample-cold") for i in range(need - 10)])
+        log.append([example(i, "live") for i in range(500)])
+    almost = heldout_status(s, cold=False)
+    assert almost["heldout_rows"] == need - 10 and almost["heldout_sources"] == {"sample-cold": need - 10}
+    assert "about 200 more tickets at the evaluation sample's 5%" in almost["next"]
+    with TrainingLog(s.training_log_path) as log:
+        log.append([example(i, "sample") for i in range(10)])
+    assert heldout_status(s, cold=False)["distil_can_run"]
