@@ -134,21 +134,34 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_promote(args: argparse.Namespace) -> int:
     from services.student.registry import AdapterRegistry
 
+    s = _task_settings(args)
     try:
-        ref = AdapterRegistry(_task_settings(args).registry_dir).promote(args.adapter_id, args.reason)
+        ref = AdapterRegistry(s.registry_dir).promote(args.adapter_id, args.reason)
     except KeyError as exc:  # unknown or malformed id: a message, not a traceback
         print(f"triage promote: {exc.args[0]}", file=sys.stderr)
         return 1
     print(f"current adapter: {ref.adapter_id}")
+    _tell_replicas(s, args, ref.adapter_id)
     return 0
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
     from services.student.registry import AdapterRegistry
 
-    ref = AdapterRegistry(_task_settings(args).registry_dir).rollback(args.reason)
+    s = _task_settings(args)
+    ref = AdapterRegistry(s.registry_dir).rollback(args.reason)
     print(f"current adapter: {ref.adapter_id if ref else 'base model'}")
+    _tell_replicas(s, args, ref.adapter_id if ref else None)
     return 0
+
+
+def _tell_replicas(s, args: argparse.Namespace, adapter_id: str | None) -> None:
+    """The pointer moved: a reload command on the control topic (Kafka configured) swaps the
+    running replicas now; a failed send only delays them to their next registry poll."""
+    from services.stream.kafka_io import tell_replicas
+
+    sent, line = tell_replicas(s, task=getattr(args, "task", None), adapter_id=adapter_id)
+    print(line, file=sys.stdout if sent or s.embedded_broker else sys.stderr)
 
 
 def _task_settings(args: argparse.Namespace):

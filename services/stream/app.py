@@ -264,7 +264,10 @@ class TriageService:
             return True
 
     async def _handle_control(self, body: Any) -> None:
-        if isinstance(body, dict) and body.get("action") == "reload_adapter":
+        """`triage promote|rollback|distill` publish a reload command (kafka_io.reload_command)
+        once `current` moved: swap now instead of at the next registry poll. A command for
+        another task of the process is not this one's."""
+        if isinstance(body, dict) and body.get("action") == "reload_adapter" and body.get("task") in (None, self.name):
             await self.reload_adapter()
 
     async def _watch_registry(self) -> None:

@@ -127,6 +127,45 @@ async def report_lag(consumer: Any, metrics: Any, reported: set[Any]) -> set[Any
     return assignment
 
 
+def reload_command(task: str | None, adapter_id: str | None) -> bytes:
+    """The control-topic message that makes running replicas reload the registry's `current`
+    adapter now (`TriageService._handle_control`); `task` None: every task."""
+    return json.dumps({"action": "reload_adapter", "task": task, "adapter_id": adapter_id}).encode()
+
+
+async def announce_reload(bootstrap_servers: str, control_topic: str, *, task: str | None,
+                          adapter_id: str | None, timeout_s: float = 10.0) -> None:
+    """Publish `reload_command` and wait for the broker's ack (at most `timeout_s`)."""
+    from aiokafka import AIOKafkaProducer
+
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap_servers, acks="all",
+                                request_timeout_ms=int(timeout_s * 1000))
+    try:
+        await asyncio.wait_for(producer.start(), timeout_s)
+        await asyncio.wait_for(producer.send_and_wait(
+            control_topic, reload_command(task, adapter_id), key=(task or "").encode(),
+            headers=[("content-type", b"application/json")]), timeout_s)
+    finally:
+        await producer.stop()
+
+
+def tell_replicas(settings: Settings, *, task: str | None, adapter_id: str | None,
+                  timeout_s: float = 10.0) -> tuple[bool, str]:
+    """After `current` moved (promote, rollback, distill): with Kafka configured, send the
+    reload command so replicas swap now; else (or if the send fails) they pick the pointer up
+    at their next registry poll. Returns (sent, a line for the user); never raises: the
+    pointer has moved either way."""
+    later = f"replicas pick it up within TRIAGE_REGISTRY_POLL_S ({settings.registry_poll_s:g} s)"
+    if settings.embedded_broker:
+        return False, f"{later} (TRIAGE_BOOTSTRAP_SERVERS is not set: no reload command sent)"
+    try:
+        asyncio.run(announce_reload(settings.bootstrap_servers, settings.control_topic, task=task,
+                                    adapter_id=adapter_id, timeout_s=timeout_s))
+    except Exception as exc:  # broker down: the registry poll still delivers the change
+        return False, f"could not send reload_adapter on {settings.control_topic} ({exc or type(exc).__name__}); {later}"
+    return True, f"reload_adapter sent on {settings.control_topic}: running replicas swap now"
+
+
 def all_topics(settings: Settings) -> list[str]:
     """Every topic a replica reads or writes, in a stable order."""
     return list(plan_topics(settings))
