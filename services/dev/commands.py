@@ -78,7 +78,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         tickets=args.tickets, bootstrap=args.bootstrap, train_minutes=args.train_minutes,
         epochs=args.epochs, eval_limit=args.eval_limit, teacher_latency_ms=args.teacher_latency_ms,
         flywheel=not args.no_flywheel, malformed=args.malformed, workdir=Path(args.workdir),
-        task=args.task, rounds=args.rounds,
+        task=args.task, rounds=args.rounds, live=args.live,
     )
     report = asyncio.run(run_demo(Settings(), options))
     if args.json:  # whole (a truncated report is not JSON); no stray blank line without it
@@ -111,6 +111,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     defaults = DemoOptions()
     p.add_argument("--bootstrap", type=int, default=defaults.bootstrap,
                    help="train texts the teacher labels first (a seeded random sample)")
+    p.add_argument("--no-bootstrap", dest="live", type=int, nargs="?", const=4000, default=0,
+                   metavar="N", help="cold start: no labelled history; each round first streams N "
+                   "(default 4000) train tickets as live traffic, then distils from that log alone")
     p.add_argument("--train-minutes", type=float, default=defaults.train_minutes,
                    help="time budget per distillation")
     p.add_argument("--epochs", type=float, default=defaults.epochs, help="epochs per distillation")

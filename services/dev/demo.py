@@ -24,6 +24,7 @@ from services.settings import Settings
 class DemoOptions:
     tickets: int = 300
     bootstrap: int = 8000  # a seeded uniform sample of BANKING77 train, labelled by the teacher
+    live: int = 0  # instead of a bootstrap: train-split tickets streamed as live traffic per round
     train_minutes: float = 11.0  # budget per distillation (the recipe below ends sooner)
     epochs: float = 3.0  # distillation #1, from scratch
     epochs_warm: float = 2.0  # distillation #2 starts from #1's weights (warm start)
@@ -94,17 +95,22 @@ async def run_demo(base: Settings, options: DemoOptions) -> dict[str, Any]:
         await stack.enter_async_context(service.running())
         extra["service_start_s"] = round(time.monotonic() - t0, 1)
 
-        async def stage(name: str, start: int) -> StreamReport:
-            rows = data.test[start : start + options.tickets]
-            say(f"stage '{name}': {len(rows)} fresh {data.name} test tickets (never trained on) "
-                f"+ {options.malformed} malformed messages")
+        async def stage(name: str, start: int, live: bool = False) -> StreamReport:
+            if live:  # cold start: the train split plays the desk's first days of traffic
+                rows = data.train[start : start + options.live]
+                say(f"stage '{name}': {len(rows)} {data.name} train tickets as live traffic (the "
+                    f"teacher answers what the student cannot; a share is held out to evaluate)")
+            else:
+                rows = data.test[start : start + options.tickets]
+                say(f"stage '{name}': {len(rows)} fresh {data.name} test tickets (never trained on) "
+                    f"+ {options.malformed} malformed messages")
             standin.set_faults(latency_ms=options.teacher_latency_ms)
             teacher_before = _teacher_stats(service)
             report = await stream_tickets(
                 name=name, bootstrap=settings.bootstrap_servers,
                 tickets_topic=settings.tickets_topic, results_topic=settings.results_topic,
                 dead_letter_topic=settings.dead_letter_topic, rows=rows, id_prefix=f"{name}",
-                task=task, malformed=options.malformed, progress=sys.stderr.isatty(),
+                task=task, malformed=0 if live else options.malformed, progress=sys.stderr.isatty(),
             )
             await service.worker.idle()  # audits too: their teacher calls belong to this stage
             standin.set_faults(latency_ms=0)
@@ -170,17 +176,20 @@ def print_summary(stages: list[StreamReport], options: DemoOptions, extra: dict[
     per_call = sum(d["teacher_cost_usd"] for d in rows) / calls if calls else 0.0
     for d in rows:
         d["cost_per_1k_usd"] = 1000 * d["teacher_cost_usd"] / max(1, d["results"])
-    print(f"\n== summary: {options.tickets} fresh test tickets per stage; the student's answers are "
-          f"scored against BANKING77's gold labels (the loop itself never sees them)")
+    live = (f"; live-N: {options.live} train tickets as the desk's live traffic, no labelled history"
+            if options.live else "")
+    print(f"\n== summary: {options.tickets} fresh test tickets per stage{live}; the student's answers "
+          f"are scored against BANKING77's gold labels (the loop itself never sees them)")
     print("".join(f"{h:<{w}}" if i == 0 else f"{h:>{w}}" for i, (h, w, _) in enumerate(COLUMNS)))
     for d in rows:
         print("".join(f"{f(d):<{w}}" if i == 0 else f"{f(d):>{w}}" for i, (_, w, f) in enumerate(COLUMNS)))
     print(f"{'all-teacher':<14}{'':>9}{'':>12}{'':>12}{'100.0%':>10}{'':>27}{'1 per ticket':>14}"
           f"{1000 * per_call:>9.3f}")
     print("  escalated: sent to the teacher (slow, paid); wrong when student answers: the student's "
-          "error on the tickets it answered alone (target ≤ 3%); teacher calls include ~5% audits "
-          "of confident answers; student latency = consume → publish of the tickets the student "
-          "answered alone (escalations never hold them: the teacher works off its own topic); "
+          "error on the tickets it answered alone (target ≤ 3%); teacher calls include the "
+          "evaluation sample's audits of confident answers (5% of tickets); student latency = "
+          "consume → publish of the tickets the student answered alone (escalations never hold "
+          "them: the teacher works off its own topic); "
           f"queued = waiting in Kafka behind the burst of {options.tickets}; teacher priced per "
           "token at the settings' rates")
     if len(rows) > 1 and calls:

@@ -1,4 +1,6 @@
 """The demo's flywheel: bootstrap -> distil -> promote -> hot-swap -> stream -> re-distil.
+With `--no-bootstrap`, each round first streams train-split tickets as live traffic instead:
+the cold start a desk with no labelled history goes through.
 
 Runs inside `triage demo` against the already running service: training happens in a
 subprocess (the service keeps its consumer alive), evaluation borrows the service's engine
@@ -24,19 +26,20 @@ async def flywheel(
     from trainer.distill import DistillConfig, heldout_line, run_distill_async
 
     pipeline, worker = service.pipeline, service.worker
-    train_texts = data.train_texts
-    texts = sample_texts(train_texts, options.bootstrap, seed=0)
-    sample = (f"all {len(texts)}" if len(texts) == len(train_texts) else
-              f"a random sample of {len(texts)} of the {len(train_texts)}")
-    say(f"bootstrap: the teacher labels {sample} historical ({data.name} train) tickets into the training log")
-    boot = await run_bootstrap(teacher=worker.teacher, log=worker.training_log, texts=texts,
-                               concurrency=16, progress=sys.stderr.isatty())
-    # off the event loop: the service shares it, and reading the log is a scan
-    examples = await asyncio.to_thread(worker.training_log.examples)
-    for line in label_coverage(TaskSpec.from_file(settings.task_path), examples):
-        print(f"  {line}")
-    out: dict[str, Any] = {"bootstrap": boot.summary(), "bootstrap_cost_usd": round(boot.cost_usd, 4),
-                           "distill": []}
+    out: dict[str, Any] = {"distill": []}
+    if not options.live:
+        train_texts = data.train_texts
+        texts = sample_texts(train_texts, options.bootstrap, seed=0)
+        sample = (f"all {len(texts)}" if len(texts) == len(train_texts) else
+                  f"a random sample of {len(texts)} of the {len(train_texts)}")
+        say(f"bootstrap: the teacher labels {sample} historical ({data.name} train) tickets into the training log")
+        boot = await run_bootstrap(teacher=worker.teacher, log=worker.training_log, texts=texts,
+                                   concurrency=16, progress=sys.stderr.isatty())
+        # off the event loop: the service shares it, and reading the log is a scan
+        examples = await asyncio.to_thread(worker.training_log.examples)
+        for line in label_coverage(TaskSpec.from_file(settings.task_path), examples):
+            print(f"  {line}")
+        out.update(bootstrap=boot.summary(), bootstrap_cost_usd=round(boot.cost_usd, 4))
     config = DistillConfig(
         registry_dir=settings.registry_dir, log_path=settings.training_log_path,
         model_path=settings.model_path, task_path=settings.task_path,
@@ -46,6 +49,12 @@ async def flywheel(
         heldout_cold_rows_until=settings.heldout_cold_rows_until,
     )
     for round_no in range(1, options.rounds + 1):
+        if options.live:
+            await stage(f"live-{round_no}", options.live * (round_no - 1), live=True)
+            stats = await asyncio.to_thread(worker.training_log.stats)
+            print(f"  training log: {stats['examples']} teacher-labelled tickets "
+                  f"({', '.join(f'{n} {k}' for k, n in sorted(stats['by_source'].items()))}); "
+                  f"sample rows are held out to evaluate, the rest train", flush=True)
         config.train_args = {"epochs": options.epochs if round_no == 1 else options.epochs_warm}
         version = worker.training_log.version()
         say(f"distil #{round_no}: train a LoRA adapter on training log v{version} (teacher labels "
