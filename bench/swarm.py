@@ -49,7 +49,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     spec = json.loads(DEPLOYMENT.read_text())
     registries = dict(item.split("=", 1) for item in args.registry)
     for task in spec["tasks"]:
-        task["task_path"] = str(DEPLOYMENT.parents[1] / task["task_path"])
+        task["task_path"] = str((DEPLOYMENT.parent / task["task_path"]).resolve())  # the file's folder's
         if task["name"] in registries:
             task["registry_dir"] = str(Path(registries[task["name"]]).resolve())
         task.setdefault("settings", {})["eval_share"] = 0.0

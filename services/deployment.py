@@ -3,11 +3,11 @@
 `TRIAGE_DEPLOYMENT_PATH` names a JSON file (example: deploy/tasks.json)::
 
     {"tasks": [
-      {"name": "desk", "task_path": "schemas/tasks/banking77_desk.json",
+      {"name": "desk", "task_path": "../schemas/tasks/banking77_desk.json",
        "tickets_topic": "triage.tickets",
        "route": {"field": "desk", "to": {"cards": "cards", "payments": "intents"}}},
-      {"name": "intents", "task_path": "schemas/tasks/banking77.json"},
-      {"name": "cards", "task_path": "schemas/tasks/banking77_tickets.json",
+      {"name": "intents", "task_path": "../schemas/tasks/banking77.json"},
+      {"name": "cards", "task_path": "../schemas/tasks/banking77_tickets.json",
        "settings": {"eval_share": 0.1}}
     ]}
 
@@ -15,7 +15,8 @@ Each task gets, unless its entry says otherwise, topics `triage.<name>.{tickets,
 dead-letter,escalations}`, consumer groups `triage.<name>` / `triage-teacher.<name>`, its own
 adapter registry `<TRIAGE_REGISTRY_DIR>/<name>` and training log `<TRIAGE_DATA_DIR>/<name>`.
 `settings` overrides any other TRIAGE_ setting for that task (thresholds, audit rate, teacher
-endpoint, ...). Engine settings are the process's: one engine serves every task.
+endpoint, ...). Engine settings are the process's: one engine serves every task. Relative
+paths (task_path, registry_dir, data_dir) are the file's own folder's (deploy/: hence `../`).
 
 The file itself must be valid (a bad file stops the process at once); a task whose TaskSpec
 fails to load fails only that task (services/stream/swarm.py).
@@ -104,7 +105,19 @@ class Deployment(BaseModel):
 
     @classmethod
     def from_file(cls, path: str | Path) -> Deployment:
-        return cls.model_validate(json.loads(Path(path).read_text(encoding="utf-8")))
+        """Relative paths in the file are its own folder's, not the working directory's: the
+        same file works from a checkout, inside the image and in a ConfigMap beside its TaskSpecs."""
+        path = Path(path)
+        return cls.model_validate(json.loads(path.read_text(encoding="utf-8"))).resolved(path.absolute().parent)
+
+    def resolved(self, base: Path) -> Deployment:
+        """Every task's relative task_path, registry_dir and data_dir taken as under `base`."""
+        def under(p: Path | None) -> Path | None:
+            return p if p is None or p.is_absolute() else base / p
+
+        return self.model_copy(update={"tasks": [
+            t.model_copy(update={k: under(getattr(t, k)) for k in ("task_path", "registry_dir", "data_dir")})
+            for t in self.tasks]})
 
     def task(self, name: str) -> TaskDeployment:
         for t in self.tasks:

@@ -258,7 +258,7 @@ def test_kustomize_builds() -> None:
     out = subprocess.run(["kubectl", "kustomize", str(K8S)], capture_output=True, text=True,
                          timeout=60, check=True).stdout
     kinds = [d["kind"] for d in yaml.safe_load_all(out) if d]
-    assert sorted(kinds) == sorted(["ConfigMap", "PersistentVolumeClaim", "PersistentVolumeClaim",
+    assert sorted(kinds) == sorted(["ConfigMap"] + ["PersistentVolumeClaim"] * 3 + [
                                     "Deployment", "Deployment", "Service", "CronJob", "ScaledObject",
                                     "ScaledObject", "PodMonitor"] + ["KafkaTopic"] * 5)
     assert "image: registry.example.com/triage-gpu:0.1.0" in out
@@ -289,18 +289,41 @@ def test_cronjob_nightly_distill_shares_the_volumes(manifests: dict) -> None:
     assert cron["spec"]["concurrencyPolicy"] == "Forbid"
     pod = _pod(cron)
     c = pod["containers"][0]
-    assert c["args"] == ["distill"]
+    assert c["args"][0] == "distill"
     assert str(c["resources"]["limits"]["nvidia.com/gpu"]) == "1"
     assert c["image"] == dep["spec"]["template"]["spec"]["containers"][0]["image"]
-    assert _claims(pod) == _claims(_pod(dep))  # same registry and data PVCs, same paths
+    shared = _claims(_pod(dep))
+    assert {m: _claims(pod)[m] for m in shared} == shared  # same registry and data PVCs, same paths
     assert cm["data"]["TRIAGE_DATA_DIR"] in _claims(pod)
 
 
-def test_pvcs_are_read_write_many(manifests: dict) -> None:
+def test_cronjob_work_dir_survives_between_nights(manifests: dict, capsys: pytest.CaptureFixture) -> None:
+    """`triage distill`'s work dir (default var/distill, relative to the container's working
+    dir: gone with the pod) holds the frozen-layer and prediction caches the next night
+    reuses: it must be on a PVC of the CronJob's own."""
+    pod = _pod(manifests["CronJob"])
+    args = pod["containers"][0]["args"]
+    work_dir = args[args.index("--work-dir") + 1]
+    mounts = _claims(pod)
+    mount = next(m for m in mounts if Path(work_dir).is_relative_to(m))
+    claim = mounts[mount]
+    assert claim not in _claims(_pod(manifests["Deployment"])).values()  # the Job's alone
     pvcs = {d["metadata"]["name"]: d for _, d in manifests["_all"] if d["kind"] == "PersistentVolumeClaim"}
-    assert set(pvcs) == set(_claims(_pod(manifests["Deployment"])).values())
-    for pvc in pvcs.values():
-        assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert pvcs[claim]["spec"]["accessModes"] == ["ReadWriteOnce"]  # one Job at a time (Forbid)
+    assert manifests["CronJob"]["spec"]["concurrencyPolicy"] == "Forbid"
+    from trainer.distill import main as distill_main
+
+    with pytest.raises(SystemExit):
+        distill_main(["--help"])
+    assert "--work-dir" in capsys.readouterr().out  # the flag the CronJob passes exists
+
+
+def test_shared_pvcs_are_read_write_many(manifests: dict) -> None:
+    pvcs = {d["metadata"]["name"]: d for _, d in manifests["_all"] if d["kind"] == "PersistentVolumeClaim"}
+    shared = set(_claims(_pod(manifests["Deployment"])).values())
+    assert set(pvcs) == shared | set(_claims(_pod(manifests["CronJob"])).values())
+    for name in shared:
+        assert pvcs[name]["spec"]["accessModes"] == ["ReadWriteMany"]
 
 
 def test_service_selects_server_pods(manifests: dict) -> None:
@@ -413,6 +436,62 @@ def test_dockerfile_model_is_converted_where_it_is_served(name: str, monkeypatch
     assert re.search(rf"chown -R triage:triage [^&]*{re.escape(str(default_model_dir().parent))}(\s|$)", runs)
     env_at = next(i for i, (word, rest) in enumerate(ins) if word == "ENV" and "TRIAGE_CACHE_DIR" in rest)
     assert env_at < ins.index(("RUN", "triage model"))
+
+
+def _image_tree(name: str, root: Path) -> Path:
+    """The files the Dockerfile COPYs, laid out under `root` as in the image; returns the
+    final WORKDIR (where `triage` runs)."""
+    workdir = Path("/")
+    for word, rest in _instructions(DEPLOY / name):
+        if word == "WORKDIR":
+            workdir = workdir / rest
+            (root / workdir.relative_to("/")).mkdir(parents=True, exist_ok=True)
+        elif word == "COPY" and not rest.startswith("--"):
+            source, dest = rest.split()
+            target = root / (workdir / dest).relative_to("/")
+            if (REPO / source).is_dir():
+                shutil.copytree(REPO / source, target, dirs_exist_ok=True)
+            else:
+                target = target / Path(source).name if dest.endswith("/") else target
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(REPO / source, target)
+    return root / workdir.relative_to("/")
+
+
+@pytest.mark.parametrize("name", ["Dockerfile.cpu", "Dockerfile.gpu"])
+def test_the_example_deployment_resolves_inside_the_image(name: str, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """deploy/tasks.json is in the image and its TaskSpec paths resolve there, whatever the
+    working directory (relative paths are the file's folder's: services/deployment.py)."""
+    from schemas.task import TaskSpec
+    from services.deployment import Deployment
+
+    root = tmp_path / "image"
+    monkeypatch.chdir(_image_tree(name, root))  # the container's working dir, not the source's
+    in_image = root / "opt/triage/src/deploy/tasks.json"
+    assert in_image.is_file(), "COPY deploy/tasks.json into the image"
+    deployment = Deployment.from_file(in_image)
+    for task in deployment.tasks:
+        assert task.task_path.resolve().is_relative_to(root.resolve()) and task.task_path.is_file(), task.task_path
+        TaskSpec.from_file(task.task_path)
+    # ... and from a checkout, run from anywhere
+    monkeypatch.chdir(tmp_path)
+    for task in Deployment.from_file(REPO / "deploy" / "tasks.json").tasks:
+        assert task.task_path.is_file() and task.task_path.is_relative_to(REPO)
+
+
+def test_deployment_relative_paths_are_the_files_folders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from services.deployment import Deployment
+
+    folder = tmp_path / "etc" / "triage"
+    folder.mkdir(parents=True)
+    (folder / "tasks.json").write_text(json.dumps({"tasks": [
+        {"name": "a", "task_path": "a.json", "registry_dir": "reg/a", "data_dir": "/abs/data"},
+        {"name": "b", "task_path": str(tmp_path / "b.json")}]}))
+    monkeypatch.chdir(tmp_path)
+    a, b = Deployment.from_file(Path("etc/triage/tasks.json")).tasks
+    assert (a.task_path, a.registry_dir, a.data_dir) == (folder / "a.json", folder / "reg/a", Path("/abs/data"))
+    assert b.task_path == tmp_path / "b.json" and b.registry_dir is None
 
 
 def test_dockerfile_cpu_install_order() -> None:
