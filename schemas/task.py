@@ -162,8 +162,10 @@ class TaskSpec(BaseModel):
         raise KeyError(name)
 
     def fingerprint_json(self) -> str:
-        """The task as prompts and codes depend on it. A categorical-only task without inputs
-        dumps exactly as before field types existed, so its adapters keep their fingerprint."""
+        """The whole task, teacher material included: the evaluation cache's key and what
+        adapters trained before the student-only fingerprint recorded (services/student/
+        prompting.py `student_view` is what adapters record now). A categorical-only task
+        without inputs dumps exactly as before field types existed: keep this dump stable."""
         data = self.model_dump(mode="json")
         if not self.inputs:
             data.pop("inputs")

@@ -12,11 +12,20 @@ Two prompt styles:
   Six tokens around the ticket (the old `<|ticket|>…\n<|field|>` markers took 13, half of a
   typical BANKING77 prompt): prompt tokens are the trainer's and the engine's whole cost on
   CPU. The template is part of the prompt fingerprint the adapter's metadata records.
+
+The fingerprint covers what the student's prompts and label codes depend on (`student_view`):
+the inputs shown before the ticket, each field's name and its labels in order (an entities
+field: its type names), the style, the template and the codes; the instruct prompt also
+renders the instructions and descriptions. Teacher-only material (few-shot examples, and the
+instructions and descriptions under the compact prompt adapters are trained with) is left
+out, so editing it keeps the live adapter servable. A field or label added, removed, renamed
+or reordered changes it: the live adapter is refused at load (README, "Changing your task").
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import string
 from dataclasses import dataclass
 from enum import Enum
@@ -152,19 +161,46 @@ def fit_prompt(
     return None
 
 
-def check_adapter_servable(adapter: Any, task: TaskSpec, codes: dict[str, LabelCodes], max_lora_rank: int) -> None:
-    """ValueError unless the adapter was trained for exactly this prompt (task, label codes,
-    style: the fingerprint stored in its metadata) and fits the engine's LoRA rank."""
-    import json
-    from pathlib import Path
-
+def stored_fingerprint(adapter: Any) -> str | None:
+    """The prompt fingerprint an adapter's metadata records (None: none recorded)."""
     meta = getattr(adapter, "meta", None) or {}
     task_meta = meta.get("task") if isinstance(meta.get("task"), dict) else {}
-    stored = task_meta.get("prompt_fingerprint")
-    expected = prompt_fingerprint(task, adapter.prompt_style, list(codes.values()))
-    if stored != expected:
-        raise ValueError(f"adapter {adapter.adapter_id} was trained for prompt fingerprint {stored!r}; "
-                         f"this engine renders {expected!r} (task {task.name!r}): refusing to serve it")
+    return task_meta.get("prompt_fingerprint")
+
+
+def fingerprint_matches(adapter: Any, task: TaskSpec, codes: Sequence[LabelCodes]) -> bool:
+    """Whether `adapter` was trained for the prompts this task renders with these codes."""
+    style = adapter.prompt_style
+    stored = stored_fingerprint(adapter)
+    # Adapters trained before the fingerprint left teacher material out recorded the whole
+    # task's hash: they keep loading while the task file is unchanged; after any edit of it
+    # they need one re-distil (README, "Changing your task").
+    return stored in (prompt_fingerprint(task, style, codes), legacy_prompt_fingerprint(task, style, codes))
+
+
+def trained_for_same_prompt(adapter: Any, reference: Any, task: TaskSpec) -> bool:
+    """`fingerprint_matches` without a tokenizer: judged against `reference`, an adapter just
+    trained for `task` (its metadata records the task's fingerprint and codes today)."""
+    if stored_fingerprint(adapter) == stored_fingerprint(reference):
+        return True
+    fields = ((getattr(reference, "meta", None) or {}).get("task") or {}).get("fields") or {}
+    codes = [LabelCodes(name, tuple(f["labels"]), tuple(f["codes"]), tuple(f["token_ids"]))
+             for name, f in fields.items()]
+    return stored_fingerprint(adapter) == legacy_prompt_fingerprint(task, adapter.prompt_style, codes)
+
+
+def check_adapter_servable(adapter: Any, task: TaskSpec, codes: dict[str, LabelCodes], max_lora_rank: int) -> None:
+    """ValueError unless the adapter was trained for exactly this prompt (the student's view of
+    the task, label codes, style: the fingerprint stored in its metadata) and fits the engine's
+    LoRA rank."""
+    from pathlib import Path
+
+    if not fingerprint_matches(adapter, task, list(codes.values())):
+        expected = prompt_fingerprint(task, adapter.prompt_style, list(codes.values()))
+        raise ValueError(
+            f"adapter {adapter.adapter_id} was trained for prompt fingerprint {stored_fingerprint(adapter)!r}; "
+            f"this engine renders {expected!r} (task {task.name!r}: a field, label or input changed "
+            f"since it was trained): refusing to serve it until `triage distill` trains one for this task")
     config = Path(adapter.path) / "adapter_config.json"
     rank = json.loads(config.read_text()).get("r", 0) if config.is_file() else 0
     if rank > max_lora_rank:
@@ -201,9 +237,42 @@ def render_prompt(
     )
 
 
+def student_view(task: TaskSpec, style: PromptStyle) -> str:
+    """The task as the student's prompts and label codes depend on it (JSON): the inputs shown
+    before the ticket, each field's name and labels in order (an entities field: its type
+    names), and what `render_prompt` shows in this style besides (instruct: the instructions
+    and descriptions). Output limits (max_entities, max_span_chars) bound decoding, not what
+    an adapter learnt: left out too."""
+    instruct = PromptStyle(style) is PromptStyle.instruct
+    fields: list[dict[str, Any]] = []
+    for spec in task.fields:
+        if isinstance(spec, EntityFieldSpec):
+            types = [[t.name, t.description] if instruct else t.name for t in spec.entity_types]
+            item: dict[str, Any] = {"name": spec.name, "entity_types": types}
+        else:
+            item = {"name": spec.name, "labels": list(spec.labels)}
+        if instruct:
+            item["description"] = spec.description
+        fields.append(item)
+    view: dict[str, Any] = {"inputs": [[i.name, i.shown_as] for i in task.inputs], "fields": fields}
+    if instruct:
+        view["instructions"] = task.instructions
+    return json.dumps(view, separators=(",", ":"), ensure_ascii=False)
+
+
 def prompt_fingerprint(task: TaskSpec, style: PromptStyle, codes: Sequence[LabelCodes]) -> str:
-    """Hash of everything that shapes the prompt: stored with adapters and training rows."""
-    material = task.fingerprint_json() + str(PromptStyle(style).value)
+    """Hash of everything that shapes the student's prompts and codes: stored with adapters."""
+    return _fingerprint("student-v2:" + student_view(task, style), task, style, codes)
+
+
+def legacy_prompt_fingerprint(task: TaskSpec, style: PromptStyle, codes: Sequence[LabelCodes]) -> str:
+    """The fingerprint adapters recorded before `student_view`: the whole task, teacher
+    material included (`TaskSpec.fingerprint_json`). Only ever compared, never written."""
+    return _fingerprint(task.fingerprint_json(), task, style, codes)
+
+
+def _fingerprint(material: str, task: TaskSpec, style: PromptStyle, codes: Sequence[LabelCodes]) -> str:
+    material += str(PromptStyle(style).value)
     if task.entity_field is not None:
         material += ENTITY_FORMAT  # how the entities are written is part of the prompt contract
     if PromptStyle(style) is PromptStyle.compact:

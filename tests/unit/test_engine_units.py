@@ -98,6 +98,17 @@ def test_adapters_for_another_prompt_or_a_bigger_rank_are_refused(tmp_path, code
     assert Path(tmp_path / "adapter_config.json").exists()
 
 
+def test_a_teacher_only_edit_keeps_the_adapter_and_a_new_label_does_not(tmp_path, tokenizer, codes):
+    good = prompt_fingerprint(TASK, PromptStyle.compact, list(codes.values()))
+    typo = TASK.model_copy(update={"instructions": TASK.instructions + " (typo fixed)", "examples": []})
+    check_adapter_servable(_adapter(tmp_path, good, 8), typo, build_all_codes(typo, tokenizer), max_lora_rank=16)
+    spec = TASK.model_dump()
+    spec["fields"][0]["labels"].append("crypto_question")
+    more = TaskSpec.model_validate(spec)
+    with pytest.raises(ValueError, match="a field, label or input changed"):
+        check_adapter_servable(_adapter(tmp_path, good, 8), more, build_all_codes(more, tokenizer), max_lora_rank=16)
+
+
 class EngineDeadError(RuntimeError):
     """Stands in for vllm.v1.engine.exceptions.EngineDeadError (matched by name)."""
 
