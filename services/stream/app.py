@@ -77,6 +77,7 @@ class TriageService:
         self.exit_code = 0  # what `triage serve` exits with: non-zero when this replica broke
         self._failed_attempts = 0  # consecutive failed attempts of the current batch
         self._dead: str | None = None  # why this replica stopped itself (readiness stays false)
+        self._refused: str | None = None  # the adapter id whose last swap failed (logged once)
         # acks="all": a result counts as published only once every in-sync replica has it.
         self.broker = broker or KafkaBroker(settings.bootstrap_servers, acks="all", logger=log)
         self.subscriber: Any = None
@@ -115,20 +116,24 @@ class TriageService:
             background = []
             if self.runs_student:
                 classifier = self._injected["classifier"]
-                if classifier is None and self.shared_engine is not None:
-                    classifier = self.shared_engine.classifier(self.task)
+                if classifier is None:
+                    if self.shared_engine is not None:
+                        classifier = self.shared_engine.classifier(self.task)
+                    else:  # a single-task process: an engine of its own
+                        classifier = await stack.enter_async_context(
+                            VllmClassifier.started(EngineConfig.from_settings(s), self.task))
+                    wanted = None
                     try:
-                        await classifier.use_adapter(self._current_adapter())
+                        wanted = self._current_adapter()
+                        await classifier.use_adapter(wanted)
                     except Exception:
-                        # One task's broken adapter must not stop the others: this task serves
-                        # the base model (uncalibrated: everything escalates) and the registry
-                        # watch retries the adapter at every poll.
+                        # A broken adapter, or one trained for another version of the task (a
+                        # label changed), must not stop the service (nor the other tasks): this
+                        # task serves the base model (uncalibrated: its tickets escalate) and
+                        # the registry watch retries the adapter at every poll.
+                        self._refused = getattr(wanted, "adapter_id", None)
                         log.exception("task %s: the registry's current adapter failed to load; serving "
                                       "the base model until it loads", self.name)
-                if classifier is None:
-                    classifier = await stack.enter_async_context(
-                        VllmClassifier.started(EngineConfig.from_settings(s), self.task, self._current_adapter())
-                    )
                 self.pipeline = TicketPipeline(
                     classifier=classifier,
                     escalation=EscalationConfig(s.confidence_threshold, s.eval_share, s.eval_share_cold),
@@ -256,8 +261,13 @@ class TriageService:
             try:
                 await self.pipeline.classifier.use_adapter(wanted)
             except Exception:
-                log.exception("hot-swap to %s failed; keeping %s", wanted, live)
+                # Retried at every poll (a load can fail transiently); the traceback once per id.
+                again = self._refused == getattr(wanted, "adapter_id", None)
+                self._refused = getattr(wanted, "adapter_id", None)
+                log.log(logging.DEBUG if again else logging.ERROR, "hot-swap to %s failed; keeping %s",
+                        wanted, live, exc_info=not again)
                 return False
+            self._refused = None
             new_id = getattr(wanted, "adapter_id", None)
             log.info("hot-swapped adapter %s -> %s", getattr(live, "adapter_id", None), new_id)
             self.metrics.adapter_swapped(new_id)

@@ -173,6 +173,46 @@ def _stale_adapter(folder: Path, fingerprint: str, weights: bytes = b"w") -> Pat
     return folder
 
 
+async def test_a_refused_adapter_leaves_the_service_on_the_base_model(tmp_path, monkeypatch, caplog):
+    import asyncio
+    import logging
+    from contextlib import asynccontextmanager
+
+    from services.settings import Settings
+    from services.stream import app as app_module
+    from services.student.registry import AdapterRegistry
+
+    registry = AdapterRegistry(tmp_path / "registry")
+    registry.promote(registry.add(_stale_adapter(tmp_path / "stale", "0123456789abcdef")).adapter_id, "test")
+
+    class Classifier:  # the engine's adapter check over the fake tokenizer's codes
+        live_adapter = None
+
+        def __init__(self, task):
+            self.task, self.codes = task, build_all_codes(task, OneTokenCodes())
+
+        async def use_adapter(self, adapter):
+            if adapter is not None:
+                check_adapter_servable(adapter, self.task, self.codes, max_lora_rank=16)
+            self.live_adapter = adapter
+
+    @asynccontextmanager
+    async def started(config, task, adapter=None):
+        yield Classifier(task)
+
+    monkeypatch.setattr(app_module.VllmClassifier, "started", started)
+    settings = Settings(_env_file=None, bootstrap_servers="127.0.0.1:9", metrics_port=0, role="student",
+                        registry_dir=tmp_path / "registry", data_dir=tmp_path / "data", registry_poll_s=0.05)
+    service = app_module.TriageService(settings)
+    with caplog.at_level(logging.DEBUG, logger="services.stream.app"):
+        async with service.resources() as pipeline:  # starts instead of crashing
+            assert pipeline.classifier.live_adapter is None  # the base model: uncalibrated
+            await asyncio.sleep(0.3)  # a few registry polls retry it
+    tracebacks = [r for r in caplog.records if r.exc_info and "refusing to serve it" in str(r.exc_info[1])]
+    assert len(tracebacks) == 1, [r.getMessage() for r in tracebacks]  # once, not every poll
+    assert any(r.levelno == logging.DEBUG and "hot-swap" in r.getMessage() for r in caplog.records)
+
+
 async def test_the_next_distil_gates_against_no_adapter_when_the_live_one_is_stale(tmp_path):
     from services.student.registry import AdapterRegistry, content_id
     from services.teacher.training_log import TrainingLog
