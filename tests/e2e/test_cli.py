@@ -53,6 +53,17 @@ def _kill_group(pgid: int) -> None:
         pass
 
 
+def stop_serve(serve: subprocess.Popen) -> str:
+    """SIGTERM a `triage serve` subprocess (SIGKILL its group after 60 s): its output."""
+    serve.send_signal(signal.SIGTERM)
+    try:
+        out, _ = serve.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        _kill_group(serve.pid)
+        out, _ = serve.communicate()
+    return out
+
+
 def tail(text: str, lines: int = 60) -> str:
     return "\n".join((text or "").splitlines()[-lines:])
 

@@ -12,14 +12,13 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import signal
 import subprocess
 import uuid
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.test_cli import TRIAGE, _kill_group, check, run_cli, start_standin, tail
+from tests.e2e.test_cli import TRIAGE, _kill_group, check, run_cli, start_standin, stop_serve, tail
 
 pytestmark = pytest.mark.e2e
 
@@ -56,12 +55,7 @@ def serve_and_stream(env: dict, cwd: Path, messages: list, until) -> tuple[list,
 
         received = asyncio.run(stream())
     finally:
-        serve.send_signal(signal.SIGTERM)
-        try:
-            serve_out, _ = serve.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            _kill_group(serve.pid)
-            serve_out, _ = serve.communicate()
+        serve_out = stop_serve(serve)
     return received, serve_out
 
 

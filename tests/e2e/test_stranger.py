@@ -12,14 +12,13 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import signal
 import subprocess
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.test_cli import TRIAGE, _kill_group, check, run_cli, start_standin, tail
+from tests.e2e.test_cli import TRIAGE, _kill_group, check, run_cli, start_standin, stop_serve, tail
 
 pytestmark = pytest.mark.e2e
 
@@ -133,12 +132,7 @@ def test_a_new_desk_cold_starts_from_live_traffic_alone(tmp_path, cli_env):
             status = json.loads(check(run_cli(["status"], env, tmp_path, 120)))
             assert status["current"] == summary["current_id"]
         finally:
-            serve.send_signal(signal.SIGTERM)
-            try:
-                serve_out, _ = serve.communicate(timeout=60)
-            except subprocess.TimeoutExpired:
-                _kill_group(serve.pid)
-                serve_out, _ = serve.communicate()
+            serve_out = stop_serve(serve)
             _kill_group(standin.pid)
             standin.wait()
     assert "desk-secret" not in serve_out  # the key never reaches the logs
