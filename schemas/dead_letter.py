@@ -41,5 +41,18 @@ class DeadLetter(BaseModel):
             **fields,
         )
 
+    @classmethod
+    def of_record(cls, record: object, *, copy_limit: int, reason: str, detail: str,
+                  ticket_id: str | None = None) -> DeadLetter:
+        """The envelope of a consumed record (anything with value, key, topic, partition and
+        offset: an aiokafka record or the pipeline's InboundRecord), as every lane writes it."""
+        key = getattr(record, "key", None)
+        return cls.of(
+            getattr(record, "value", None), copy_limit=copy_limit, reason=reason, detail=detail[:1000],
+            source_topic=getattr(record, "topic"), partition=getattr(record, "partition"),
+            offset=getattr(record, "offset"), ticket_id=ticket_id,
+            key_b64=cls.encode(key[:1024]) if key is not None else None,
+        )
+
     def original(self) -> bytes:
         return base64.b64decode(self.original_b64)

@@ -150,16 +150,8 @@ class TicketPipeline:
         log.warning("dead-lettered: %s (%s)", rejection.reason, rejection.detail,
                     extra={"topic": record.topic, "partition": record.partition, "ticket_id": ticket_id,
                            "offset": record.offset, "reason": rejection.reason})
-        envelope = DeadLetter.of(
-            record.value, copy_limit=self.dead_letter_copy_bytes,
-            reason=rejection.reason,
-            detail=rejection.detail[:1000],
-            source_topic=record.topic,
-            partition=record.partition,
-            offset=record.offset,
-            key_b64=DeadLetter.encode(record.key[:1024]) if record.key is not None else None,
-            ticket_id=ticket_id,
-        )
+        envelope = DeadLetter.of_record(record, copy_limit=self.dead_letter_copy_bytes, reason=rejection.reason,
+                                        detail=rejection.detail, ticket_id=ticket_id)
         return Outcome("dead_letter", record.key, envelope.model_dump_json().encode(), record)
 
     def threshold(self, adapter: Any = LIVE) -> float | dict[str, float]:
@@ -251,9 +243,11 @@ class TicketPipeline:
 
     def _escalation(self, record: InboundRecord, ticket: Ticket, result: Classification, kind: str,
                     unsure: list[str] | None = None, sample: str | None = None) -> Outcome:
-        ticket_time_ms = record.timestamp_ms if record.timestamp_ms and record.timestamp_ms > 0 else None
-        if ticket_time_ms is None:  # no producer timestamp: from when this batch arrived
-            ticket_time_ms = int((self.wall_clock() - (self.clock() - record.received_at)) * 1000)
+        # The deadline runs from the producer's timestamp, but never from later than this batch
+        # arrived: a clock ahead (or a made-up CreateTime) must not postpone the promise.
+        arrived_ms = int((self.wall_clock() - (self.clock() - record.received_at)) * 1000)
+        ticket_time_ms = min(record.timestamp_ms, arrived_ms) if record.timestamp_ms and record.timestamp_ms > 0 \
+            else arrived_ms
         request = Escalation(kind=kind, ticket_id=ticket.id, text=ticket.full_text(self.inputs),
                              student_result=result, ticket_time_ms=ticket_time_ms,
                              unsure_fields=unsure or None, sample=sample,

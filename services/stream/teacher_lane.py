@@ -10,6 +10,17 @@ a task at once; offsets are committed per partition up to the lowest record stil
 (`OffsetTracker`), so a crash re-delivers, never skips. At most `teacher_max_waiting` records
 are held: past it the partitions are paused (the rest waits in Kafka; lag grows, the alert
 fires) and resumed when there is room again.
+
+Rebalances (`_Rebalance`): a revoke commits the finished prefix and suspends the partition;
+its tasks run on. The assignment that follows keeps the partitions handed straight back (their
+re-read records are skipped while the first copy is in flight: one teacher call per record)
+and cancels the tasks of the others, whose new owner redoes them from the committed position.
+A record the consumer handed out before the rebalance but this worker sees after it is
+dropped (`_current`): it comes again from the new fetch position.
+
+A record whose handling keeps failing for a reason of its own (not the broker or the disk
+being unavailable) is dead-lettered after `RECORD_MAX_ATTEMPTS` (`escalation_failed`), so it
+cannot pin its partition's commit or loop forever.
 """
 
 from __future__ import annotations
@@ -17,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sqlite3
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any, AsyncIterator
 
@@ -34,6 +46,9 @@ from services.teacher.worker import EscalationResolver, TeacherSlots
 log = logging.getLogger(__name__)
 
 COMMIT_EVERY_S = 0.5
+# Attempts of one record whose failure is its own (a bug, a value the schemas refuse, a record
+# the producer refuses) before it is dead-lettered; unavailability is retried without a count.
+RECORD_MAX_ATTEMPTS = 4
 NO_TEACHER = "none configured — escalations are published unverified and nothing is labelled"
 
 
@@ -46,13 +61,14 @@ class TeacherWorker:
         self._injected = {"teacher": teacher, "training_log": training_log}
         self.tracker = OffsetTracker()
         self.resolver: EscalationResolver | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: dict[asyncio.Task[None], Any] = {}  # task -> its record's partition
+        self.retry_base_s = 0.5  # a failed record's backoff: base * 2^n, at most 30 s
         self._paused = False
         self._stopping = False
         # Manual commits: explicit per-partition offsets (`_commit`), never "all fetched".
         self.subscriber = broker.subscriber(
             settings.escalations_topic, group_id=settings.teacher_consumer_group,
-            listener=_CommitBeforeRevoke(self), **group_batch_options(settings))
+            listener=_Rebalance(self), **group_batch_options(settings))
         self.subscriber(self._handle_batch)
 
     @property
@@ -105,29 +121,58 @@ class TeacherWorker:
             await self._commit()
 
     async def _cancel_all(self) -> None:
-        for task in list(self._tasks):
+        await self._cancel(list(self._tasks), "the worker stops")
+
+    async def _cancel(self, tasks: list[asyncio.Task[None]], why: str) -> None:
+        """Cancel and wait; one log line with the teacher calls in progress (the calls a new
+        owner may pay for again)."""
+        if not tasks:
+            return
+        calls = self.resolver.slots.busy("escalation") + self.resolver.slots.busy("audit") if self.resolver else 0
+        log.info("teacher lane: cancelled %d escalations (%s; %d teacher calls in progress)",
+                 len(tasks), why, min(calls, len(tasks)))
+        for task in tasks:
             task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     # ---- records in -------------------------------------------------------------------------
     async def _handle_batch(self, msg: KafkaMessage) -> None:
         from aiokafka import TopicPartition
 
         raw = msg.raw_message if isinstance(msg.raw_message, tuple) else (msg.raw_message,)
+        by_partition: dict[Any, list[Any]] = {}
         for record in raw:
-            if self._stopping:
-                return
-            partition = TopicPartition(record.topic, record.partition)
-            if not self.tracker.add(partition, record.offset):
-                continue  # re-delivered while its first copy is still in flight here
-            task = asyncio.create_task(self._handle_record(record, partition))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            by_partition.setdefault(TopicPartition(record.topic, record.partition), []).append(record)
+        current = {tp: await self._current(tp) for tp in by_partition}
+        # No await from here on: a rebalance cannot slip between the ownership check and the add.
+        for partition, records in by_partition.items():
+            for record in records:
+                if self._stopping:
+                    return
+                if record.offset >= current[partition]:
+                    continue  # handed out before a rebalance: it comes again from the new position
+                epoch = self.tracker.add(partition, record.offset)
+                if epoch is None:
+                    continue  # not ours now, or a re-read while its first copy is in flight/done here
+                task = asyncio.create_task(self._handle_record(record, partition, epoch))
+                self._tasks[task] = partition
+                task.add_done_callback(self._forget_task)
         self.metrics.set_escalations_waiting(self.tracker.inflight())
         self._pause_if_full()
 
-    async def _handle_record(self, record: Any, partition: Any) -> None:
+    async def _current(self, partition: Any) -> int:
+        """The consumer's position: records below it were handed out in its current fetch
+        session; -1 (none current) when the partition is not assigned."""
+        consumer = self.subscriber.consumer
+        try:
+            return await consumer.position(partition) if consumer is not None else -1
+        except Exception:  # IllegalStateError: revoked meanwhile
+            return -1
+
+    def _forget_task(self, task: asyncio.Task[None]) -> None:
+        self._tasks.pop(task, None)
+
+    async def _handle_record(self, record: Any, partition: Any, epoch: int) -> None:
         assert self.resolver is not None
         request: Escalation | None = None
         try:
@@ -135,23 +180,30 @@ class TeacherWorker:
         except ValidationError as exc:
             invalid = str(exc)[:1000]
         ticket = request.ticket_id if request is not None else None
-        failures = 0
-        while True:  # only publishing / logging can fail here; the record stays uncommitted
+        failures, waits = 0, 0
+        while True:  # the record stays uncommitted until it has an acknowledged outcome
             try:
                 if request is None:
-                    await self._dead_letter(record, invalid)
+                    await self._dead_letter(record, "invalid_escalation", invalid)
+                elif failures >= RECORD_MAX_ATTEMPTS:
+                    await self._dead_letter(record, "escalation_failed", failed, ticket_id=ticket)
                 else:
                     await self.resolver.resolve(request)
                 break
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                failures += 1
-                log.error("escalation record (ticket %s) failed (%s: %s); attempt %d, retrying", ticket,
-                          type(exc).__name__, str(exc)[:300], failures, exc_info=exc if failures == 1 else None,
+                waits += 1
+                counted = not _unavailable(exc)
+                failures += counted
+                failed = f"{type(exc).__name__}: {str(exc)[:900]} (after {failures} attempts)"
+                log.error("escalation record (ticket %s) failed (%s: %s); attempt %d of %d%s", ticket,
+                          type(exc).__name__, str(exc)[:300], failures, RECORD_MAX_ATTEMPTS,
+                          "" if counted else " (unavailable: retried without a count)",
+                          exc_info=exc if waits == 1 else None,
                           extra={"topic": record.topic, "partition": record.partition, "offset": record.offset})
-                await asyncio.sleep(min(30.0, 0.5 * 2 ** min(failures, 6)))
-        self.tracker.done(partition, record.offset)
+                await asyncio.sleep(min(30.0, self.retry_base_s * 2 ** min(waits - 1, 6)))
+        self.tracker.done(partition, record.offset, epoch)
         self.metrics.set_escalations_waiting(self.tracker.inflight())
 
     async def _publish_result(self, result: Classification) -> None:
@@ -165,16 +217,15 @@ class TeacherWorker:
         future = await self.broker.publish(payload, topic, key=key, headers=headers, no_confirm=True)
         await future  # acknowledged by the broker, or raises
 
-    async def _dead_letter(self, record: Any, detail: str) -> None:
+    async def _dead_letter(self, record: Any, reason: str, detail: str, *, ticket_id: str | None = None) -> None:
         from schemas.dead_letter import DeadLetter
 
-        log.warning("dead-lettered an invalid escalation record: %s", detail[:200],
+        log.warning("dead-lettered an escalation record: %s (%s)", reason, detail[:200],
                     extra={"topic": record.topic, "partition": record.partition, "offset": record.offset})
-        envelope = DeadLetter.of(record.value, copy_limit=self.settings.dead_letter_copy_bytes,
-                                 reason="invalid_escalation", detail=detail, source_topic=record.topic,
-                                 partition=record.partition, offset=record.offset)
+        envelope = DeadLetter.of_record(record, copy_limit=self.settings.dead_letter_copy_bytes,
+                                        reason=reason, detail=detail, ticket_id=ticket_id)
         await self._send(self.settings.dead_letter_topic, record.key, envelope.model_dump_json().encode())
-        self.metrics.dead_lettered("invalid_escalation")
+        self.metrics.dead_lettered(reason)
 
     # ---- offsets, backpressure, lag ----------------------------------------------------------
     def _pause_if_full(self) -> None:
@@ -241,9 +292,9 @@ class TeacherWorker:
         return {**(self.resolver.summary() if self.resolver else {}), "waiting": self.tracker.inflight()}
 
 
-class _CommitBeforeRevoke(ConsumerRebalanceListener):  # type: ignore[misc]
-    """aiokafka rebalance listener: commit finished work of partitions about to move, then
-    forget them (their unfinished records go to the new owner, which redoes them)."""
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    """aiokafka rebalance listener (see the module docstring): a revoke commits the finished
+    prefix and suspends; the assignment keeps what came back and cancels the rest."""
 
     def __init__(self, worker: TeacherWorker) -> None:
         self.worker = worker
@@ -251,7 +302,30 @@ class _CommitBeforeRevoke(ConsumerRebalanceListener):  # type: ignore[misc]
     async def on_partitions_revoked(self, revoked: Any) -> None:
         with contextlib.suppress(Exception):
             await self.worker._commit(only=revoked)
-        self.worker.tracker.forget(revoked)
+        self.worker.tracker.revoke(revoked)
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
-        return None
+        w = self.worker
+        consumer = w.subscriber.consumer
+        positions = {}
+        for tp in assigned:  # aiokafka refreshes committed offsets before calling this
+            with contextlib.suppress(Exception):  # revoked again meanwhile: not ours
+                positions[tp] = await consumer.position(tp)
+        dropped = set(w.tracker.assign(positions))
+        doomed = [task for task, tp in w._tasks.items() if tp in dropped]  # before any await
+        kept = w.tracker.inflight(positions)  # handed straight back: their tasks run on
+        log.info("teacher lane: assigned %d partitions; %d escalations in flight kept, %d on partitions "
+                 "now elsewhere", len(positions), kept, len(doomed))
+        w._pause_if_full()
+        await w._cancel(doomed, "their partitions were assigned elsewhere")
+        w.metrics.set_escalations_waiting(w.tracker.inflight())
+
+
+def _unavailable(exc: BaseException) -> bool:
+    """The broker or the disk is unavailable (retry as long as it takes), as opposed to a
+    failure of this record's own (bounded, then dead-lettered)."""
+    from aiokafka import errors
+
+    if isinstance(exc, (OSError, TimeoutError, sqlite3.OperationalError, errors.KafkaTimeoutError)):
+        return True
+    return isinstance(exc, errors.KafkaError) and bool(getattr(exc, "retriable", False))

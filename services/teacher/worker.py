@@ -185,7 +185,9 @@ class EscalationResolver:
         if answer is None:
             asking = asyncio.create_task(self._ask(request.text, "escalation", asked))
             try:
-                remaining = request.ticket_time_ms / 1000 + self.deadline_s - self.wall_clock()
+                # At most deadline_s from now: a ticket time ahead of this clock (another host's
+                # clock, a made-up CreateTime) must not postpone the promise.
+                remaining = min(self.deadline_s, request.ticket_time_ms / 1000 + self.deadline_s - self.wall_clock())
                 if remaining > 0:
                     await asyncio.wait({asking}, timeout=remaining)
                 if not asking.done():  # past the deadline: users get the student's answer now

@@ -1,4 +1,5 @@
-"""The teacher worker's decisions with fakes: offsets, slots, deadlines, corrections, audits."""
+"""The teacher worker's decisions with fakes: slots, deadlines, corrections, audits (offsets:
+test_offsets.py)."""
 
 import asyncio
 import time
@@ -7,39 +8,9 @@ import pytest
 
 from schemas.classification import Classification, FieldPrediction
 from schemas.escalation import Escalation
-from services.stream.offsets import OffsetTracker
 from services.teacher.client import TeacherAnswer, TeacherUnavailable
 from services.teacher.training_log import TrainingLog
 from services.teacher.worker import EscalationResolver, TeacherSlots
-
-
-# ---- offsets ------------------------------------------------------------------------------------
-def test_commit_position_is_the_lowest_offset_still_in_flight():
-    t = OffsetTracker()
-    for offset in (10, 11, 12):
-        assert t.add("p0", offset)
-    assert t.committable() == {"p0": 10}  # nothing done: everything from 10 is redone on a crash
-    t.done("p0", 11)
-    t.done("p0", 12)
-    assert t.committable() == {"p0": 10}  # 10 still in flight holds the position back
-    t.mark_committed(t.committable())
-    assert t.committable() == {}  # no movement, nothing to commit
-    t.done("p0", 10)
-    assert t.committable() == {"p0": 13}
-    t.mark_committed({"p0": 13})
-    assert not t.add("p0", 12)  # a re-delivery of a finished record is skipped
-    assert t.inflight() == 0
-
-
-def test_partitions_are_independent_and_revoked_ones_forgotten():
-    t = OffsetTracker()
-    t.add("p0", 0)
-    t.add("p1", 5)
-    t.done("p1", 5)
-    assert t.committable() == {"p1": 6}  # p0: nothing finished yet, position 0 is already implied
-    t.forget(["p1"])
-    t.done("p1", 5)  # a task of a revoked partition finishing late: ignored
-    assert "p1" not in t.committable() and t.inflight() == 1
 
 
 # ---- slots --------------------------------------------------------------------------------------
