@@ -69,7 +69,8 @@ async def engine(settings: Any, registry: str | None = None) -> AsyncIterator[An
     """The real vLLM student with the service's own engine settings: the base model, or the
     current adapter of `registry` (e.g. one `triage distill` promoted)."""
     from schemas.task import TaskSpec
-    from services.student.engine import EngineConfig, VllmClassifier
+    from services.student.engine import EngineConfig
+    from services.student.shared_engine import started_classifier
     from services.student.model_store import ensure_student_model
     from services.student.registry import AdapterRegistry
 
@@ -78,7 +79,7 @@ async def engine(settings: Any, registry: str | None = None) -> AsyncIterator[An
     adapter = AdapterRegistry(Path(registry)).current() if registry else None
     if registry and adapter is None:
         raise SystemExit(f"{registry}: no current adapter")
-    async with VllmClassifier.started(EngineConfig.from_settings(settings), task, adapter) as classifier:
+    async with started_classifier(EngineConfig.from_settings(settings), task, adapter) as classifier:
         yield classifier
 
 

@@ -23,7 +23,7 @@ class Ticket(BaseModel):
     subject: str | None = Field(default=None, max_length=1000)
     created_at: datetime | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
-    # Set by triage when a router task forwarded this ticket (services/stream/routing.py).
+    # Set by triage when a router task forwarded this ticket (schemas/forwarding.py).
     route_chain: list[RouteHop] = Field(default_factory=list, max_length=MAX_ROUTE_HOPS)
 
     @field_validator("text")

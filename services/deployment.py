@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 if TYPE_CHECKING:
     from services.settings import Settings
-    from services.stream.routing import Router
+    from schemas.forwarding import Router
 
 # Process-wide: one engine, one broker connection, one metrics port for every task.
 ENGINE_SETTINGS = frozenset({
@@ -147,7 +147,7 @@ class Deployment(BaseModel):
 
     def router(self, base: Settings, name: str, inputs: dict[str, frozenset[str]] | None = None) -> Router | None:
         """`inputs`: task -> its TaskSpec's input names, for the tasks whose spec loaded."""
-        from services.stream.routing import Router
+        from schemas.forwarding import Router
 
         t = self.task(name)
         if t.route is None:

@@ -242,7 +242,7 @@ async def evaluate(
     `final_names`: adapters that also get the final report (default: all). `cache_dir`: keep
     each adapter's predictions per text (`PredictionCache`), so the next cycle scores the live
     adapter only on held-out rows it has not seen."""
-    from services.student.engine import VllmClassifier
+    from services.student.shared_engine import started_classifier
 
     async def predict(clf, data: HeldOut, ref: Any, name: str) -> list:
         import sys
@@ -285,7 +285,7 @@ async def evaluate(
     if classifier is not None:
         results = await run(classifier)
     else:
-        async with VllmClassifier.started(engine_config, task, adapter=None) as clf:
+        async with started_classifier(engine_config, task, adapter=None) as clf:
             results = await run(clf)
     if out_dir is not None:
         out = Path(out_dir)

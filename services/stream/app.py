@@ -24,11 +24,12 @@ from faststream import FastStream
 from faststream.kafka import KafkaBroker
 from faststream.kafka.annotations import KafkaMessage
 
+from schemas.forwarding import Router
 from schemas.task import TaskSpec
-from services.student.engine import Classifier, EngineConfig, VllmClassifier
+from services.student.engine import Classifier, EngineConfig
+from services.student.shared_engine import started_classifier
 from services.stream.kafka_io import group_batch_options, report_lag
 from services.stream.pipeline import EscalationConfig, InboundRecord, Outcome, TicketPipeline
-from services.stream.routing import Router
 from services.stream.teacher_lane import TeacherWorker
 from services.logs import configure_logging, log_context
 from services.settings import Settings
@@ -121,7 +122,7 @@ class TriageService:
                         classifier = self.shared_engine.classifier(self.task)
                     else:  # a single-task process: an engine of its own
                         classifier = await stack.enter_async_context(
-                            VllmClassifier.started(EngineConfig.from_settings(s), self.task))
+                            started_classifier(EngineConfig.from_settings(s), self.task))
                     wanted = None
                     try:
                         wanted = self._current_adapter()

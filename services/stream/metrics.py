@@ -25,15 +25,13 @@ from typing import Any, Literal, get_args
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from services.teacher.client import TEACHER_OUTCOMES  # the teacher's own outcome names
+
 log = logging.getLogger(__name__)
 
 Route = Literal["student", "teacher", "unverified"]
-TeacherOutcome = Literal[
-    "ok", "error", "timeout", "rate_limited", "invalid_answer", "circuit_open", "over_budget"
-]
 TokenKind = Literal["prompt", "completion"]
 ROUTES: tuple[str, ...] = get_args(Route)
-TEACHER_OUTCOMES: tuple[str, ...] = get_args(TeacherOutcome)
 TOKEN_KINDS: tuple[str, ...] = get_args(TokenKind)
 
 # The text format `generate_latest` writes.
@@ -205,7 +203,7 @@ class ServiceMetrics:
 
     def teacher_request(
         self,
-        outcome: TeacherOutcome,
+        outcome: str,
         latency_s: float | None = None,
         *,
         prompt_tokens: int = 0,
@@ -240,6 +238,10 @@ class ServiceMetrics:
         """Drop a partition's series (call on rebalance when it is revoked)."""
         with contextlib.suppress(KeyError):
             self.consumer_lag.remove(topic, str(partition))
+
+    def answer_rejected(self, source: str, reason: str, n: int = 1) -> None:
+        """`n` answers or entity spans of `source` (teacher / student) refused for `reason`."""
+        self.rejected_answers.labels(source, reason).inc(n)
 
     def forwarded_to(self, task: str) -> None:
         self.forwarded.labels(to=task).inc()

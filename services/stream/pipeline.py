@@ -23,7 +23,7 @@ from schemas.ticket import Ticket
 from services.student.engine import LIVE, Classifier, EngineRejection, StudentPrediction
 from schemas.training import eval_sample_source
 from services.teacher.escalation import RollingRate, unsure_fields
-from services.stream.routing import Router, forwarded_result
+from schemas.forwarding import Router, forwarded_result
 from services.stream.validation import Rejection, parse_ticket
 
 if TYPE_CHECKING:

@@ -10,10 +10,9 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, AsyncIterator, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
 from schemas.answer import entity_list_schema, span_candidates
 from schemas.classification import EntityPrediction, FieldPrediction
@@ -154,7 +153,8 @@ def _lora_int_id(adapter_id: str) -> int:
 
 
 class VllmClassifier:
-    """Classifier backed by vLLM's AsyncLLM. Start it with `VllmClassifier.started(...)`."""
+    """Classifier backed by vLLM's AsyncLLM: a view of one task on a `StudentEngine`
+    (services/student/shared_engine.py: `started_classifier` for an engine of its own)."""
 
     def __init__(self, engine: Any, tokenizer: Any, task: TaskSpec, config: EngineConfig) -> None:
         self._engine = engine
@@ -165,20 +165,6 @@ class VllmClassifier:
         self.model_name = Path(config.model_path).name
         self._live: AdapterRef | None = None
         self._prefix_cache: dict[tuple[str, str, str], list[int]] = {}
-
-    @classmethod
-    @asynccontextmanager
-    async def started(
-        cls, config: EngineConfig, task: TaskSpec, adapter: AdapterRef | None = None
-    ) -> AsyncIterator[VllmClassifier]:
-        """An engine of its own serving one task (a multi-task process shares one
-        `StudentEngine` between its tasks instead)."""
-        from services.student.shared_engine import StudentEngine
-
-        async with StudentEngine.started(config) as engine:
-            classifier = engine.classifier(task)
-            await classifier.use_adapter(adapter)
-            yield classifier
 
     @property
     def live_adapter(self) -> AdapterRef | None:

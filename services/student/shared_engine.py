@@ -4,6 +4,9 @@
 gives a `VllmClassifier` for one TaskSpec. Every task's classifier submits its requests to
 the same engine with its own adapter (`LoRARequest`), so vLLM's scheduler packs tickets of
 different tasks into the same forward passes; each task's live adapter is its own.
+`started_classifier(config, task)`: one task on an engine of its own.
+
+This module builds on services/student/engine.py (the classifier), never the reverse.
 """
 
 from __future__ import annotations
@@ -13,9 +16,11 @@ import os
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, AsyncIterator
 
+from services.student.engine import EngineConfig, VllmClassifier
+
 if TYPE_CHECKING:
     from schemas.task import TaskSpec
-    from services.student.engine import EngineConfig, VllmClassifier
+    from services.student.registry import AdapterRef
 
 
 class StudentEngine:
@@ -27,8 +32,6 @@ class StudentEngine:
 
     def classifier(self, task: TaskSpec) -> VllmClassifier:
         """A classifier for `task` on this engine, serving the base model until `use_adapter`."""
-        from services.student.engine import VllmClassifier
-
         view = VllmClassifier(self.llm, self.tokenizer, task, self.config)
         self._views.append(view)
         return view
@@ -93,3 +96,14 @@ class StudentEngine:
                     view._engine = None
                 engine.llm = None
             del llm
+
+
+@asynccontextmanager
+async def started_classifier(config: EngineConfig, task: TaskSpec,
+                             adapter: AdapterRef | None = None) -> AsyncIterator[VllmClassifier]:
+    """An engine of its own serving one task (a multi-task process shares one `StudentEngine`
+    between its tasks instead)."""
+    async with StudentEngine.started(config) as engine:
+        classifier = engine.classifier(task)
+        await classifier.use_adapter(adapter)
+        yield classifier

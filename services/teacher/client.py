@@ -42,12 +42,23 @@ from services.teacher.prompt import (
 
 if TYPE_CHECKING:
     from services.settings import Settings
-    from services.stream.metrics import ServiceMetrics
 
 log = logging.getLogger(__name__)
 
 REASONS = ("circuit_open", "over_budget", "error", "timeout", "rate_limited", "invalid_answer")
+# Every outcome of one teacher request: the label values of triage_teacher_requests_total. The
+# teacher owns them; the stream layer's metrics read them from here, never the other way round.
+TEACHER_OUTCOMES = ("ok", *REASONS)
 OnRequest = Callable[[str, float, int, int, float], None]
+
+
+class TeacherMetrics(Protocol):
+    """Where `build_teacher` reports (services.stream.metrics.ServiceMetrics is one)."""
+
+    def teacher_request(self, outcome: str, latency_s: float | None = None, *, prompt_tokens: int = 0,
+                        completion_tokens: int = 0, cost_usd: float = 0.0) -> None: ...
+
+    def answer_rejected(self, source: str, reason: str, n: int = 1) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -313,9 +324,8 @@ class OpenAITeacher:
 
 
 # --- the one factory -----------------------------------------------------------------------
-def build_teacher(settings: Settings, task: TaskSpec, metrics: ServiceMetrics | None = None) -> OpenAITeacher:
+def build_teacher(settings: Settings, task: TaskSpec, metrics: TeacherMetrics | None = None) -> OpenAITeacher:
     """The one teacher factory: an `OpenAITeacher` from settings, reporting to `metrics`."""
-    from services.stream.metrics import TEACHER_OUTCOMES
 
     def on_request(outcome: str, latency: float, p_tok: int, c_tok: int, cost: float) -> None:
         if metrics is not None:
@@ -343,5 +353,5 @@ def build_teacher(settings: Settings, task: TaskSpec, metrics: ServiceMetrics | 
         partial_max_share=settings.teacher_partial_max_share,
     )
     if metrics is not None:
-        teacher.on_rejected_answer = lambda reason: metrics.rejected_answers.labels("teacher", reason).inc()
+        teacher.on_rejected_answer = lambda reason: metrics.answer_rejected("teacher", reason)
     return teacher

@@ -32,19 +32,18 @@ import random
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Protocol
 
 from schemas.answer import entity_set
 from schemas.classification import Classification, Route
 from schemas.escalation import Escalation
+from schemas.forwarding import Forward, Router, forwarded_result
 from schemas.task import Entity
 from schemas.training import TrainingExample
-from services.stream.routing import Forward, Router, forwarded_result
 from services.teacher.client import TeacherUnavailable
 from services.teacher.escalation import AuditEstimator
 
 if TYPE_CHECKING:
-    from services.stream.metrics import ServiceMetrics
     from services.teacher.client import Teacher
     from services.teacher.training_log import TrainingLog
 
@@ -53,7 +52,17 @@ log = logging.getLogger(__name__)
 # publish(result) -> None once the broker acknowledged it (raises otherwise).
 PublishResult = Callable[[Classification], Awaitable[None]]
 # send_forward(forward) -> None: a router task's forwarded ticket, acknowledged by the broker.
-SendForward = Callable[["Forward"], Awaitable[None]]
+SendForward = Callable[[Forward], Awaitable[None]]
+
+
+class WorkerMetrics(Protocol):
+    """Where the worker reports (services.stream.metrics.ServiceMetrics is one)."""
+
+    def observe_result(self, route: str, confidence: float | None, e2e_seconds: float | None = None) -> None: ...
+    def corrected(self, n: int = 1) -> None: ...
+    def forwarded_to(self, task: str) -> None: ...
+    def set_audit(self, accuracy: float, samples: int) -> None: ...
+    def training_examples_logged(self, n: int = 1) -> None: ...
 
 
 class TeacherSlots:
@@ -152,7 +161,7 @@ def agrees(student: Classification, labels: dict[str, Any]) -> bool:
 class EscalationResolver:
     def __init__(
         self, *, teacher: Teacher | None, training_log: TrainingLog | None, publish: PublishResult,
-        deadline_s: float, slots: TeacherSlots, metrics: ServiceMetrics | None = None,
+        deadline_s: float, slots: TeacherSlots, metrics: WorkerMetrics | None = None,
         max_ticket_attempts: int = 3, retry_base_s: float = 0.5, retry_max_s: float = 10.0,
         wall_clock: Callable[[], float] = time.time,
         router: Router | None = None, send_forward: SendForward | None = None,

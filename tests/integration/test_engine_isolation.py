@@ -18,8 +18,9 @@ import pytest
 
 from schemas.task import TaskSpec
 from services.dev.datasets import load_split
-from services.student.engine import EngineConfig, EngineRejection, StudentPrediction, VllmClassifier
+from services.student.engine import EngineConfig, EngineRejection, StudentPrediction
 from services.student.registry import AdapterRef
+from services.student.shared_engine import started_classifier
 from tests.conftest import make_lora
 
 pytestmark = pytest.mark.integration
@@ -63,7 +64,7 @@ async def test_a_field_with_150_labels_gets_the_whole_distribution(student_model
     task = TaskSpec.model_validate({"name": "wide", "instructions": "Pick the intent.",
                                     "fields": [{"name": "intent", "description": "intent", "labels": labels}]})
     config = EngineConfig(model_path=student_model_path, max_num_seqs=32)
-    async with VllmClassifier.started(config, task) as wide:
+    async with started_classifier(config, task) as wide:
         out = await wide.classify(ORDINARY)
     for prediction in out:
         assert isinstance(prediction, StudentPrediction)

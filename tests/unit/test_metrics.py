@@ -254,3 +254,23 @@ async def test_set_lag_per_partition() -> None:
         parsed = samples((await get(port, "/metrics"))[2])
     lag = {dict(k[1])["partition"]: v for k, v in parsed.items() if k[0] == "triage_consumer_lag"}
     assert lag == {"0": 5, "2": 0}
+
+
+def test_the_teacher_reports_here_through_its_own_port() -> None:
+    """build_teacher takes any TeacherMetrics (the teacher layer never imports this module):
+    every request outcome it can report is a label here, and its refused answers are counted."""
+    from schemas.task import TaskSpec, default_task_path
+    from services.settings import Settings
+    from services.teacher.client import TEACHER_OUTCOMES, build_teacher
+
+    m = ServiceMetrics()
+    settings = Settings(_env_file=None, teacher_base_url="http://127.0.0.1:9/v1", teacher_model="m")
+    teacher = build_teacher(settings, TaskSpec.from_file(default_task_path()), m)
+    for outcome in TEACHER_OUTCOMES:
+        teacher._notify(outcome, 0.1, 0, 0, 0.0)  # what OpenAITeacher reports per request
+    teacher._notify("something_new", 0.1, 0, 0, 0.0)  # an outcome the metric does not know: "error"
+    teacher.on_rejected_answer("span_not_in_text")
+    parsed = samples(m.exposition().decode())
+    assert {o: value(parsed, "triage_teacher_requests_total", outcome=o) for o in TEACHER_OUTCOMES} == {
+        o: 2 if o == "error" else 1 for o in TEACHER_OUTCOMES}
+    assert value(parsed, "triage_rejected_answers_total", source="teacher", reason="span_not_in_text") == 1

@@ -10,13 +10,13 @@ from pydantic import ValidationError
 
 from schemas.classification import Classification, FieldPrediction
 from schemas.escalation import Escalation
+from schemas.forwarding import Router
 from schemas.routing import MAX_ROUTE_HOPS
 from schemas.task import TaskSpec
 from schemas.ticket import Ticket
 from services.deployment import Deployment
 from services.settings import Settings
 from services.stream.pipeline import EscalationConfig, TicketPipeline
-from services.stream.routing import Router
 from services.teacher.client import TeacherAnswer
 from services.teacher.worker import EscalationResolver, TeacherSlots
 from tests.unit.test_pipeline import FakeClassifier, record

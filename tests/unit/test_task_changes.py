@@ -200,7 +200,7 @@ async def test_a_refused_adapter_leaves_the_service_on_the_base_model(tmp_path, 
     async def started(config, task, adapter=None):
         yield Classifier(task)
 
-    monkeypatch.setattr(app_module.VllmClassifier, "started", started)
+    monkeypatch.setattr(app_module, "started_classifier", started)
     settings = Settings(_env_file=None, bootstrap_servers="127.0.0.1:9", metrics_port=0, role="student",
                         registry_dir=tmp_path / "registry", data_dir=tmp_path / "data", registry_poll_s=0.05)
     service = app_module.TriageService(settings)

@@ -1,4 +1,6 @@
-"""A router task forwards each ticket it answers to the task its answer names. Pure functions.
+"""A router task forwards each ticket it answers to the task its answer names. Pure functions,
+shared by the student lane (services/stream/pipeline.py) and the teacher worker
+(services/teacher/worker.py), so both sit below the stream layer.
 
 A router is an ordinary task (TaskSpec, adapter, thresholds, teacher, flywheel) whose
 deployment entry says which of its categorical fields picks the next task (`route.field`) and
