@@ -3,8 +3,15 @@
 - `examples`: one row per distinct text (UNIQUE `content_hash`). `version` is an
   AUTOINCREMENT rowid, so it only grows and is never reused: the trainer records the version
   it trained up to and `examples(up_to_version=v)` reproduces that data set exactly.
-  A second answer for a known text keeps the first; a different label is counted in
-  `conflicts` (the teacher disagreeing with itself is worth watching).
+- A second answer for a known text: a field the row already has keeps its first value (a
+  different value is recorded in `conflicts`: the teacher disagreeing with itself is worth
+  watching); a field the row lacks (the first answer was partial: the teacher was asked for
+  the student's unsure fields only) is merged in. A row whose labels grew gets a **new
+  version**, like a new row: `version()` moves, so the next training run sees that the data
+  changed and an incremental read (`after_version`) finds it. Its previous state moves to
+  `superseded` (with the version that replaced it), so `examples(up_to_version=v)` still
+  returns every row as it was at `v` and a run's data set stays reproducible. The merged row
+  keeps the first answer's source (its held-out side never changes), model and ticket.
 - Tickets the teacher has not answered yet wait in Kafka (the escalations topic), not here:
   the training log holds teacher answers only. (Logs written by older releases may still
   hold a `pending` table; it is left alone.)
@@ -25,14 +32,27 @@ import sqlite3
 import threading
 from datetime import datetime
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
+from schemas.answer import entity_set
 from schemas.training import TrainingExample, content_hash
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS examples (
     version       INTEGER PRIMARY KEY AUTOINCREMENT,
     content_hash  TEXT NOT NULL UNIQUE,
+    text          TEXT NOT NULL,
+    labels        TEXT NOT NULL,
+    teacher_model TEXT NOT NULL,
+    prompt_hash   TEXT NOT NULL,
+    source        TEXT NOT NULL,
+    ticket_id     TEXT,
+    created_at    TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS superseded (
+    version       INTEGER PRIMARY KEY,
+    superseded_by INTEGER NOT NULL,
+    content_hash  TEXT NOT NULL,
     text          TEXT NOT NULL,
     labels        TEXT NOT NULL,
     teacher_model TEXT NOT NULL,
@@ -58,6 +78,13 @@ _CHUNK = 500  # stays far below SQLite's bound-parameter limit
 
 def _labels_json(labels: dict[str, str]) -> str:
     return json.dumps(labels, sort_keys=True, ensure_ascii=False)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """One field's two values agree (entities as sets of (type, span): order is no answer)."""
+    if isinstance(a, list) and isinstance(b, list):
+        return entity_set(a) == entity_set(b)
+    return a == b
 
 
 class TrainingLog:
@@ -106,38 +133,61 @@ class TrainingLog:
 
     # --- examples ----------------------------------------------------------------------
     def append(self, examples: Iterable[TrainingExample]) -> int:
-        """Insert new texts; returns how many were new. Duplicates keep the first answer."""
+        """Insert new texts and merge new fields into known ones (see the module docstring);
+        returns how many rows were inserted or grew."""
         rows = list(examples)
         if not rows:
             return 0
 
         def insert(conn: sqlite3.Connection) -> int:
-            inserted = 0
+            written = 0
             for ex in rows:
-                labels = _labels_json(ex.labels)
                 created = ex.created_at.isoformat()
                 # Look before inserting (the IMMEDIATE transaction makes this race-free):
                 # INSERT OR IGNORE would burn an AUTOINCREMENT number per duplicate.
                 kept = conn.execute(
-                    "SELECT labels FROM examples WHERE content_hash = ?", (ex.content_hash,)
+                    "SELECT version, labels FROM examples WHERE content_hash = ?", (ex.content_hash,)
                 ).fetchone()
                 if kept is None:
                     conn.execute(
                         "INSERT INTO examples (content_hash, " + _COLUMNS + ")"
                         " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                        (ex.content_hash, ex.text, labels, ex.teacher_model, ex.prompt_hash,
-                         ex.source, ex.ticket_id, created),
+                        (ex.content_hash, ex.text, _labels_json(ex.labels), ex.teacher_model,
+                         ex.prompt_hash, ex.source, ex.ticket_id, created),
                     )
-                    inserted += 1
-                elif kept[0] != labels:
+                    written += 1
+                    continue
+                version, stored = kept[0], json.loads(kept[1])
+                if any(k in stored and not _same(stored[k], v) for k, v in ex.labels.items()):
                     conn.execute(
                         "INSERT INTO conflicts (content_hash, labels, teacher_model, source,"
                         " created_at) VALUES (?, ?, ?, ?, ?)",
-                        (ex.content_hash, labels, ex.teacher_model, ex.source, created),
+                        (ex.content_hash, _labels_json(ex.labels), ex.teacher_model, ex.source, created),
                     )
-            return inserted
+                added = {k: v for k, v in ex.labels.items() if k not in stored}
+                if added:
+                    self._grow(conn, version, {**stored, **added})
+                    written += 1
+            return written
 
         return self._write(insert)
+
+    @staticmethod
+    def _grow(conn: sqlite3.Connection, version: int, labels: dict[str, Any]) -> None:
+        """The row at `version` with `labels`, under a new version; its old state superseded."""
+        conn.execute(
+            "INSERT INTO superseded (version, superseded_by, content_hash, " + _COLUMNS + ")"
+            " SELECT version, -1, content_hash, " + _COLUMNS + " FROM examples WHERE version = ?",
+            (version,),
+        )
+        conn.execute("DELETE FROM examples WHERE version = ?", (version,))
+        new_version = conn.execute(
+            "INSERT INTO examples (content_hash, " + _COLUMNS + ")"
+            " SELECT content_hash, text, ?, teacher_model, prompt_hash, source, ticket_id, created_at"
+            " FROM superseded WHERE version = ?",
+            (_labels_json(labels), version),
+        ).lastrowid
+        conn.execute("UPDATE superseded SET superseded_by = ? WHERE version = ?", (new_version, version))
 
     def version(self) -> int:
         """Version of the last inserted example (0 when empty). Never decreases."""
@@ -149,10 +199,12 @@ class TrainingLog:
     ) -> list[TrainingExample]:
         """Examples with after_version < version <= up_to_version, in version order."""
         upper = up_to_version if up_to_version is not None else 2**63 - 1
+        # A row that grew after `upper` is read as it was then (its superseded state).
         rows = self._read(
-            f"SELECT {_COLUMNS} FROM examples WHERE version > ? AND version <= ?"
-            " ORDER BY version",
-            (after_version, upper),
+            f"SELECT version, {_COLUMNS} FROM examples WHERE version > ? AND version <= ?"
+            f" UNION ALL SELECT version, {_COLUMNS} FROM superseded"
+            " WHERE version > ? AND version <= ? AND superseded_by > ? ORDER BY version",
+            (after_version, upper, after_version, upper, upper),
         )
         return [
             TrainingExample(
@@ -160,7 +212,7 @@ class TrainingLog:
                 prompt_hash=prompt_hash, source=source, ticket_id=ticket_id,
                 created_at=datetime.fromisoformat(created),
             )
-            for text, labels, model, prompt_hash, source, ticket_id, created in rows
+            for _, text, labels, model, prompt_hash, source, ticket_id, created in rows
         ]
 
     def count(self) -> int:

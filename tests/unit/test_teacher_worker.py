@@ -172,3 +172,60 @@ async def test_a_sampled_escalation_is_logged_as_held_out_not_as_training(traini
     assert [p.route.value for p in published] == ["teacher"] * 3
     sources = {e.text: e.source for e in training_log.examples()}
     assert sources == {"sampled one": "sample", "sampled cold": "sample-cold", "not sampled": "live"}
+
+
+class EntityTeacher:
+    """Answers the intent and the country as the ticket spells it (what the client's check lets through)."""
+
+    model = "fake-teacher"
+
+    def __init__(self):
+        self.asked = []
+
+    async def label(self, text, fields=None):
+        self.asked.append(text)
+        country = next(w for w in ("Spain", "SPAIN", "spain") if w in text)
+        return TeacherAnswer({"intent": "lost_or_stolen_card", "entities": [{"type": "country", "text": country}]},
+                             self.model, "ph", 10, 2, 0.001, 0.0)
+
+
+def entity_request(ticket_id: str, text: str) -> Escalation:
+    from schemas.classification import EntityPrediction
+    from schemas.task import Entity
+
+    guess = [Entity(type="country", text="Spain")]
+    student = Classification(
+        ticket_id=ticket_id, fields={"intent": "card_arrival"}, entities=guess,
+        sources={"intent": "student", "entities": "student"}, confidence=0.3, route="unverified",
+        model="student", student={"intent": FieldPrediction(label="card_arrival", confidence=0.3)},
+        student_entities=EntityPrediction(entities=guess, confidence=0.2), latency_ms=5.0, engine_ms=3.0)
+    return Escalation(kind="escalation", ticket_id=ticket_id, text=text, student_result=student,
+                      ticket_time_ms=int(time.time() * 1000))
+
+
+async def test_partial_answers_for_one_text_add_up_instead_of_paying_the_teacher_each_time(training_log):
+    """The teacher is asked for the unsure fields only: the intent for one escalation, the
+    entities for the next of the same text. The second answer merges into the logged row, so
+    a third escalation of that text is answered from the log."""
+
+    class PartialTeacher(EntityTeacher):
+        def fields_for(self, text, unsure):
+            return list(unsure)
+
+        async def label(self, text, fields=None):
+            full = await super().label(text)
+            return TeacherAnswer({k: full.labels[k] for k in fields}, self.model, "ph", 10, 2, 0.001, 0.0)
+
+    teacher = PartialTeacher()
+    r, published = resolver(teacher, training_log)
+    for ticket_id, unsure in (("T-1", ["intent"]), ("T-2", ["entities"]), ("T-3", ["entities"]), ("T-4", ["intent"])):
+        escalation = entity_request(ticket_id, "I lost my card in Spain")
+        escalation.unsure_fields = unsure
+        await r.resolve(escalation)
+    assert len(teacher.asked) == 2 and r.summary()["reused"] == 2
+    [row] = training_log.examples()
+    assert row.labels == {"intent": "lost_or_stolen_card", "entities": [{"type": "country", "text": "Spain"}]}
+    assert training_log.stats()["conflicts"] == 0
+    assert [p.sources for p in published] == [{"intent": "teacher", "entities": "student"},
+                                              {"intent": "student", "entities": "teacher"},
+                                              *[{"intent": "teacher", "entities": "teacher"}] * 2]  # the whole row

@@ -148,3 +148,34 @@ def test_log_from_an_older_release_with_a_backlog_table_still_opens(tmp_path):
     with TrainingLog(path) as log:
         log.append([ex("one")])
         assert log.count() == 1 and log.stats()["examples"] == 1
+
+
+def test_a_later_answer_merges_the_fields_a_partial_row_lacks_under_a_new_version(log):
+    """A partial answer (the teacher was asked for the unsure fields only) does not block the
+    rest: later fields merge in, a disagreeing stored field stays a conflict, and the grown
+    row is a new version while reads pinned to an older one still see the row as it was."""
+    def answer(**labels) -> TrainingExample:
+        return TrainingExample(text="Card lost in Spain", labels=labels, teacher_model="t", prompt_hash="p")
+
+    spain = [{"type": "country", "text": "Spain"}, {"type": "city", "text": "Madrid"}]
+    log.append([answer(intent="lost_or_stolen_card"), ex("other")])
+    assert log.version() == 2
+    assert log.append([answer(intent="lost_or_stolen_card", entities=spain)]) == 1  # grew
+    assert log.version() == 3 and log.count() == 2 and log.stats()["conflicts"] == 0
+    assert log.answer_for("card lost in spain").labels == {"intent": "lost_or_stolen_card", "entities": spain}
+    assert [e.labels for e in log.examples(after_version=2)] == [{"intent": "lost_or_stolen_card", "entities": spain}]
+    assert [e.labels for e in log.examples(up_to_version=2)] == [{"intent": "lost_or_stolen_card"}, {"intent": "a"}]
+
+    # a disagreeing intent is a conflict, never stored; the new priority still merges in
+    assert log.append([answer(intent="card_arrival", priority="high", entities=spain[::-1])]) == 1
+    grown = log.answer_for("Card lost in Spain")
+    assert grown.labels == {"intent": "lost_or_stolen_card", "entities": spain, "priority": "high"}
+    assert grown.source == "live" and log.stats()["conflicts"] == 1  # entity order is no conflict
+    assert log.version() == 4
+    assert [e.labels for e in log.examples(up_to_version=3)][1] == {"intent": "lost_or_stolen_card", "entities": spain}
+    assert [e.labels for e in log.examples(up_to_version=1)] == [{"intent": "lost_or_stolen_card"}]
+    assert [e.text for e in log.examples()] == ["other", "Card lost in Spain"]
+
+    assert log.append([answer(intent="lost_or_stolen_card", priority="high")]) == 0  # nothing new
+    assert log.version() == 4 and log.stats()["conflicts"] == 1
+
