@@ -7,12 +7,13 @@ deployment entry says which of its categorical fields picks the next task (`rout
 which label goes where (`route.to`). The ticket is forwarded, as received plus one
 `RouteHop`, to that task's tickets topic; the specialist's result carries the whole chain.
 
-Exactly once per answered ticket: a confident answer's forward is published with its result,
-before the batch's offsets are committed; an escalated ticket is forwarded by the teacher
-worker right after its first published answer (the teacher's, or the student's `unverified`
-one at the deadline; a later teacher correction does not forward again). As everywhere in
-triage, a crash between publish and commit re-delivers (at least once); specialists key
-their results by ticket id, so a repeat overwrites the same key.
+Once per ticket, on its first published answer: a confident answer's forward is published with
+its result, before the batch's offsets are committed; an escalated ticket is forwarded by the
+teacher worker on its first published answer (the teacher's, or the student's `unverified` one
+at the deadline). The worker records that first answer's routing label in the training log
+before publishing, so a later correction and a re-delivered escalation forward nothing new and
+name the same `forwarded_to`. A crash between the forward and its commit may repeat that same
+forward (at least once); specialists key their results by ticket id, so a repeat overwrites.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import json
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Mapping
+
+from pydantic import ValidationError
 
 from schemas.classification import Classification
 from schemas.routing import MAX_ROUTE_HOPS, RouteHop
@@ -58,25 +61,37 @@ class Router:
         unknown = sorted(set(self.targets) - set(fields[self.field].labels))
         if unknown:
             raise ValueError(f"route.to names labels {unknown[:5]} that field {self.field!r} does not have")
+        # Every hop this router can write must fit RouteHop, or each such ticket fails at
+        # forwarding time (and its batch, or its escalation record, with it).
+        for label, target in self.targets.items():
+            try:
+                RouteHop(task=self.task, field=self.field, label=label, route="unverified", to=target)
+            except ValidationError as exc:
+                error = exc.errors()[0]
+                raise ValueError(f"task {self.task!r}: route {label[:40]!r} -> {target!r} cannot be forwarded: "
+                                 f"the hop's {error['loc'][0]}: {error['msg']}") from None
 
     def plan(self, ticket: Mapping[str, Any], result: Classification) -> Forward | None:
         """Where `result` sends `ticket` (None: its label routes nowhere, or a loop)."""
-        label = result.fields.get(self.field)
+        return self.forward(ticket, result.ticket_id, result.fields.get(self.field), result.route.value)
+
+    def forward(self, ticket: Mapping[str, Any], ticket_id: str, label: str | None, route: str) -> Forward | None:
+        """`plan` from the routing field's label and the answer's route alone: the same
+        forward, byte for byte, whenever it is rebuilt from a recorded first answer."""
         target = self.targets.get(label) if label is not None else None
         if target is None:
             return None
         chain = list(ticket.get("route_chain") or [])
         seen = {hop.get("task") for hop in chain if isinstance(hop, Mapping)} | {self.task}
         if target in seen or len(chain) >= MAX_ROUTE_HOPS:
-            log.warning("not forwarding ticket %s to %s: routing loop (chain %s)", result.ticket_id, target,
+            log.warning("not forwarding ticket %s to %s: routing loop (chain %s)", ticket_id, target,
                         [h.get("task") for h in chain if isinstance(h, Mapping)])
             return None
-        hop = RouteHop(task=self.task, field=self.field, label=label, route=result.route.value, to=target)
+        hop = RouteHop(task=self.task, field=self.field, label=label, route=route, to=target)
         forwarded = self._for_target(target, ticket)
         forwarded["route_chain"] = [*chain, hop.model_dump(mode="json")]
-        return Forward(target, self.topics[target], result.ticket_id.encode(),
+        return Forward(target, self.topics[target], ticket_id.encode(),
                        json.dumps(forwarded, ensure_ascii=False).encode())
-
 
     def _for_target(self, target: str, ticket: Mapping[str, Any]) -> dict[str, Any]:
         declared = self.inputs.get(target)

@@ -12,6 +12,10 @@
   `superseded` (with the version that replaced it), so `examples(up_to_version=v)` still
   returns every row as it was at `v` and a run's data set stays reproducible. The merged row
   keeps the first answer's source (its held-out side never changes), model and ticket.
+- `forwards`: for a router task, the routing label and route of each escalated ticket's first
+  published answer, and whether its forward was sent. It is the teacher worker's memory across
+  re-deliveries (services/teacher/worker.py): a correction or a re-delivered escalation
+  forwards nothing new and names the same `forwarded_to`.
 - Tickets the teacher has not answered yet wait in Kafka (the escalations topic), not here:
   the training log holds teacher answers only. (Logs written by older releases may still
   hold a `pending` table; it is left alone.)
@@ -59,6 +63,13 @@ CREATE TABLE IF NOT EXISTS superseded (
     prompt_hash   TEXT NOT NULL,
     source        TEXT NOT NULL,
     ticket_id     TEXT,
+    created_at    TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS forwards (
+    ticket_id     TEXT PRIMARY KEY,
+    label         TEXT,
+    route         TEXT NOT NULL,
+    sent          INTEGER NOT NULL DEFAULT 0,
     created_at    TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS conflicts (
@@ -228,6 +239,25 @@ class TrainingLog:
         return TrainingExample(text=text_, labels=json.loads(labels), teacher_model=model,
                                prompt_hash=prompt_hash, source=source, ticket_id=ticket_id,
                                created_at=datetime.fromisoformat(created))
+
+    # --- a router task's forwards ------------------------------------------------------
+    def first_forward(self, ticket_id: str, label: str | None, route: str) -> tuple[str | None, str, bool]:
+        """(label, route, sent) of this ticket's first published answer: `label` and `route`,
+        recorded now, when there was none; else the recorded ones (a correction, a
+        re-delivery): the forward is decided once, by the first answer users saw."""
+
+        def first(conn: sqlite3.Connection) -> tuple[str | None, str, bool]:
+            conn.execute(f"INSERT OR IGNORE INTO forwards (ticket_id, label, route, created_at)"
+                         f" VALUES (?, ?, ?, {_NOW})", (ticket_id, label, route))
+            got = conn.execute("SELECT label, route, sent FROM forwards WHERE ticket_id = ?",
+                               (ticket_id,)).fetchone()
+            return got[0], got[1], bool(got[2])
+
+        return self._write(first)
+
+    def forward_sent(self, ticket_id: str) -> None:
+        """The ticket's forward was acknowledged by the broker: a re-delivery sends it no more."""
+        self._write(lambda conn: conn.execute("UPDATE forwards SET sent = 1 WHERE ticket_id = ?", (ticket_id,)))
 
     def contains(self, text: str) -> bool:
         return bool(self.existing_hashes([content_hash(text)]))

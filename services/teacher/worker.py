@@ -21,6 +21,11 @@ waits for a slot, so they never starve escalations.
 
 Every teacher answer is logged before its result is published: a crash in between re-delivers
 the escalation and `resolve` republishes the logged answer without asking the teacher again.
+
+A router task forwards the ticket once, on its first published answer (schemas/forwarding.py).
+The training log keeps that answer's routing label before it is published: the correction
+and a re-delivered escalation (which finds the teacher's answer logged and would otherwise
+route on it) name the same `forwarded_to` and send nothing new.
 """
 
 from __future__ import annotations
@@ -63,6 +68,21 @@ class WorkerMetrics(Protocol):
     def forwarded_to(self, task: str) -> None: ...
     def set_audit(self, accuracy: float, samples: int) -> None: ...
     def training_examples_logged(self, n: int = 1) -> None: ...
+
+
+class _ForwardMemory:
+    """TrainingLog's `first_forward` / `forward_sent` for a worker without a log (tests): in
+    this process only, so a restarted worker may forward again."""
+
+    def __init__(self) -> None:
+        self._first: dict[str, list[Any]] = {}
+
+    def first_forward(self, ticket_id: str, label: str | None, route: str) -> tuple[str | None, str, bool]:
+        got = self._first.setdefault(ticket_id, [label, route, False])
+        return got[0], got[1], got[2]
+
+    def forward_sent(self, ticket_id: str) -> None:
+        self._first[ticket_id][2] = True
 
 
 class TeacherSlots:
@@ -168,6 +188,7 @@ class EscalationResolver:
     ) -> None:
         self.teacher, self.training_log, self.publish = teacher, training_log, publish
         self.router, self.send_forward = router, send_forward
+        self._forwards = training_log if training_log is not None else _ForwardMemory()
         self.deadline_s, self.slots, self.metrics = deadline_s, slots, metrics
         self.max_ticket_attempts, self.retry_base_s, self.retry_max_s = max_ticket_attempts, retry_base_s, retry_max_s
         self.wall_clock = wall_clock
@@ -217,10 +238,7 @@ class EscalationResolver:
             "teacher": answer.labels, "teacher_model": answer.model,
             "latency_ms": self._since_ticket_ms(request),
         })
-        if unverified_sent:  # a correction: the ticket was already forwarded on the first answer
-            await self.publish(result)
-        else:
-            await self._publish_first(request, result)
+        await self._publish(request, result)  # a correction names the first answer's forward
         self.stats.teacher_results += 1
         self.stats.corrections += int(unverified_sent)
         if self.metrics:
@@ -232,19 +250,25 @@ class EscalationResolver:
     async def _publish_unverified(self, request: Escalation) -> None:
         result = request.student_result.model_copy(update={
             "route": Route.unverified, "latency_ms": self._since_ticket_ms(request)})
-        await self._publish_first(request, result)
+        await self._publish(request, result)
         self.stats.unverified += 1
         if self.metrics:
             self.metrics.observe_result(Route.unverified.value, None, self._since_ticket_ms(request) / 1000)
 
-    async def _publish_first(self, request: Escalation, result: Classification) -> None:
-        """A ticket's first published answer; a router task's forward follows it."""
-        forward = None
+    async def _publish(self, request: Escalation, result: Classification) -> None:
+        """Publish one of the ticket's answers. A router task forwards on the first one only:
+        its routing label is recorded before it is published, and every later answer (the
+        correction, a re-delivery's) is published with that forward and sends it no more."""
+        forward, sent = None, True
         if self.router is not None and request.ticket is not None:
-            forward = self.router.plan(request.ticket, result)
+            label, route, sent = await asyncio.to_thread(
+                self._forwards.first_forward, request.ticket_id, result.fields.get(self.router.field),
+                result.route.value)
+            forward = self.router.forward(request.ticket, request.ticket_id, label, route)
         await self.publish(forwarded_result(result, forward))
-        if forward is not None and self.send_forward is not None:
+        if forward is not None and not sent and self.send_forward is not None:
             await self.send_forward(forward)
+            await asyncio.to_thread(self._forwards.forward_sent, request.ticket_id)
             if self.metrics:
                 self.metrics.forwarded_to(forward.task)
 

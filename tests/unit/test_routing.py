@@ -157,10 +157,80 @@ async def test_an_escalated_router_ticket_is_forwarded_once_by_its_first_answer(
     # past the deadline: the student's answer goes out (and forwards); the correction does not
     published, forwarded = await resolve(Teacher(delay_s=0.2), deadline_s=0.01)
     assert [p.route.value for p in published] == ["unverified", "teacher"]
-    assert [f.task for f in forwarded] == ["cards"] and published[1].forwarded_to is None
+    assert [f.task for f in forwarded] == ["cards"]
+    assert [p.forwarded_to for p in published] == ["cards", "cards"]  # the correction says where it went
     # no teacher at all: unverified at once, forwarded once
     published, forwarded = await resolve(None, deadline_s=5.0)
     assert [p.route.value for p in published] == ["unverified"] and len(forwarded) == 1
+
+
+async def test_a_redelivered_escalation_never_forwards_a_second_time(tmp_path):
+    """The deadline forwards on the student's label (cards); the teacher's answer (fraud) is
+    logged, then the worker dies before the correction is acknowledged. The re-delivered
+    escalation finds the teacher's answer in the log: it publishes it naming the first forward
+    and sends nothing, to neither task."""
+    from services.teacher.training_log import TrainingLog
+
+    teacher, published, forwarded, killed = Teacher(delay_s=0.2), [], [], []
+
+    async def dies_on_the_correction(r):
+        if r.route.value == "teacher" and not killed:
+            killed.append(r)
+            raise ConnectionError("worker killed before the correction was acknowledged")
+        published.append(r)
+
+    async def send_forward(f):
+        forwarded.append(f)
+
+    def worker(log):
+        return EscalationResolver(teacher=teacher, training_log=log, publish=dies_on_the_correction,
+                                  deadline_s=0.01, slots=TeacherSlots(4, 1), router=ROUTER,
+                                  send_forward=send_forward)
+
+    ticket = escalation()
+    with TrainingLog(tmp_path / "log.sqlite3") as log:
+        with pytest.raises(ConnectionError):
+            await worker(log).resolve(ticket)
+    assert [p.route.value for p in published] == ["unverified"] and [f.task for f in forwarded] == ["cards"]
+    with TrainingLog(tmp_path / "log.sqlite3") as log:  # the restarted worker, same durable log
+        redelivered = worker(log)
+        await redelivered.resolve(ticket)
+    assert redelivered.summary()["reused"] == 1  # answered from the log, the teacher not asked again
+    assert [p.route.value for p in published] == ["unverified", "teacher"]
+    assert published[1].fields == {"intent": "lost_or_stolen_card"}  # the teacher's label would say fraud
+    assert [p.forwarded_to for p in published] == ["cards", "cards"]
+    assert [f.task for f in forwarded] == ["cards"]  # forwarded once
+
+
+async def test_a_forward_lost_in_a_crash_is_resent_where_the_first_answer_sent_it(tmp_path):
+    """Recorded, then the worker died before the broker acknowledged the forward: the
+    re-delivery sends that same forward (the first answer's hop), even if by then the teacher
+    answered otherwise."""
+    from services.teacher.training_log import TrainingLog
+
+    published, forwarded, attempts = [], [], []
+
+    async def publish(r):
+        published.append(r)
+
+    async def send_forward(f):
+        attempts.append(f)
+        if len(attempts) == 1:
+            raise ConnectionError("killed before the forward was acknowledged")
+        forwarded.append(f)
+
+    with TrainingLog(tmp_path / "log.sqlite3") as log:
+        def worker(teacher, deadline_s):
+            return EscalationResolver(teacher=teacher, training_log=log, publish=publish, deadline_s=deadline_s,
+                                      slots=TeacherSlots(4, 1), router=ROUTER, send_forward=send_forward)
+
+        with pytest.raises(ConnectionError):
+            await worker(Teacher(delay_s=0.2), 0.01).resolve(escalation())
+        await worker(Teacher(), 5.0).resolve(escalation())  # now the teacher answers at once
+    assert [p.route.value for p in published] == ["unverified", "teacher"]
+    assert [p.forwarded_to for p in published] == ["cards", "cards"]
+    assert [f.task for f in forwarded] == ["cards"] and forwarded[0].payload == attempts[0].payload
+    assert json.loads(forwarded[0].payload)["route_chain"][-1]["route"] == "unverified"
 
 
 def test_cli_commands_take_a_task_of_the_deployment(tmp_path, monkeypatch, capsys):

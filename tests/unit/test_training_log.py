@@ -179,3 +179,14 @@ def test_a_later_answer_merges_the_fields_a_partial_row_lacks_under_a_new_versio
     assert log.append([answer(intent="lost_or_stolen_card", priority="high")]) == 0  # nothing new
     assert log.version() == 4 and log.stats()["conflicts"] == 1
 
+
+def test_a_forward_decision_is_the_first_answers_and_survives_a_reopen(tmp_path):
+    path = tmp_path / "log.sqlite3"
+    with TrainingLog(path) as first:
+        assert first.first_forward("T-1", "card_arrival", "unverified") == ("card_arrival", "unverified", False)
+        assert first.first_forward("T-1", "lost_or_stolen_card", "teacher") == ("card_arrival", "unverified", False)
+        first.forward_sent("T-1")
+        assert first.first_forward("T-2", None, "teacher") == (None, "teacher", False)
+    with TrainingLog(path) as second:  # a restarted worker (a re-delivery) sees the same decision
+        assert second.first_forward("T-1", "lost_or_stolen_card", "teacher") == ("card_arrival", "unverified", True)
+        assert second.count() == 0 and second.version() == 0  # not training data
