@@ -94,6 +94,15 @@ def span_as_written(span: str, text: str) -> str | None:
     return hay[at : at + len(needle)]
 
 
+def fields_holding_for(labels: Mapping[str, Any], text: str) -> dict[str, Any]:
+    """The fields of a logged answer that hold for `text`: an entities list only when every
+    span occurs in it (`span_in_text`, as `check_entities` requires of a fresh answer). The
+    log's dedup key folds case, so an answer is reused for other spellings of its text."""
+    return {name: value for name, value in labels.items() if not isinstance(value, list) or all(
+        isinstance(e, Mapping) and isinstance(e.get("text"), str) and span_in_text(e["text"], text)
+        for e in value)}
+
+
 def entity_problem(spec: EntityFieldSpec, item: Any, text: str) -> str | None:
     """Why one entity is invalid (a reason of ANSWER_REASONS), or None."""
     if not isinstance(item, Mapping) or set(item) != {"type", "text"} or not all(

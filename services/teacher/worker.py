@@ -21,6 +21,8 @@ waits for a slot, so they never starve escalations.
 
 Every teacher answer is logged before its result is published: a crash in between re-delivers
 the escalation and `resolve` republishes the logged answer without asking the teacher again.
+A logged answer is reused only where it holds for this ticket's text: the log's dedup key folds
+case, so a span of another spelling may not occur here (then the teacher is asked).
 
 A router task forwards the ticket once, on its first published answer (schemas/forwarding.py).
 The training log keeps that answer's routing label before it is published: the correction
@@ -39,7 +41,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Protocol
 
-from schemas.answer import entity_set
+from schemas.answer import entity_set, fields_holding_for
 from schemas.classification import Classification, Route
 from schemas.escalation import Escalation
 from schemas.forwarding import Forward, Router, forwarded_result
@@ -329,14 +331,16 @@ class EscalationResolver:
         return list(student.sources or student.fields)
 
     async def _known_answer(self, text: str, fields: list[str]) -> _Answer | None:
-        """The logged answer when it covers `fields` (a partial one may not)."""
+        """The logged answer when it covers `fields` for this very text: a partial one may
+        not, nor entities whose spans do not occur in it as a fresh answer's must."""
         if self.training_log is None:
             return None
         known = await asyncio.to_thread(self.training_log.answer_for, text)
-        if known is None or not set(fields) <= set(known.labels):
+        labels = fields_holding_for(known.labels, text) if known is not None else {}
+        if known is None or not set(fields) <= set(labels):
             return None
         self.stats.reused += 1
-        return _Answer(known.labels, known.teacher_model, known.prompt_hash, logged=True)
+        return _Answer(labels, known.teacher_model, known.prompt_hash, logged=True)
 
     async def _log(self, request: Escalation, answer: _Answer, *, source: str) -> None:
         if self.training_log is None:

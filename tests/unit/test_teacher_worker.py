@@ -203,6 +203,22 @@ def entity_request(ticket_id: str, text: str) -> Escalation:
                       ticket_time_ms=int(time.time() * 1000))
 
 
+async def test_a_logged_answer_is_reused_only_where_its_spans_occur_in_the_new_ticket(training_log):
+    """The log's dedup key folds case, so the answer logged for "... in Spain" is found for
+    "... IN SPAIN", where the span "Spain" does not occur: a fresh teacher answer with it would
+    be refused (span_not_in_text), so the reused one is not published either; the teacher is
+    asked. A whitespace variant keeps its spans and is answered from the log."""
+    teacher = EntityTeacher()
+    r, published = resolver(teacher, training_log)
+    await r.resolve(entity_request("T-1", "I lost my card in Spain"))
+    await r.resolve(entity_request("T-2", "I lost my card\n in   Spain"))
+    assert teacher.asked == ["I lost my card in Spain"] and r.summary()["reused"] == 1
+    await r.resolve(entity_request("T-3", "I LOST MY CARD IN SPAIN"))
+    assert teacher.asked == ["I lost my card in Spain", "I LOST MY CARD IN SPAIN"]
+    assert [[e.text for e in p.entities] for p in published] == [["Spain"], ["Spain"], ["SPAIN"]]
+    assert all(p.route.value == "teacher" for p in published)
+
+
 async def test_partial_answers_for_one_text_add_up_instead_of_paying_the_teacher_each_time(training_log):
     """The teacher is asked for the unsure fields only: the intent for one escalation, the
     entities for the next of the same text. The second answer merges into the logged row, so
