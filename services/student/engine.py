@@ -8,6 +8,7 @@ batching packs them into as few forward passes as the scheduler allows.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field, fields
@@ -145,11 +146,17 @@ async def _gather_or_cancel(coros: Sequence[Any]) -> list[Any]:
         raise
 
 
+_LORA_INT_IDS: dict[str, int] = {}  # adapter id -> vLLM LoRA int id, for the process's lifetime
+_LORA_INT_IDS_LOCK = threading.Lock()
+
+
 def _lora_int_id(adapter_id: str) -> int:
-    # vLLM keys its LoRA (and prefix) caches by this int: derive it from the content hash,
-    # so new weights always get a new id and never hit a stale cache entry.
-    digits = "".join(ch for ch in adapter_id if ch in "0123456789abcdef")
-    return int(digits[:7] or "1", 16) + 1
+    # vLLM keys its LoRA (and prefix) caches by this int: two adapters sharing one would be
+    # served each other's weights (a hash cut to fit an int collides). Adapter ids are content
+    # hashes (same id, same weights), so each gets the next int on first use and keeps it;
+    # an int is never handed to another id.
+    with _LORA_INT_IDS_LOCK:
+        return _LORA_INT_IDS.setdefault(adapter_id, len(_LORA_INT_IDS) + 1)
 
 
 class VllmClassifier:
