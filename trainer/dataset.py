@@ -2,8 +2,8 @@
 
 Rows come from the training log (up to a recorded version, so a run can be reproduced) or
 from a labelled TSV. Every row becomes one prompt per field, rendered by the shared prompt
-builder (`services.student.prompting.render_prompt`, compact style) and tokenised exactly as the
-serving engine does (`services.student.prompting.encode_prompt`); the target is the index of the
+builder and tokenised exactly as the serving engine does (`services.student.prompting`:
+`fit_ticket`, `prompt_ids`, compact style); the target is the index of the
 label's single-token code among the field's codes.
 
 The train/validation split is a pure function of each text's content hash, so a text stays
@@ -19,13 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from schemas.answer import entity_json, valid_fields
+from schemas.answer import entity_json, span_in_text, valid_fields
 from schemas.task import TaskSpec
 from schemas.training import (
     DEFAULT_COLD_ROWS_UNTIL, DEFAULT_HELDOUT_FRACTION, content_hash, hash_unit, in_hash_share, is_heldout,
 )
 from services.teacher.corpus import read_records
-from services.student.prompting import LabelCodes, PromptStyle, encode_prompt, fit_prompt, render_prompt
+from services.student.prompting import LabelCodes, PromptStyle, encode_text, fit_ticket, prompt_ids
 
 
 @dataclass(frozen=True)
@@ -215,26 +215,31 @@ def encode(
     max_tokens: int | None = None,
 ) -> list[Encoded]:
     """One `Encoded` per (row, field). A prompt longer than max_tokens has its ticket cut
-    (head + tail, by tokens) exactly as the engine cuts it, so a long ticket trains on the text
-    the service will see; only a ticket whose empty prompt cannot fit is skipped."""
+    (head + tail, by tokens) exactly as the engine cuts it for an adapter trained with this
+    `max_tokens` (`prompting.prompt_budget`), so a long ticket trains on the text the service
+    will see; an entity whose span was cut out is not trained on (the student cannot see it).
+    Only a ticket whose empty prompt cannot fit is skipped."""
     out = []
     for n, row in enumerate(rows):
         for spec in task.fields:
             if spec.name not in row.labels:
                 continue
             field_codes = codes.get(spec.name)
-            answer = (encode_prompt(tokenizer, entity_json(row.labels[spec.name]))
-                      if field_codes is None else [])
             if max_tokens is None:
-                ids = encode_prompt(tokenizer, render_prompt(task, spec.name, row.text, style, field_codes))
+                ids, kept = prompt_ids(tokenizer, task, spec.name, row.text, style, field_codes), row.text
             else:
-                fitted = fit_prompt(task, spec.name, row.text, style, field_codes, tokenizer,
-                                    max_tokens - len(answer))
+                fitted = fit_ticket(task, spec.name, row.text, style, field_codes, tokenizer, max_tokens)
                 if fitted is None:
                     continue
-                ids = fitted[0]
+                ids, kept = fitted.ids, fitted.text
             if field_codes is None:  # the entities field: learn to write the JSON
+                seen = [e for e in row.labels[spec.name] if span_in_text(_span(e), kept)]
+                answer = encode_text(tokenizer, entity_json(seen))
                 out.append(Encoded(tuple(ids) + tuple(answer), spec.name, -1, n, len(answer)))
             else:
                 out.append(Encoded(tuple(ids), spec.name, field_codes.labels.index(row.labels[spec.name]), n))
     return out
+
+
+def _span(entity: Any) -> str:
+    return entity["text"] if isinstance(entity, dict) else entity.text

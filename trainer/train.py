@@ -91,7 +91,8 @@ class TrainArgs:
     weight_decay: float = 0.0
     epochs: float = 6.0
     batch_size: int = 32
-    max_tokens: int = field(default=256, metadata={"help": "longer tickets are cut head+tail to fit, as in serving"})
+    max_tokens: int = field(default=256, metadata={"help": "prompt tokens: longer tickets are cut head+tail "
+                            "to fit; recorded with the adapter, serving cuts them the same way"})
     max_minutes: float = field(default=28.0, metadata={"help": "whole run, load to save"})
     max_steps: int = field(default=0, metadata={"help": "0 = epochs decide (tests use it)"})
     init_adapter: str = field(default="", metadata={"help": "start from this adapter's weights "
@@ -361,6 +362,7 @@ def main(args: TrainArgs) -> dict:
             "config_sha256": hashlib.sha256(config_file.read_bytes()).hexdigest() if config_file.exists() else None,
         },
         "prompt_style": PromptStyle.compact.value,
+        "max_prompt_tokens": args.max_tokens,  # serving cuts long tickets as trained (prompting.prompt_budget)
         "task": {
             "name": task.name,
             "prompt_fingerprint": prompt_fingerprint(task, PromptStyle.compact, list(codes.values())),

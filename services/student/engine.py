@@ -20,7 +20,6 @@ from schemas.classification import EntityPrediction, FieldPrediction
 from schemas.task import TaskSpec
 from services.student.outputs import (  # re-exported: imported from here too
     distribution_from_logprobs,
-    entity_max_tokens,
     field_prediction,
     parse_entity_output,
 )
@@ -28,7 +27,9 @@ from services.student.prompting import (
     PromptStyle,
     build_all_codes,
     check_adapter_servable,
+    entity_max_tokens,
     fit_prompt,
+    prompt_budget,
 )
 
 if TYPE_CHECKING:
@@ -214,9 +215,9 @@ class VllmClassifier:
         entity = self.task.entity_field
         fields = list(self.codes) + ([entity.name] if entity is not None else [])
         for name in fields:
-            room = entity_max_tokens(entity) if entity is not None and name == entity.name else 1
-            fitted = fit_prompt(self.task, name, text, style, self.codes.get(name), self._tokenizer,
-                                self.config.max_model_len - room)  # room for the output tokens
+            # the cut the adapter was trained with, within max_model_len less the output's room
+            budget = prompt_budget(self.task, name, self.config.max_model_len, adapter)
+            fitted = fit_prompt(self.task, name, text, style, self.codes.get(name), self._tokenizer, budget)
             if fitted is None:
                 return EngineRejection("too_many_tokens", f"the {name!r} prompt does not fit "
                                        f"max_model_len {self.config.max_model_len} even with an empty ticket",

@@ -45,12 +45,6 @@ def field_prediction(codes: LabelCodes, probs: list[float], top_k: int = 3) -> F
     )
 
 
-def entity_max_tokens(spec: Any) -> int:
-    """Output budget of the entities JSON: ~10 tokens of structure per entity plus its span
-    (a token is >= 1 character... usually ~3): bounded by the schema's maxItems/maxLength."""
-    return 4 + spec.max_entities * (10 + spec.max_span_chars // 2)
-
-
 def parse_entity_output(spec: Any, completion: Any, text: str) -> EntityPrediction:
     """One generated completion -> EntityPrediction (see VllmClassifier._entities)."""
     total = 0.0

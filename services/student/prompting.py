@@ -13,6 +13,11 @@ Two prompt styles:
   typical BANKING77 prompt): prompt tokens are the trainer's and the engine's whole cost on
   CPU. The template is part of the prompt fingerprint the adapter's metadata records.
 
+Prompts reach the model as token ids (`prompt_ids`): the template's chat markers are special
+tokens, the ticket is plain text whatever it contains (`encode_text`: no typed string becomes
+any special or added token of the loaded tokenizer). A long ticket is cut head + tail to the
+prompt length the adapter was trained with (`prompt_budget`), in the trainer and the engine.
+
 The fingerprint covers what the student's prompts and label codes depend on (`student_view`):
 the inputs shown before the ticket, each field's name and its labels in order (an entities
 field: its type names), the style, the template and the codes; the instruct prompt also
@@ -29,7 +34,7 @@ import json
 import string
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Protocol, Sequence
+from typing import Any, NamedTuple, Protocol, Sequence
 
 from schemas.task import EntityFieldSpec, FieldSpec, TaskSpec
 from schemas.text import normalise_whitespace
@@ -45,7 +50,7 @@ ENTITY_FORMAT = "entities:json-list-compact-v1"  # schemas.answer.entity_json
 
 
 class TokenizerLike(Protocol):
-    def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]: ...
+    def encode(self, text: str, add_special_tokens: bool = ..., **kwargs: Any) -> list[int]: ...
 
     def decode(self, ids: list[int]) -> str: ...
 
@@ -116,10 +121,50 @@ def build_all_codes(task: TaskSpec, tokenizer: TokenizerLike) -> dict[str, Label
 
 
 def normalise_text(text: str) -> str:
-    """Ticket text as the student sees it: whitespace collapsed (training and serving alike),
-    and `<|` / `|>` broken apart so typed text can never become a special token
-    (`<|im_end|>`, `<|im_start|>`) in either prompt style."""
-    return normalise_whitespace(text).replace("<|", "< |").replace("|>", "| >")
+    """Ticket text as the student sees it: whitespace collapsed (training and serving alike).
+    Typed special tokens stay text where text becomes ids (`encode_text`), not here."""
+    return normalise_whitespace(text)
+
+
+def _added_token_strings(tokenizer: Any) -> dict[int, str]:
+    """id -> string of the tokenizer's added tokens (specials and others: `<|im_end|>`,
+    `<filename>`, `[INST]`, `</s>` ...); {} for a tokenizer that lists none."""
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    return {int(i): str(getattr(t, "content", t)) for i, t in dict(added).items()}
+
+
+def encode_text(tokenizer: TokenizerLike, text: str) -> list[int]:
+    """Text -> ids as plain text: no typed string becomes a special or added token of this
+    tokenizer, whichever it is. The tokenizer splits its special tokens itself
+    (`split_special_tokens`); an added token it still matches (one not marked special, or a
+    tokenizer that ignores the flag) is broken apart in the text, `<tool_call>` ->
+    `< tool_call>`, and the text encoded again."""
+    added = {i: s for i, s in _added_token_strings(tokenizer).items() if len(s.strip()) > 1}
+    for _ in range(len(added) + 1):
+        ids = list(tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True))
+        hits = {added[i] for i in ids if i in added}
+        if not hits:
+            return ids
+        for s in sorted(hits, key=len, reverse=True):
+            text = text.replace(s, s[:1] + " " + s[1:])
+    # Not reached by any tokenizer seen (each pass breaks every hit); dropped rather than a
+    # failed batch: such an id must never reach the model.
+    return [i for i in ids if i not in added]
+
+
+def _template_ids(tokenizer: TokenizerLike, template: str) -> list[int]:
+    """The template's own text, whose chat markers are meant as special tokens."""
+    return list(tokenizer.encode(template, add_special_tokens=False)) if template else []
+
+
+def prompt_ids(tokenizer: TokenizerLike, task: TaskSpec, field: str, text: str, style: PromptStyle,
+               codes: LabelCodes | None) -> list[int]:
+    """The field's prompt as token ids, identically in serving and training (no implicit BOS):
+    the template's markers are special tokens, the ticket is plain text (`encode_text`). The
+    markers bound the segments the tokenizer encodes apart anyway, so an ordinary ticket gets
+    the ids its rendered prompt always had (adapters trained before stay valid)."""
+    head, middle, tail = _prompt_parts(task, field, normalise_text(text), style, codes)
+    return _template_ids(tokenizer, head) + encode_text(tokenizer, middle) + _template_ids(tokenizer, tail)
 
 
 def truncate_tokens(tokenizer: TokenizerLike, body_ids: Sequence[int], budget: int) -> str:
@@ -133,32 +178,67 @@ def truncate_tokens(tokenizer: TokenizerLike, body_ids: Sequence[int], budget: i
     return tokenizer.decode(list(body_ids[:head])) + " … " + kept_tail
 
 
-def encode_prompt(tokenizer: TokenizerLike, prompt: str) -> list[int]:
-    """Prompt -> token ids, identically in serving and training (no implicit BOS)."""
-    return list(tokenizer.encode(prompt, add_special_tokens=False))
+def entity_max_tokens(spec: Any) -> int:
+    """Output budget of the entities JSON: ~10 tokens of structure per entity plus its span
+    (a token is >= 1 character... usually ~3): bounded by the schema's maxItems/maxLength."""
+    return 4 + spec.max_entities * (10 + spec.max_span_chars // 2)
+
+
+def adapter_max_prompt_tokens(adapter: Any) -> int | None:
+    """The prompt length an adapter was trained with (longer tickets cut to fit it), from its
+    metadata (`max_prompt_tokens`; older adapters: the trainer's `max_tokens` argument);
+    None: the base model, or an adapter that recorded none."""
+    meta = getattr(adapter, "meta", None) or {}
+    value = meta.get("max_prompt_tokens") or (meta.get("hyperparameters") or {}).get("max_tokens")
+    return int(value) if value else None
+
+
+def prompt_budget(task: TaskSpec, field_name: str, max_model_len: int, adapter: Any = None) -> int:
+    """The most tokens the field's prompt may take when served: the cut the adapter was trained
+    with, within the model's length less room for the output (one code token; the entities
+    JSON). The trainer cuts at its `max_tokens` and records it with the adapter, so a long
+    ticket is cut the same way in both (past max_model_len the engine cannot follow)."""
+    spec = task.field(field_name)
+    room = entity_max_tokens(spec) if isinstance(spec, EntityFieldSpec) else 1
+    trained = adapter_max_prompt_tokens(adapter)
+    return max_model_len - room if trained is None else min(trained, max_model_len - room)
+
+
+class Fitted(NamedTuple):
+    ids: list[int]
+    truncated: bool
+    text: str  # the ticket as the prompt holds it (cut: "head … tail", normalised)
+
+
+def fit_ticket(
+    task: TaskSpec, field_name: str, text: str, style: PromptStyle, codes: LabelCodes | None,
+    tokenizer: TokenizerLike, max_tokens: int,
+) -> Fitted | None:
+    """The field's prompt with the ticket cut (head + tail, by tokens) to fit `max_tokens`, or
+    None when even an empty ticket does not fit. The engine and the trainer both call it with
+    `prompt_budget`'s number, so a long ticket is cut identically in training and serving."""
+    ids = prompt_ids(tokenizer, task, field_name, text, style, codes)
+    if len(ids) <= max_tokens:
+        return Fitted(ids, False, normalise_text(text))
+    overhead = len(prompt_ids(tokenizer, task, field_name, "", style, codes))
+    budget = max_tokens - overhead - 4  # the joiner and re-tokenisation at the cut points
+    body = encode_text(tokenizer, normalise_text(text))
+    while budget > 0:
+        cut = truncate_tokens(tokenizer, body, budget)
+        ids = prompt_ids(tokenizer, task, field_name, cut, style, codes)
+        if len(ids) <= max_tokens:
+            return Fitted(ids, True, normalise_text(cut))
+        budget -= max(1, len(ids) - max_tokens)
+    return None
 
 
 def fit_prompt(
     task: TaskSpec, field_name: str, text: str, style: PromptStyle, codes: LabelCodes | None,
     tokenizer: TokenizerLike, max_tokens: int,
 ) -> tuple[list[int], bool] | None:
-    """Token ids of the field's prompt with the ticket cut (head + tail, by tokens) to fit
-    `max_tokens`: (ids, truncated), or None when even an empty ticket does not fit.
-    The engine calls it with max_model_len - 1 (room for the code token); the trainer should
-    too, so a long ticket is cut identically in training and serving."""
-    ids = encode_prompt(tokenizer, render_prompt(task, field_name, text, style, codes))
-    if len(ids) <= max_tokens:
-        return ids, False
-    overhead = len(encode_prompt(tokenizer, render_prompt(task, field_name, "", style, codes)))
-    budget = max_tokens - overhead - 4  # the joiner and re-tokenisation at the cut points
-    body = tokenizer.encode(normalise_text(text), add_special_tokens=False)
-    while budget > 0:
-        cut = truncate_tokens(tokenizer, body, budget)
-        ids = encode_prompt(tokenizer, render_prompt(task, field_name, cut, style, codes))
-        if len(ids) <= max_tokens:
-            return ids, True
-        budget -= max(1, len(ids) - max_tokens)
-    return None
+    """`fit_ticket` as (ids, truncated)."""
+    fitted = fit_ticket(task, field_name, text, style, codes, tokenizer, max_tokens)
+    return None if fitted is None else (fitted.ids, fitted.truncated)
 
 
 def stored_fingerprint(adapter: Any) -> str | None:
@@ -212,29 +292,35 @@ def render_prompt(
     task: TaskSpec, field: str, text: str, style: PromptStyle, codes: LabelCodes | None
 ) -> str:
     """The prompt whose next token is the field's code (categorical) or the start of its JSON
-    list (the entities field: `codes` is None)."""
-    body = normalise_text(text)
+    list (the entities field: `codes` is None), as text; `prompt_ids` is what the model reads."""
+    return "".join(_prompt_parts(task, field, normalise_text(text), style, codes))
+
+
+def _prompt_parts(
+    task: TaskSpec, field: str, body: str, style: PromptStyle, codes: LabelCodes | None
+) -> tuple[str, str, str]:
+    """(template before, the text segment holding the ticket, template after): the chat
+    markers are in the first and last, the middle one is text only."""
     if PromptStyle(style) is PromptStyle.compact:
         # No instructions: the adapter learnt the task. The field name keeps fields apart; the
         # entities prompt shares the ticket's prefix with the categorical ones (prefix cache).
-        return COMPACT_TEMPLATE.format(body=body, field=field)
+        return "", COMPACT_TEMPLATE.format(body=body, field=field), ""
     spec = task.field(field)
+    after = "<|im_end|>\n<|im_start|>assistant\n"
     if isinstance(spec, EntityFieldSpec):
         types = "\n".join(f"- {t.name}: {t.description}" for t in spec.entity_types)
         return (
             f"<|im_start|>system\n{task.instructions}\nField: {spec.name} ({spec.description}).\n"
             f"Reply with a JSON list of {{\"type\",\"text\"}} objects, each text copied exactly "
-            f"from the message; [] when there is none.\nTypes:\n{types}<|im_end|>\n"
-            f"<|im_start|>user\n{body}<|im_end|>\n<|im_start|>assistant\n"
-        )
+            f"from the message; [] when there is none.\nTypes:\n{types}<|im_end|>\n<|im_start|>",
+            f"user\n{body}", after)
     assert codes is not None, f"categorical field {field!r} needs its label codes"
     table = "\n".join(f"{c} = {label}" for c, label in zip(codes.codes, codes.labels))
     # Shared prefix first (instructions + table), ticket last: maximises prefix-cache hits.
     return (
         f"<|im_start|>system\n{task.instructions}\nField: {spec.name} ({spec.description}).\n"
-        f"Reply with the code of the best label, nothing else.\nCodes:\n{table}<|im_end|>\n"
-        f"<|im_start|>user\n{body}<|im_end|>\n<|im_start|>assistant\n"
-    )
+        f"Reply with the code of the best label, nothing else.\nCodes:\n{table}<|im_end|>\n<|im_start|>",
+        f"user\n{body}", after)
 
 
 def student_view(task: TaskSpec, style: PromptStyle) -> str:
