@@ -257,7 +257,8 @@ class TriageService:
         async with self._swap_lock:
             wanted = await asyncio.to_thread(self._current_adapter)
             live = self.pipeline.classifier.live_adapter
-            if getattr(wanted, "adapter_id", None) == getattr(live, "adapter_id", None):
+            # The same id with a new threshold (registry.add re-calibrated it) is a swap too.
+            if all(getattr(wanted, k, None) == getattr(live, k, None) for k in ("adapter_id", "threshold")):
                 return False
             try:
                 await self.pipeline.classifier.use_adapter(wanted)

@@ -5,11 +5,12 @@ hot-swaps). Layout under `root`:
 
     adapters/<adapter_id>/      adapter_config.json, adapter_model.safetensors, triage_adapter.json
     current.json                {"adapter_id": ..., "stack": [previously promoted ids], ...}
-    history.jsonl               one line per promote / rollback (audit trail)
+    history.jsonl               one line per promote / rollback / metadata replaced (audit trail)
 
 - Ids are content hashes ("a-" + 16 hex of sha256 over the weight files and
   adapter_config.json): new weights always get a new id, so vLLM's per-LoRA caches can never
-  serve stale weights (DESIGN.md #9), and adding the same folder twice is a no-op.
+  serve stale weights (DESIGN.md #9), and adding the same folder twice is a no-op; adding the
+  same weights with other metadata (a new threshold) replaces the stored metadata.
 - `add` copies into a temp folder inside the registry and renames it into place; a reader
   never sees half an adapter. Nothing else is ever written into adapters/.
 - `current.json` is replaced atomically (tmp + fsync + os.replace) and carries the stack of
@@ -94,7 +95,8 @@ def read_meta(adapter_dir: str | Path) -> dict[str, Any]:
 
 
 def write_meta(adapter_dir: str | Path, meta: dict[str, Any]) -> None:
-    """Replace an adapter folder's metadata atomically (used before `add`, never after)."""
+    """Replace an adapter folder's metadata atomically (before `add`; `add` of the same
+    weights writes the registry's copy this way)."""
     _atomic_write(Path(adapter_dir) / META_FILE, json.dumps(meta, indent=1))
 
 
@@ -166,9 +168,12 @@ class AdapterRegistry:
 
     # --- adapters ---------------------------------------------------------------------------
     def add(self, adapter_dir: str | Path) -> AdapterRef:
-        """Copy an adapter folder in under its content id; adding the same weights again is a no-op."""
+        """Copy an adapter folder in under its content id. The same weights again (a re-run
+        that trained identical weights, a re-calibration) replace the stored metadata with
+        theirs, so a new threshold is never dropped (a `meta` line in the history; running
+        replicas pick it up at their next poll); identical metadata is a no-op."""
         adapter_dir = Path(adapter_dir)
-        read_meta(adapter_dir)  # refuse folders the service could not use
+        meta = read_meta(adapter_dir)  # refuse folders the service could not use
         adapter_id = content_id(adapter_dir)
         final = self.adapters_dir / adapter_id
         if not final.exists():
@@ -185,6 +190,14 @@ class AdapterRegistry:
                 _fsync_dir(self.adapters_dir)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
+        with self._locked():
+            stored = read_meta(final)
+            if stored != meta:
+                write_meta(final, meta)
+                before, after = (m.get("threshold") or {} for m in (stored, meta))
+                self._record({"event": "meta", "adapter_id": adapter_id, "previous": self.current_id(),
+                              "reason": f"metadata replaced (threshold {before.get('value')} -> "
+                                        f"{after.get('value')})", "at": datetime.now(timezone.utc).isoformat()})
         return self.get(adapter_id)
 
     def get(self, adapter_id: str) -> AdapterRef:
@@ -223,7 +236,9 @@ class AdapterRegistry:
         previous = self.current_id()
         pointer = {"adapter_id": adapter_id, "stack": stack, "reason": reason, "at": now, "event": event}
         _atomic_write(self.pointer_path, json.dumps(pointer, indent=1))
-        record = {"event": event, "adapter_id": adapter_id, "previous": previous, "reason": reason, "at": now}
+        self._record({"event": event, "adapter_id": adapter_id, "previous": previous, "reason": reason, "at": now})
+
+    def _record(self, record: dict[str, Any]) -> None:
         with open(self.history_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
