@@ -120,7 +120,7 @@ def replica_env(*, bootstrap: str, topics: dict[str, str], group: str, port: int
         TRIAGE_METRICS_PORT=str(port), TRIAGE_MAX_BATCH=str(max_batch),
         TRIAGE_TOPIC_PARTITIONS=str(partitions),
         TRIAGE_REGISTRY_DIR=str(registry), TRIAGE_DATA_DIR=str(workdir / "data"),
-        TRIAGE_TEACHER_BASE_URL=teacher_url,
+        TRIAGE_TEACHER_BASE_URL=teacher_url, TRIAGE_TEACHER_MODEL="gold-label-standin",
         # Low enough that only part of the traffic escalates: the teacher path is exercised
         # without every ticket waiting on it.
         TRIAGE_CONFIDENCE_THRESHOLD=str(threshold), TRIAGE_AUDIT_RATE="0",

@@ -126,7 +126,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 try:
                     passes.append(await one_pass(
                         name, broker.bootstrap_servers, classifier, Path(tmp), raw, args.timeout_s,
-                        confidence_threshold=threshold, teacher_base_url=url, teacher_api_key="bench", **served))
+                        confidence_threshold=threshold, teacher_base_url=url, teacher_model="gold-label-standin",
+                        teacher_api_key="bench", **served))
                 finally:
                     proc.terminate()
                     proc.wait(timeout=10)

@@ -73,7 +73,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 NO_TEACHER = ("triage bootstrap: no teacher configured: set TRIAGE_TEACHER_BASE_URL (with "
               "TRIAGE_TEACHER_MODEL, TRIAGE_TEACHER_API_KEY) to an OpenAI-compatible endpoint; for the "
               "dev gold-label stand-in run `triage standin` in another terminal, then "
-              "TRIAGE_TEACHER_BASE_URL=http://127.0.0.1:8099/v1")
+              "TRIAGE_TEACHER_BASE_URL=http://127.0.0.1:8099/v1 TRIAGE_TEACHER_MODEL=gold-label-standin")
 
 
 def cmd_bootstrap(args: argparse.Namespace) -> int:

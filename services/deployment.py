@@ -17,6 +17,11 @@ adapter registry `<TRIAGE_REGISTRY_DIR>/<name>` and training log `<TRIAGE_DATA_D
 `settings` overrides any other TRIAGE_ setting for that task (thresholds, audit rate, teacher
 endpoint, ...). Engine settings are the process's: one engine serves every task. Relative
 paths (task_path, registry_dir, data_dir) are the file's own folder's (deploy/: hence `../`).
+Topics, consumer groups, registry and data dirs must differ between tasks (`check_unique`).
+A task with a teacher of its own (`settings.teacher_base_url`) names its model
+(`settings.teacher_model`) and the environment variable holding its key (`teacher_api_key_env`):
+the process's TRIAGE_TEACHER_API_KEY is never sent to another host, and no key is read from
+the file.
 
 The file itself must be valid (a bad file stops the process at once); a task whose TaskSpec
 fails to load fails only that task (services/stream/swarm.py).
@@ -25,6 +30,7 @@ fails to load fails only that task (services/stream/swarm.py).
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,7 +44,7 @@ if TYPE_CHECKING:
 ENGINE_SETTINGS = frozenset({
     "bootstrap_servers", "model_path", "dtype", "block_size", "enforce_eager", "max_model_len",
     "max_num_seqs", "max_lora_rank", "max_loras", "max_cpu_loras", "gpu_memory_utilization",
-    "cpu_kv_cache_gib", "cpu_reserved_cores", "seed", "metrics_port", "control_topic", "role",
+    "cpu_kv_cache_gib", "cpu_reserved_cores", "seed", "metrics_port", "metrics_host", "control_topic", "role",
     "deployment_path", "log_level", "log_format",
 })
 
@@ -68,6 +74,9 @@ class TaskDeployment(BaseModel):
     registry_dir: Path | None = None
     data_dir: Path | None = None
     route: RouteSpec | None = None
+    # The environment variable holding this task's teacher API key (its own teacher_base_url
+    # needs one): a secret stays in the secret store, out of the file.
+    teacher_api_key_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     settings: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("settings")
@@ -82,7 +91,23 @@ class TaskDeployment(BaseModel):
             raise ValueError(f"unknown settings {unknown}")
         if shared:
             raise ValueError(f"settings {shared} are the process's (one engine for every task)")
+        if "teacher_api_key" in value:
+            raise ValueError("a key does not belong in the deployment file: name the environment "
+                             "variable holding it with teacher_api_key_env")
         return value
+
+    @model_validator(mode="after")
+    def _own_teacher(self) -> TaskDeployment:
+        # The process's key (and model) are for the process's teacher: sent to this task's own
+        # host they would leak (and name a model that host may not serve).
+        if self.settings.get("teacher_base_url"):
+            missing = [k for k, have in (("teacher_api_key_env", self.teacher_api_key_env),
+                                         ("settings.teacher_model", self.settings.get("teacher_model"))) if not have]
+            if missing:
+                raise ValueError(f"task {self.name!r} has a teacher_base_url of its own: it needs "
+                                 f"{' and '.join(missing)} too (the process's TRIAGE_TEACHER_API_KEY "
+                                 "and TRIAGE_TEACHER_MODEL are never sent to another host)")
+        return self
 
 
 class Deployment(BaseModel):
@@ -125,9 +150,10 @@ class Deployment(BaseModel):
                 return t
         raise KeyError(f"no task {name!r} in the deployment (tasks: {[t.name for t in self.tasks]})")
 
-    def task_settings(self, base: Settings, name: str) -> Settings:
+    def task_settings(self, base: Settings, name: str, *, with_key: bool = True) -> Settings:
         """The Settings one task runs with: the process's, with the task's topics, groups,
-        registry, training log and overrides. Loads nothing (the TaskSpec is read later)."""
+        registry, training log, teacher key and overrides. Loads nothing (the TaskSpec is read
+        later); a task's missing key variable fails that task (ValueError) only."""
         t = self.task(name)
         prefix = f"triage.{t.name}"
         values: dict[str, Any] = {
@@ -142,8 +168,37 @@ class Deployment(BaseModel):
             "data_dir": t.data_dir or base.data_dir / t.name,
             **t.settings,
         }
+        if t.teacher_api_key_env and with_key:
+            key = os.environ.get(t.teacher_api_key_env)
+            if key is None:
+                raise ValueError(f"task {t.name!r}: teacher_api_key_env names {t.teacher_api_key_env}, "
+                                 "which is not set")
+            values["teacher_api_key"] = key
         merged = {**base.model_dump(), **values}
         return type(base).model_validate(merged)
+
+    def check_unique(self, base: Settings) -> Deployment:
+        """ValueError unless every task has its own topics, consumer groups, registry and data
+        dirs: on one results topic tasks overwrite each other's answers (same key), in one group
+        they take each other's partitions, on one registry or training log they serve and train
+        each other's adapters. The control topic is the process's, shared by design."""
+        owner: dict[tuple[str, str], str] = {("topic", base.control_topic): "the process's control_topic"}
+        clashes = []
+        for t in self.tasks:
+            s = self.task_settings(base, t.name, with_key=False)
+            for kind, name in [("topic", "tickets_topic"), ("topic", "results_topic"),
+                               ("topic", "dead_letter_topic"), ("topic", "escalations_topic"),
+                               ("group", "consumer_group"), ("group", "teacher_consumer_group"),
+                               ("dir", "registry_dir"), ("dir", "data_dir")]:
+                value = str(Path(getattr(s, name)).resolve()) if kind == "dir" else getattr(s, name)
+                here = f"task {t.name!r} {name}"
+                if (kind, value) in owner:
+                    clashes.append(f"{here} {value!r} is also {owner[kind, value]}")
+                owner.setdefault((kind, value), here)
+        if clashes:
+            raise ValueError("each task needs topics, consumer groups, registry_dir and data_dir of "
+                             "its own: " + "; ".join(clashes))
+        return self
 
     def router(self, base: Settings, name: str, inputs: dict[str, frozenset[str]] | None = None) -> Router | None:
         """`inputs`: task -> its TaskSpec's input names, for the tasks whose spec loaded."""
@@ -152,7 +207,8 @@ class Deployment(BaseModel):
         t = self.task(name)
         if t.route is None:
             return None
-        topics = {target: self.task_settings(base, target).tickets_topic for target in set(t.route.to.values())}
+        topics = {target: self.task_settings(base, target, with_key=False).tickets_topic
+                  for target in set(t.route.to.values())}
         return Router(task=t.name, field=t.route.field, targets=dict(t.route.to), topics=topics,
                       inputs=dict(inputs or {}))
 
@@ -172,4 +228,4 @@ def settings_for(task: str | None, deployment_path: str | Path | None = None) ->
     path = deployment_path or base.deployment_path
     if path is None:
         raise ValueError(f"--task {task}: no deployment file (set TRIAGE_DEPLOYMENT_PATH or pass --deployment)")
-    return Deployment.from_file(path).task_settings(base, task)
+    return Deployment.from_file(path).check_unique(base).task_settings(base, task)

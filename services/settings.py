@@ -149,7 +149,10 @@ class Settings(BaseSettings):
     teacher_base_url: str = Field(
         default="", validation_alias=AliasChoices("TRIAGE_TEACHER_BASE_URL", "OPENAI_BASE_URL", "teacher_base_url")
     )
-    teacher_model: str = "gold-label-standin"
+    # The model the teacher endpoint serves. Required with a URL (no default: a default name
+    # sent to a real provider fails or, worse, picks a model nobody chose); the stand-in's is
+    # "gold-label-standin".
+    teacher_model: str = ""
     teacher_api_key: SecretStr = Field(
         default=SecretStr(""),
         validation_alias=AliasChoices("TRIAGE_TEACHER_API_KEY", "OPENAI_API_KEY", "teacher_api_key"),
@@ -199,6 +202,9 @@ class Settings(BaseSettings):
     # --- Observability -----------------------------------------------------------------
     # Port for /metrics, /healthz, /readyz. 0 = disabled.
     metrics_port: int = Field(default=9464, ge=0, le=65535)
+    # Address it binds. 0.0.0.0 (every interface) because Kubernetes probes and Prometheus reach
+    # the pod on its IP; 127.0.0.1 keeps it to the host (a laptop, a shared machine).
+    metrics_host: str = "0.0.0.0"
     log_level: str = "INFO"
     # json | text | auto (JSON lines unless stderr is a terminal).
     log_format: str = Field(default="auto", pattern="^(auto|json|text)$")
@@ -212,6 +218,9 @@ class Settings(BaseSettings):
     def _check(self) -> Settings:
         if self.heartbeat_interval_ms * 3 > self.session_timeout_ms:
             raise ValueError("heartbeat_interval_ms must be <= session_timeout_ms / 3")
+        if self.teacher_base_url.strip() and not self.teacher_model.strip():
+            raise ValueError("TRIAGE_TEACHER_BASE_URL is set but TRIAGE_TEACHER_MODEL is not: set it "
+                             "to the model that endpoint serves")
         return self
 
     @property

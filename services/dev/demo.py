@@ -85,6 +85,7 @@ async def run_demo(base: Settings, options: DemoOptions) -> dict[str, Any]:
             "registry_dir": workdir / "registry",
             "data_dir": workdir / "data",
             "teacher_base_url": base.teacher_base_url or standin.base_url,
+            "teacher_model": base.teacher_model if base.teacher_base_url else standin.model,  # named, never a default
             "registry_poll_s": 1.0,
             "metrics_port": 0 if base.metrics_port == 9464 else base.metrics_port,
         })

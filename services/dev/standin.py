@@ -466,7 +466,8 @@ async def _serve(host: str, port: int, data: list[str] | None, options: dict[str
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     async with run_standin(host, port, data_paths=data, **options) as server:
-        print(f"gold-label teacher STAND-IN (not a model) at {server.base_url}", flush=True)
+        print(f"gold-label teacher STAND-IN (not a model) at {server.base_url} "
+              f"(TRIAGE_TEACHER_MODEL={server.model})", flush=True)
         await stop.wait()
         log.info("stand-in stopping; stats: %s", {k: v for k, v in server.stats.items()
                                                   if k != "answered"})

@@ -110,7 +110,7 @@ class TriageService:
                 from services.stream.metrics import serve_metrics
 
                 self.metrics_port = await stack.enter_async_context(
-                    serve_metrics(self.metrics, "0.0.0.0", s.metrics_port)
+                    serve_metrics(self.metrics, s.metrics_host, s.metrics_port)
                 )
             if self.worker is not None:
                 await stack.enter_async_context(self.worker.resources())

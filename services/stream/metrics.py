@@ -4,7 +4,7 @@ Nothing runs at import: build a `ServiceMetrics` (it owns its own `CollectorRegi
 can build several) and serve it explicitly::
 
     metrics = ServiceMetrics()
-    async with serve_metrics(metrics, "0.0.0.0", settings.metrics_port, metrics.readiness) as port:
+    async with serve_metrics(metrics, settings.metrics_host, settings.metrics_port, metrics.readiness) as port:
         metrics.set_ready(True)          # once the engine is up and the consumer has joined
         ...                              # consume; call the helpers below from the handlers
         metrics.set_ready(False, "shutting down")
@@ -316,7 +316,7 @@ def metrics_app(metrics: Any, readiness: Callable[[], tuple[bool, str]] | None =
 @contextlib.asynccontextmanager
 async def serve_metrics(
     metrics: Any,
-    host: str = "0.0.0.0",
+    host: str,  # Settings.metrics_host: no default here, so no caller binds 0.0.0.0 unasked
     port: int = 9464,
     readiness: Callable[[], tuple[bool, str]] | None = None,
     *,

@@ -41,7 +41,7 @@ class SwarmService:
 
         if settings.embedded_broker:
             raise ValueError("TRIAGE_BOOTSTRAP_SERVERS is empty: start a broker (triage demo does)")
-        self.settings, self.deployment = settings, deployment
+        self.settings, self.deployment = settings, deployment.check_unique(settings)  # the file's error: stop
         self.broker = KafkaBroker(settings.bootstrap_servers, acks="all", logger=log)
         self.services: dict[str, TriageService] = {}
         self.failed: dict[str, str] = {}  # task -> why it is not running
@@ -92,7 +92,7 @@ class SwarmService:
 
                 hub = self.hub()
                 self.metrics_port = await stack.enter_async_context(
-                    serve_metrics(hub, "0.0.0.0", s.metrics_port, hub.readiness, task_readiness=hub.task_readiness))
+                    serve_metrics(hub, s.metrics_host, s.metrics_port, hub.readiness, task_readiness=hub.task_readiness))
             if self.engine is None and any(service.runs_student for service in self.services.values()):
                 from services.student.shared_engine import StudentEngine
 
@@ -128,7 +128,9 @@ def _adapter_id(service: TriageService) -> str:
 def plan_task_topics(settings: Settings, deployment: Deployment) -> dict[str, TopicSpec]:
     """Every task's topics as `plan_topics` makes them (each task's results compacted; the
     control topic, process-wide, one partition), as one plan for `--create-topics`."""
-    return merge_plans(plan_topics(deployment.task_settings(settings, entry.name)) for entry in deployment.tasks)
+    deployment.check_unique(settings)  # before anything is created
+    return merge_plans(plan_topics(deployment.task_settings(settings, entry.name, with_key=False))
+                       for entry in deployment.tasks)
 
 
 def all_task_topics(settings: Settings, deployment: Deployment) -> list[str]:

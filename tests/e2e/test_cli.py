@@ -138,7 +138,7 @@ def test_bootstrap_labels_once_then_resumes(tmp_path, cli_env):
     assert not (tmp_path / "data" / "training_log.sqlite3").exists()
     standin, url = start_standin(cli_env)  # the stand-in only where it is named
     try:
-        env = {**cli_env, "TRIAGE_TEACHER_BASE_URL": url}
+        env = {**cli_env, "TRIAGE_TEACHER_BASE_URL": url, "TRIAGE_TEACHER_MODEL": "gold-label-standin"}
         first = check(run_cli(args, env, tmp_path, timeout_s=300))
         second = check(run_cli(args, env, tmp_path, timeout_s=300))
     finally:

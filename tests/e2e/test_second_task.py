@@ -30,6 +30,7 @@ def start_standin_env(cli_env: dict, kafka_bootstrap: str, task_path: Path, pref
     standin, url = start_standin(cli_env, standin_args)
     suffix = uuid.uuid4().hex[:8]
     env = {**cli_env, "TRIAGE_TASK_PATH": str(task_path), "TRIAGE_TEACHER_BASE_URL": url,
+           "TRIAGE_TEACHER_MODEL": "gold-label-standin",
            "TRIAGE_BOOTSTRAP_SERVERS": kafka_bootstrap, "TRIAGE_SESSION_TIMEOUT_MS": "3000",
            "TRIAGE_HEARTBEAT_INTERVAL_MS": "500", "TRIAGE_REGISTRY_POLL_S": "1",
            "TRIAGE_TICKETS_TOPIC": f"{prefix}-{suffix}", "TRIAGE_RESULTS_TOPIC": f"{prefix}-results-{suffix}",

@@ -117,7 +117,7 @@ async def test_killed_process_then_resumed(tmp_path, gold, rows):
     path = tmp_path / "data" / "training_log.sqlite3"  # TRIAGE_DATA_DIR's log
     async with run_standin(gold=gold, latency_ms=40) as server:
         env = {**os.environ, "TRIAGE_TEACHER_API_KEY": "k", "TRIAGE_TEACHER_BASE_URL": server.base_url,
-               "TRIAGE_DATA_DIR": str(tmp_path / "data"), "TRIAGE_TEACHER_FEW_SHOT": "2"}
+               "TRIAGE_TEACHER_MODEL": "gold-label-standin", "TRIAGE_DATA_DIR": str(tmp_path / "data"), "TRIAGE_TEACHER_FEW_SHOT": "2"}
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "services.cli", "bootstrap", "--tsv", str(tsv),
             "--concurrency", "2", "--no-progress", cwd=REPO, env=env,

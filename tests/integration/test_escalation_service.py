@@ -132,7 +132,7 @@ async def test_tickets_below_threshold_go_to_teacher_and_training_log(
 
     async with run_standin(gold=gold) as server:
         settings = make_settings(
-            teacher_base_url=server.base_url, teacher_api_key="test-key",
+            teacher_base_url=server.base_url, teacher_model=STANDIN_MODEL, teacher_api_key="test-key",
             confidence_threshold=threshold, eval_share=0.0, teacher_max_retries=1,
         )
         await create_topics(settings)
@@ -205,7 +205,7 @@ async def test_audits_sample_confident_tickets_and_measure_accuracy(
 
     async with run_standin(gold=teacher_gold) as server:
         settings = make_settings(
-            teacher_base_url=server.base_url, teacher_api_key="test-key",
+            teacher_base_url=server.base_url, teacher_model=STANDIN_MODEL, teacher_api_key="test-key",
             confidence_threshold=0.0, eval_share=0.5, teacher_max_retries=1,
         )
         await create_topics(settings)
@@ -251,7 +251,7 @@ async def test_teacher_down_30s_unverified_at_the_deadline_then_corrected(
     gold_of = {tid: row.label for tid, row in tickets}
     port = free_port()  # nothing listens there yet: the teacher is down (connection refused)
     settings = make_settings(
-        teacher_base_url=f"http://127.0.0.1:{port}/v1", teacher_api_key="test-key",
+        teacher_base_url=f"http://127.0.0.1:{port}/v1", teacher_model=STANDIN_MODEL, teacher_api_key="test-key",
         confidence_threshold=1.0, eval_share=0.0, escalation_deadline_s=5.0,
         teacher_max_retries=1, teacher_timeout_s=0.5, teacher_retry_max_s=2.0,
         teacher_breaker_failures=4, teacher_breaker_reset_s=0.5,
@@ -313,7 +313,7 @@ async def test_api_key_absent_from_all_logs(
     monkeypatch.setenv("TRIAGE_TEACHER_API_KEY", KEY)
     async with run_standin(gold=gold, api_key=KEY) as server:
         settings = make_settings(
-            teacher_base_url=server.base_url, confidence_threshold=1.0, eval_share=0.0,
+            teacher_base_url=server.base_url, teacher_model=STANDIN_MODEL, confidence_threshold=1.0, eval_share=0.0,
             teacher_max_retries=3, teacher_timeout_s=2.0,
             teacher_breaker_failures=3, teacher_breaker_reset_s=0.5, escalation_deadline_s=1.0,
             teacher_retry_max_s=1.0,

@@ -60,7 +60,7 @@ def start_worker(settings, base_url: str) -> subprocess.Popen:
         TRIAGE_TEACHER_CONSUMER_GROUP=settings.teacher_consumer_group,
         TRIAGE_SESSION_TIMEOUT_MS="3000", TRIAGE_HEARTBEAT_INTERVAL_MS="500",
         TRIAGE_DATA_DIR=str(settings.data_dir), TRIAGE_METRICS_PORT="0",
-        TRIAGE_TEACHER_BASE_URL=base_url, TRIAGE_TEACHER_API_KEY="test-key",
+        TRIAGE_TEACHER_BASE_URL=base_url, TRIAGE_TEACHER_MODEL="gold-label-standin", TRIAGE_TEACHER_API_KEY="test-key",
         TRIAGE_TEACHER_CONCURRENCY=str(CONCURRENCY),
         TRIAGE_ESCALATION_DEADLINE_S="600",  # no unverified records in this test: only answers
         TRIAGE_LOG_FORMAT="text", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1",
