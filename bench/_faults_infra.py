@@ -40,6 +40,7 @@ class Replica:
     ready_once: bool = False
     expected_down: bool = False  # killed on purpose: the supervisor leaves it down
     events: list[str] = field(default_factory=list)
+    args: tuple[str, ...] = ()  # after `serve`, e.g. ("--role", "teacher")
 
     @property
     def log_path(self) -> Path:
@@ -54,7 +55,7 @@ class Replica:
         self.workdir.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "wb") as log_file:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "services.cli", "serve"],
+                [sys.executable, "-m", "services.cli", "serve", *self.args],
                 cwd=self.workdir,  # no stray .env from the repository
                 env=self.env, stdin=subprocess.DEVNULL, stdout=log_file,
                 stderr=subprocess.STDOUT, start_new_session=True,

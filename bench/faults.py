@@ -46,12 +46,13 @@ from bench import _faults_data as data  # noqa: E402
 from bench import _faults_infra as infra  # noqa: E402
 from bench._faults_infra import progress  # noqa: E402
 from bench._faults_report import first_after, row, skipped, table  # noqa: E402
+from bench._faults_teacher import scenario_teacher_rebalance  # noqa: E402
 
-SCENARIOS = ("poison", "kill", "teacher_outage", "teacher_invalid", "broker_restart")
+SCENARIOS = ("poison", "kill", "teacher_outage", "teacher_rebalance", "teacher_invalid", "broker_restart")
 # kill first (it needs both replicas); poison late (on a build without per-ticket isolation a
 # poison record wedges its partition for every later scenario); broker restart last (it wipes
 # the memory-only broker, and with it any wedged partition).
-RUN_ORDER = ("kill", "teacher_outage", "teacher_invalid", "poison", "broker_restart")
+RUN_ORDER = ("kill", "teacher_outage", "teacher_rebalance", "teacher_invalid", "poison", "broker_restart")
 PARTITIONS = 4
 HUGE_UNDER, HUGE_OVER = 1_000_000, 1_100_000  # around aiokafka's / Kafka's 1 MiB defaults
 _PROCS: list[infra.Replica] = []  # every started replica: killed on any exit path
@@ -287,6 +288,7 @@ async def scenario_broker_restart(d: Deployment) -> list[dict[str, Any]]:
 RUNNERS: dict[str, Callable[[Deployment], Any]] = {
     "poison": scenario_poison, "kill": scenario_kill, "teacher_outage": scenario_teacher_outage,
     "teacher_invalid": scenario_teacher_invalid, "broker_restart": scenario_broker_restart,
+    "teacher_rebalance": lambda d: scenario_teacher_rebalance(d, _PROCS),
 }
 
 
