@@ -183,7 +183,7 @@ class TicketPipeline:
         sample = eval_sample_source(text, self.escalation.eval_share, self.escalation.eval_share_cold, cold=cold)
         if pred.entities is not None and self.metrics:
             for reason, n in pred.entities.dropped.items():
-                self.metrics.rejected_answers.labels("student", reason).inc(n)
+                self.metrics.answer_rejected("student", reason, n)
         if self.metrics:
             for name in unsure:
                 self.metrics.field_escalations.labels(name).inc()
