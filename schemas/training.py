@@ -12,7 +12,9 @@ from schemas.text import dedup_key
 
 
 def content_hash(text: str) -> str:
-    """Dedup key: whitespace- and case-normalised text, so trivial variants count once."""
+    """The hash of `schemas.text.dedup_key`: one key for dedup and every content-hash split, so
+    variants of a ticket (punctuation, Unicode forms, case, spacing) count once and always land
+    on the same side."""
     return hashlib.sha256(dedup_key(text).encode("utf-8")).hexdigest()
 
 

@@ -105,7 +105,7 @@ def read_tsv(path: str | Path, task: TaskSpec) -> list[Row]:
 
 # --- cleaning, split, hash -----------------------------------------------------------------
 def dedup(rows: Iterable[Row]) -> list[Row]:
-    """One row per content hash (whitespace/case-normalised text); the first answer wins."""
+    """One row per content hash (`schemas.text.dedup_key`); the first answer wins."""
     kept: dict[str, Row] = {}
     for row in rows:
         kept.setdefault(content_hash(row.text), row)
@@ -181,15 +181,26 @@ def data_hash(rows: Iterable[Row]) -> str:
     return hashlib.sha256(json.dumps(pairs, ensure_ascii=False).encode()).hexdigest()
 
 
+def file_keys(path: str | Path) -> set[str]:
+    """Content hashes of a file's texts (a calibration file: never trained on)."""
+    return {content_hash(record["text"]) for record in read_records(path)}
+
+
 def build(
     rows: Sequence[Row], task: TaskSpec, *, val_fraction: float, data_version: int | None = None,
     heldout_fraction: float | None = None, cold_rows_until: int = DEFAULT_COLD_ROWS_UNTIL,
+    exclude: Iterable[str] = (),
 ) -> TrainingData:
-    """Train/validation rows. `heldout_fraction` (log rows): the held-out slice is removed first."""
+    """Train/validation rows. `heldout_fraction` (log rows): the held-out slice is removed first;
+    `exclude`: content hashes never trained on either (an explicit calibration file's texts)."""
     unique = dedup(rows)
     heldout: list[Row] = []
     if heldout_fraction is not None:
         unique, heldout = split_heldout(unique, heldout_fraction, cold_rows_until)
+    excluded = set(exclude)
+    if excluded:
+        kept = [r for r in unique if content_hash(r.text) not in excluded]
+        heldout, unique = heldout + [r for r in unique if content_hash(r.text) in excluded], kept
     usable = valid_rows(unique, task)
     train = [r for r in usable if not in_validation(r.text, val_fraction)]
     validation = [r for r in usable if in_validation(r.text, val_fraction)]

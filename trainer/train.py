@@ -77,6 +77,8 @@ class TrainArgs:
         "help": "cold-start evaluation-sample rows stay held out until the sample has this many"})
     rows_manifest: str = field(default="", metadata={
         "help": "write the content hashes of every row trained or validated on here"})
+    exclude_tsv: str = field(default="", metadata={
+        "help": "a file whose texts are never trained on (distill's --calibration-tsv)"})
     entity_loss: str = field(default="sum", metadata={
         "help": "entities field: 'sum' of the answer's token losses (the few tokens that decide "
                 "an entity weigh as much as a categorical code each) or 'mean' per example",
@@ -188,7 +190,8 @@ def load_data(args: TrainArgs, task: TaskSpec, codes, tokenizer):
         raise SystemExit("give --log-path or --train-tsv")
     data = dataset.build(rows, task, val_fraction=args.val_fraction, data_version=version,
                          heldout_fraction=args.heldout_fraction if args.log_path and not args.train_tsv else None,
-                         cold_rows_until=args.heldout_cold_rows_until)
+                         cold_rows_until=args.heldout_cold_rows_until,
+                         exclude=dataset.file_keys(args.exclude_tsv) if args.exclude_tsv else ())
     if args.max_examples and len(data.train) > args.max_examples:
         data.train = random.Random(args.seed).sample(data.train, args.max_examples)
         data.counts["train"] = len(data.train)

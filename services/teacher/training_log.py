@@ -40,6 +40,7 @@ from typing import Any, Iterable, Sequence
 
 from schemas.answer import entity_set
 from schemas.training import TrainingExample, content_hash
+from services.teacher.log_keys import rekey, stale_keys
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS examples (
@@ -112,6 +113,8 @@ class TrainingLog:
         self._conn.execute(f"PRAGMA synchronous={synchronous.upper()}")
         self._conn.execute("PRAGMA busy_timeout=30000")
         self._conn.executescript(_SCHEMA)
+        if stale_keys(self._conn):  # written under an older normaliser: services/teacher/log_keys.py
+            self._write(rekey)
 
     def __repr__(self) -> str:
         return f"TrainingLog({str(self.path)!r})"

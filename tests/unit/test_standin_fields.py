@@ -169,7 +169,7 @@ def test_load_gold_reads_jsonl_with_labels_and_entities(tmp_path):
         dedup_key(CHARGED): {"category": "billing", "priority": "high",
                              ENTITIES_KEY: [{"type": "amount", "text": "20 EUR"}]},
         dedup_key(CARD): {"category": "card"},
-        "top up failed": "top_up",
+        dedup_key("Top up failed"): "top_up",
     }
     with pytest.raises(ValueError):
         gold_entry({"category": 3})
