@@ -123,8 +123,9 @@ class Settings(BaseSettings):
     registry_poll_s: float = Field(default=5.0, gt=0)
 
     # --- Escalation --------------------------------------------------------------------
-    # Escalate when any field's confidence is below this. None = the live adapter's own
-    # calibrated threshold (stored with it); uncalibrated (base model) escalates everything.
+    # Escalate when any field's confidence is below this; 1.0 escalates every ticket (confidence
+    # exactly 1.0 too). None = the live adapter's own calibrated threshold (stored with it);
+    # uncalibrated (base model) or infeasibly calibrated escalates everything.
     confidence_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
     # The evaluation sample: this content-hash share of every consumed ticket, whatever the
     # student's confidence. An escalated one's teacher label is held out (calibration, gate,

@@ -18,12 +18,15 @@ a multiplicity correction (fixed-sequence testing, as in Learn-then-Test, Angelo
 dip. Why the start and the grid: the first tests see few tickets, where two or three confident
 mistakes make the bound fail although the error rate further down is fine; a walk starting at
 one allowed error and testing at every ticket stopped at 12% coverage on a held-out slice
-whose 5% walk reached 75% (measured, `make demo`). Assumes the calibration tickets are
-exchangeable with live traffic.
+whose 5% walk reached 75% (measured, `make demo`). No threshold passing: `ESCALATE_ALL`
+(infinity: nothing is accepted, confidence 1.0 included). Assumes the calibration tickets are
+exchangeable with live traffic, and were not used to choose the model (trainer/README.md,
+"Selection and certification").
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass
 from typing import Sequence
@@ -63,6 +66,7 @@ def clopper_pearson_upper(errors: int, n: int, delta: float = 0.05) -> float:
     return hi
 
 
+@functools.lru_cache(maxsize=256)
 def min_certifiable_n(epsilon: float, delta: float, errors: int = 0) -> int:
     """Smallest n at which `errors` errors out of n still give an upper bound <= epsilon."""
     n = max(1, errors + 1, math.ceil(math.log(delta) / math.log1p(-epsilon)))
@@ -74,15 +78,83 @@ def min_certifiable_n(epsilon: float, delta: float, errors: int = 0) -> int:
 # --- threshold --------------------------------------------------------------------------------
 START_ERRORS = 3  # errors the walk's first test can absorb (see the module docstring)
 GRID_SHARE = 0.02  # after the start, test every 2% of the calibration set
+# "Trust nothing": no confidence reaches it, 1.0 included (entity confidence is exactly 1.0 for
+# grammar-forced or float32-saturated tokens, so 1.0 would let those through). JSON has no
+# infinity: stored as null (`threshold_to_json`), read back by `threshold_from_json`.
+ESCALATE_ALL = math.inf
+
+
+def threshold_to_json(t: float) -> float | None:
+    return None if math.isinf(t) else float(t)
+
+
+def threshold_from_json(value: float | None) -> float:
+    return ESCALATE_ALL if value is None else float(value)
 
 
 def walk_start(epsilon: float, delta: float) -> int:
     """Accepted tickets at the walk's first test; fewer calibration rows certify nothing."""
     return min_certifiable_n(epsilon, delta, errors=START_ERRORS)
 
+
+@functools.lru_cache(maxsize=64)
+def _allowed(n_cap: int, epsilon: float, delta: float) -> np.ndarray:
+    """allowed[n]: the most errors among n accepted tickets whose Clopper-Pearson bound is still
+    <= epsilon, -1 when none. Exact, by duality: bound(e, n) <= epsilon iff
+    P(Binomial(n, epsilon) <= e) <= delta; one pass over e for every n at once (log space)."""
+    n = np.arange(n_cap + 1, dtype=float)
+    allowed = np.full(n_cap + 1, -1, dtype=np.int64)
+    log_pmf = n * math.log1p(-epsilon)  # e = 0
+    log_cdf = log_pmf.copy()
+    log_delta, odds = math.log(delta), math.log(epsilon) - math.log1p(-epsilon)
+    for e in range(n_cap + 1):
+        passing = (log_cdf <= log_delta) & (n > e)
+        if not passing.any():
+            break
+        allowed[passing] = e
+        with np.errstate(divide="ignore", invalid="ignore"):
+            log_pmf = log_pmf + np.log(np.maximum(n - e, 0)) - math.log(e + 1) + odds
+        log_cdf = np.logaddexp(log_cdf, log_pmf)
+    return allowed
+
+
+def walk(conf_sorted: np.ndarray, wrong_cum: np.ndarray, usable: np.ndarray, epsilon: float,
+         delta: float, sizes: np.ndarray | None = None) -> np.ndarray:
+    """The fixed-sequence walk for many calibration sets at once (rows of the 2-D arrays):
+    `conf_sorted` descending, `wrong_cum` the running count of errors in that order, `usable`
+    the positive confidences per row, `sizes` each set's size (default: the width; a smaller
+    set is padded with confidence 0 after its rows). Returns the accepted count at the last
+    test that passed (0: none did, infeasible). `choose_threshold` is this with one row; the
+    simulations of bench/selection.py call it with thousands."""
+    conf_sorted, wrong_cum = np.atleast_2d(conf_sorted), np.atleast_2d(wrong_cum)
+    rows, n = conf_sorted.shape
+    usable = np.asarray(usable, dtype=np.int64).reshape(rows)
+    sizes = np.full(rows, n) if sizes is None else np.asarray(sizes, dtype=np.int64).reshape(rows)
+    best = np.zeros(rows, dtype=np.int64)
+    start = walk_start(epsilon, delta)
+    if n < start:
+        return best
+    allowed = _allowed(1 << (n - 1).bit_length(), epsilon, delta)  # cached per power of two
+    # tie_end[r, j]: rows with confidence >= conf_sorted[r, j] (ties are accepted together)
+    last_of_run = np.ones((rows, n), dtype=bool)
+    last_of_run[:, :-1] = conf_sorted[:, :-1] != conf_sorted[:, 1:]
+    ends = np.where(last_of_run, np.arange(1, n + 1), n)
+    tie_end = np.minimum.accumulate(ends[:, ::-1], axis=1)[:, ::-1]
+    k = np.full(rows, start, dtype=np.int64)
+    step = np.maximum(1, (sizes * GRID_SHARE).astype(np.int64))
+    live = np.nonzero(k <= usable)[0]
+    while live.size:
+        k_all = tie_end[live, k[live] - 1]
+        passed = wrong_cum[live, k_all - 1] <= allowed[k_all]  # the walk stops at the first failure
+        best[live[passed]] = k_all[passed]
+        k[live] = np.minimum(usable[live], np.maximum(k_all + 1, k[live] + step[live]))
+        live = live[passed & (k_all < usable[live])]
+    return best
+
+
 @dataclass(frozen=True)
 class ThresholdChoice:
-    threshold: float  # accept when confidence >= threshold; 1.0 + feasible=False: escalate all
+    threshold: float  # accept when confidence >= threshold; ESCALATE_ALL when infeasible
     epsilon: float
     delta: float
     method: str
@@ -95,7 +167,7 @@ class ThresholdChoice:
     upper_bound: float  # Clopper-Pearson bound on error of accepted at the chosen threshold
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "threshold": threshold_to_json(self.threshold)}
 
 
 def choose_threshold(
@@ -105,30 +177,18 @@ def choose_threshold(
     ok = np.asarray(correct, dtype=bool)
     n = len(conf)
     order = np.argsort(-conf, kind="stable")
-    conf_sorted, errors_cum = conf[order], np.cumsum(~ok[order])
-    best: tuple[float, int, int] | None = None
+    conf_sorted, wrong_cum = conf[order], np.cumsum(~ok[order])
     # Confidence 0 marks an answer the student could not give (a span it could not copy, output
     # cut by the token budget): never certified, however accurate the rest is, so the walk
     # stops at the lowest positive confidence and threshold 0 is never chosen.
     usable = int((conf > 0).sum())
-    k, step = walk_start(epsilon, delta), max(1, int(n * GRID_SHARE))
-    while k <= usable:
-        # Accept everything with confidence >= the k-th highest (ties are accepted together).
-        t = conf_sorted[k - 1]
-        k_all = int(np.searchsorted(-conf_sorted, -t, side="right"))
-        errors = int(errors_cum[k_all - 1])
-        if clopper_pearson_upper(errors, k_all, delta) > epsilon:
-            break
-        best = (float(t), k_all, errors)
-        if k_all >= usable:
-            break
-        k = min(usable, max(k_all + 1, k + step))  # the grid's last point: every positive one
+    accepted = int(walk(conf_sorted, wrong_cum, np.array([usable]), epsilon, delta)[0]) if n else 0
     method = "clopper-pearson fixed-sequence (confidence-ordered, 2% grid from 3 errors), one-sided"
-    if best is None:
-        return ThresholdChoice(1.0, epsilon, delta, method, False, n, 0, 0, 0.0, 1.0, 1.0)
-    t, accepted, errors = best
+    if not accepted:
+        return ThresholdChoice(ESCALATE_ALL, epsilon, delta, method, False, n, 0, 0, 0.0, 1.0, 1.0)
+    t, errors = float(conf_sorted[accepted - 1]), int(wrong_cum[accepted - 1])
     bound = clopper_pearson_upper(errors, accepted, delta)
-    coverage = accepted / n if n else 0.0
+    coverage = accepted / n
     return ThresholdChoice(t, epsilon, delta, method, True, n, accepted, errors, coverage, 1 - coverage, bound)
 
 
@@ -139,7 +199,7 @@ def apply_threshold(confidence: Sequence[float], correct: Sequence[bool], thresh
     accepted = conf >= threshold
     n_acc = int(accepted.sum())
     return {
-        "threshold": threshold,
+        "threshold": threshold_to_json(threshold),
         "coverage": n_acc / len(conf) if len(conf) else 0.0,
         "escalation_rate": 1 - n_acc / len(conf) if len(conf) else 1.0,
         "accepted": n_acc,

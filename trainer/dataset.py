@@ -168,6 +168,22 @@ def split_heldout(rows: Iterable[Row], fraction: float = DEFAULT_HELDOUT_FRACTIO
     return trainable, heldout
 
 
+# The gate's two disjoint parts of the held-out slice (trainer/README.md, "Selection and
+# certification"): the selection part decides promote/reject, the certification part only
+# certifies the promoted candidate's threshold, so that choice never depends on the rows
+# that certify it. Certification gets the larger share: its size is the served coverage.
+CERTIFY_SHARE = 2 / 3
+
+
+def split_gate(rows: Iterable[Row], share: float = CERTIFY_SHARE) -> tuple[list[Row], list[Row]]:
+    """(selection, certification) by content hash: a text is on the same side in every cycle."""
+    select: list[Row] = []
+    certify: list[Row] = []
+    for row in rows:
+        (certify if in_hash_share(row.text, "certify", share) else select).append(row)
+    return select, certify
+
+
 def uniform_subsample(rows: Sequence[Row], n: int) -> list[Row]:
     """`n` rows chosen by content hash: a uniform sample that keeps its members as the slice
     grows (the newest N would be a sample of the last days only)."""

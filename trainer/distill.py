@@ -14,7 +14,10 @@
    trainer drops the held-out rows by the same rule and lists what it trained on in
    <run>/trained_rows.txt;
 3. start ONE serving engine and evaluate the candidate and the live adapter on the held-out
-   slice; thresholds at target error epsilon; a gold file (--report-tsv) only adds a report.
+   slice's selection part (a third, by content hash: what the gate compares) and the candidate
+   on its certification part (the rest: where its stored threshold at target error epsilon is
+   chosen, so that the rows that picked it never certify it); a gold file (--report-tsv) only
+   adds a report. The trainer's manifest is checked against the slice first.
    With no adapter live the service trusts nothing the base model says (no calibrated
    threshold: it escalates every ticket), so there is nothing to beat and the base model is
    only scored with --score-base. Each adapter's predictions are cached per text
@@ -49,6 +52,7 @@ from services.student.registry import (
     CONFIG_FILE, AdapterRef, AdapterRegistry, CurrentMoved, read_meta, write_meta,
 )
 from services.student.prompting import trained_for_same_prompt
+from trainer.dataset import CERTIFY_SHARE
 from trainer.evaluate import HeldOut, evaluate, fit_lora_rank, min_heldout, summary_line
 from trainer.promote import decide
 
@@ -116,6 +120,7 @@ async def run_distill_async(
              "log_version": version, "max_minutes": cfg.max_minutes,
              "heldout_fraction": cfg.heldout_fraction, "heldout_cold_rows_until": cfg.heldout_cold_rows_until,
              "rows_manifest": run_dir / "trained_rows.txt",
+             "exclude_tsv": cfg.calibration_tsv,  # a calibration file's texts are never trained on
              "prefix_cache": Path(cfg.work_dir) / "frozen-cache",  # the next cycle reuses it
              "init_adapter": registry.get(live_at_start).path if cfg.warm_start and live_at_start else None,
              **cfg.train_args}
@@ -123,6 +128,7 @@ async def run_distill_async(
     # In a thread: a service sharing this event loop (the demo) keeps heartbeating meanwhile.
     await asyncio.to_thread(train_fn, candidate_dir, flags, run_dir / "train.log", timeout)  # raises: registry untouched
     train_minutes = (time.monotonic() - started) / 60
+    check_never_trained_on(run_dir / "trained_rows.txt", calib)
 
     candidate = AdapterRef.from_dir(candidate_dir)
     live = registry.current()
@@ -136,18 +142,22 @@ async def run_distill_async(
     if live is not None or cfg.score_base:
         adapters["live"] = live
     engine = fit_lora_rank(cfg.engine or EngineConfig(model_path=Path(cfg.model_path)), adapters)
-    results = await evaluate(engine, task, adapters, calib, final,
+    # The selection part decides, the certification part certifies the stored threshold: never
+    # the same rows (trainer/README.md, "Selection and certification").
+    select, certify = calib.split_gate()
+    results = await evaluate(engine, task, adapters, select, final,
                              epsilon=cfg.epsilon, delta=cfg.delta, out_dir=run_dir / "eval",
                              final_names={"candidate"}, classifier=classifier,
-                             cache_dir=Path(cfg.work_dir) / "eval-cache")
-    cand = results["candidate"]["calibration"]
+                             cache_dir=Path(cfg.work_dir) / "eval-cache",
+                             certification=certify, certify_names={"candidate"})
+    cand, certified = results["candidate"]["calibration"], results["candidate"]["certification"]
     current = results["live"]["calibration"] if live is not None else None
     adapter_config = json.loads((candidate_dir / CONFIG_FILE).read_text(encoding="utf-8"))
     decision = decide(cand, current, cfg.margin, adapter_config=adapter_config,
                       max_lora_rank=cfg.max_lora_rank)
 
     meta = read_meta(candidate_dir)
-    meta["threshold"] = {"value": cand["threshold"]["threshold"], **cand["threshold"]}
+    meta["threshold"] = {"value": certified["threshold"]["threshold"], **certified["threshold"]}
     meta["eval"] = {name: {**{k: rep.get(k) for k in ("data", "accuracy", "macro_f1", "ece", "epsilon",
                                                        "coverage_at_epsilon", "escalation_rate_at_epsilon",
                                                        "entity_f1")},
@@ -170,7 +180,7 @@ async def run_distill_async(
     summary = {
         "run_dir": str(run_dir),
         "data_version": version,
-        "heldout": calib.describe(),
+        "heldout": {**calib.describe(), "selection": len(select.rows), "certification": len(certify.rows)},
         "candidate_id": candidate.adapter_id,
         "live_id": live.adapter_id if live else None,
         "live_at_start": live_at_start,
@@ -199,18 +209,36 @@ def load_calibration(cfg: DistillConfig, task: TaskSpec, version: int) -> HeldOu
     else:
         calib = HeldOut.from_log(cfg.log_path, task, version=version, fraction=cfg.heldout_fraction,
                                  limit=cfg.eval_limit, cold_rows_until=cfg.heldout_cold_rows_until)
-    need = min_heldout(cfg.epsilon, cfg.delta, len(task.fields))
-    if len(calib.rows) < need:
+    start = min_heldout(cfg.epsilon, cfg.delta, len(task.fields))  # what the certification part needs
+    certifying = len(calib.split_gate()[1].rows)
+    if certifying < start:
+        need = min_heldout(cfg.epsilon, cfg.delta, len(task.fields), CERTIFY_SHARE)
         where = (cfg.calibration_tsv if cfg.calibration_tsv else
                  f"the training log's held-out slice (v{version}: {cfg.heldout_fraction:.0%} of "
                  f"bootstrap rows + the evaluation sample of live tickets; sources "
                  f"{calib.sources or 'none'})")
         raise ValueError(
-            f"{len(calib.rows)} held-out rows in {where}; certifying a {cfg.epsilon:.0%} error "
-            f"target needs at least {need} (and ~{10 * need} for useful coverage): keep the "
+            f"{len(calib.rows)} held-out rows in {where}, {certifying} of them in its certification "
+            f"part; certifying a {cfg.epsilon:.0%} error target needs at least {start} there, about "
+            f"{need} held-out rows in all (and ~{10 * need} for useful coverage): keep the "
             f"service running (its evaluation sample grows with traffic; `triage status` says "
             f"how far) or label history with `triage bootstrap`")
     return calib
+
+
+def check_never_trained_on(manifest: Path, calib: HeldOut) -> None:
+    """The trainer's manifest (content hashes it trained or validated on) shares no text with the
+    rows that gate and certify: RuntimeError otherwise (a trainer that ignored the held-out rule
+    or the calibration file would be certified on its own training data)."""
+    if not manifest.exists():  # a train_fn that writes none (tests); the real trainer always does
+        return
+    from schemas.training import content_hash
+
+    trained = set(manifest.read_text(encoding="utf-8").split())
+    leaked = [r.text for r in calib.rows if content_hash(r.text) in trained]
+    if leaked:
+        raise RuntimeError(f"{len(leaked)} of {len(calib.rows)} held-out rows were trained on "
+                           f"(first: {leaked[0][:80]!r}); refusing to gate on them")
 
 
 def heldout_status(settings: Any, *, cold: bool, epsilon: float = 0.03, delta: float = 0.05) -> dict[str, Any]:
@@ -220,16 +248,19 @@ def heldout_status(settings: Any, *, cold: bool, epsilon: float = 0.03, delta: f
     from math import ceil
 
     task = TaskSpec.from_file(settings.task_path)
-    need = min_heldout(epsilon, delta, len(task.fields))
+    start = min_heldout(epsilon, delta, len(task.fields))  # rows of the certification part
+    need = min_heldout(epsilon, delta, len(task.fields), CERTIFY_SHARE)  # about, in all
     path = Path(settings.training_log_path)
     calib = (HeldOut.from_log(path, task, fraction=settings.heldout_fraction,
                               cold_rows_until=settings.heldout_cold_rows_until)
              if path.exists() else HeldOut("heldout", str(path), []))
     held, share = len(calib.rows), settings.eval_share_cold if cold else settings.eval_share
+    certifying = len(calib.split_gate()[1].rows)
     status = {"training_log": str(path), "heldout_rows": held, "heldout_sources": calib.sources,
-              "needed_to_distil": need, "distil_can_run": held >= need}
-    if held < need:
-        more = need - held
+              "certification_rows": certifying, "needed_to_distil": need,
+              "distil_can_run": certifying >= start}
+    if certifying < start:
+        more = max(need - held, ceil((start - certifying) / CERTIFY_SHARE))
         status["next"] = (f"{more} more held-out rows before `triage distill` can gate: about "
                           f"{ceil(more / share)} more tickets at the evaluation sample's {share:.0%}"
                           if share > 0 else f"{more} more held-out rows (TRIAGE_EVAL_SHARE is 0: "
@@ -247,7 +278,9 @@ def run_distill(cfg: DistillConfig, **kwargs: Any) -> dict[str, Any]:
 def heldout_line(heldout: dict[str, Any]) -> str:
     sources = ", ".join(f"{n} {k}" for k, n in sorted(heldout["sources"].items()))
     origin = f"training log v{heldout['version']}" if heldout["version"] is not None else heldout["path"]
-    return f"held-out: {heldout['n']} rows ({sources}) from {origin}, never trained on"
+    parts = (f" ({heldout['selection']} select, {heldout['certification']} certify)"
+             if "certification" in heldout else "")
+    return f"held-out: {heldout['n']} rows ({sources}) from {origin}, never trained on{parts}"
 
 
 def main(argv: list[str] | None = None) -> int:

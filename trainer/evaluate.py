@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -32,10 +33,11 @@ from schemas.task import TaskSpec
 from trainer import calibration as cal
 from schemas.training import DEFAULT_COLD_ROWS_UNTIL, DEFAULT_HELDOUT_FRACTION, content_hash
 from trainer.dataset import (
-    Row, data_hash, dedup, read_tsv, rows_from_log, split_heldout, uniform_subsample, valid_rows,
+    Row, data_hash, dedup, read_tsv, rows_from_log, split_gate, split_heldout, uniform_subsample, valid_rows,
 )
 from trainer.plots import plot
-from trainer.scoring import accepted_tickets, field_scores, score
+from trainer.predictions import PredictionCache
+from trainer.scoring import accepted_tickets, score
 
 EPSILONS = (0.01, 0.02, 0.03, 0.05, 0.10)
 
@@ -76,70 +78,28 @@ class HeldOut:
         _, heldout = split_heldout(dedup(rows), fraction, cold_rows_until)  # the trainer's split
         return cls("heldout", str(path), uniform_subsample(valid_rows(heldout, task), limit), version)
 
-
-@dataclass(frozen=True)
-class CachedPrediction:
-    """What scoring needs of a StudentPrediction (labels + confidence), or a rejection."""
-
-    fields: dict[str, Any] | None
-    entities: Any = None  # EntityPrediction for a task with an entities field
-    entity_field: str | None = None
-
-    @property
-    def confidence(self) -> float:
-        scores = field_scores(self)
-        return min(f.confidence for f in scores.values()) if scores else 0.0
+    def split_gate(self) -> tuple[HeldOut, HeldOut]:
+        """(selection, certification) parts, disjoint by content hash (`dataset.split_gate`)."""
+        select, certify = split_gate(self.rows)
+        return (HeldOut(f"{self.name}-selection", self.path, select, self.version),
+                HeldOut(f"{self.name}-certification", self.path, certify, self.version))
 
 
-class PredictionCache:
-    """An adapter's predictions per text (content hash), in one JSONL file per (adapter, task).
-
-    An adapter id is the hash of its weights and the task fixes prompts and codes, so the same
-    text gets the same answer (up to float noise from batching): re-scoring the live adapter on
-    yesterday's held-out rows every night would be wasted engine time. Rejections are not kept.
-    """
-
-    def __init__(self, folder: str | Path, adapter: Any, task: TaskSpec) -> None:
-        import hashlib
-
-        task_key = hashlib.sha256(task.fingerprint_json().encode()).hexdigest()[:12]
-        who = adapter.adapter_id if adapter is not None else "base"
-        self.path = Path(folder) / f"{who}-{task_key}.jsonl"
-
-    def load(self) -> dict[str, CachedPrediction]:
-        from schemas.classification import EntityPrediction, FieldPrediction
-
-        out: dict[str, CachedPrediction] = {}
-        if self.path.exists():
-            for line in self.path.read_text(encoding="utf-8").splitlines():
-                try:
-                    row = json.loads(line)
-                    entities = row.get("e")
-                    out[row["h"]] = CachedPrediction(
-                        {n: FieldPrediction(label=f[0], confidence=f[1]) for n, f in row["f"].items()},
-                        EntityPrediction(entities=entities[1], confidence=entities[2]) if entities else None,
-                        entities[0] if entities else None)
-                except (ValueError, KeyError, TypeError):
-                    continue  # a torn last line after a crash: recompute that text
-        return out
-
-    def add(self, predictions: dict[str, Any]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a", encoding="utf-8") as f:
-            for key, p in predictions.items():
-                if hasattr(p, "fields"):
-                    row: dict[str, Any] = {"h": key, "f": {n: [fp.label, fp.confidence] for n, fp in p.fields.items()}}
-                    if getattr(p, "entities", None) is not None:
-                        row["e"] = [p.entity_field, [e.model_dump() for e in p.entities.entities],
-                                    p.entities.confidence]
-                    f.write(json.dumps(row) + "\n")
-
-
-def min_heldout(epsilon: float, delta: float, fields: int = 1) -> int:
+def min_heldout(epsilon: float, delta: float, fields: int = 1, share: float = 1.0) -> int:
     """Rows below which `calibration.choose_threshold` cannot certify epsilon at all (its walk
-    starts where three errors still pass; with k fields each is tested at delta / k):
+    starts where three errors still pass; with k fields each is tested at delta / k), when
+    `share` of them certify (distill: `CERTIFY_SHARE`, about: the split is by content hash):
     distilling with fewer trains a candidate nobody can gate, so distill refuses first."""
-    return cal.walk_start(epsilon, delta / max(1, fields))
+    return math.ceil(cal.walk_start(epsilon, delta / max(1, fields)) / share)
+
+
+def served_threshold(rep: dict[str, Any]) -> float | dict[str, float]:
+    """A report's threshold as the service applies it: one per field, or one; trust-nothing
+    (stored as null) read back as `calibration.ESCALATE_ALL`."""
+    stored = rep["threshold"]
+    if isinstance(stored.get("fields"), dict):
+        return {n: cal.threshold_from_json(t) for n, t in stored["fields"].items()}
+    return cal.threshold_from_json(stored["threshold"])
 
 
 def _field_choices(fields: dict[str, dict], epsilon: float, delta: float) -> dict[str, cal.ThresholdChoice]:
@@ -178,16 +138,19 @@ def report(
     rel = cal.reliability(conf, ok, bins=15)
     fields: dict[str, Any] = {}
     choices = _field_choices(s["fields"], epsilon, delta) if threshold is None else {}
+    used: dict[str, float] = {}  # per field: the threshold chosen here, or the one applied
     for name, f in s["fields"].items():
         out_f = {k: v for k, v in f.items() if k not in ("rows", "confidence", "correct")}
         if f["n"]:
             f_rel = cal.reliability(f["confidence"], f["correct"], bins=15)
             out_f.update(ece=f_rel["ece"], reliability=f_rel["bins"])
             if threshold is None:
+                used[name] = choices[name].threshold
                 out_f["threshold"] = choices[name].to_dict()
-            else:
-                t = threshold.get(name, 1.0) if isinstance(threshold, dict) else threshold
-                out_f["threshold"] = {**cal.apply_threshold(f["confidence"], f["correct"], t),
+            else:  # a field the threshold does not name was never calibrated: trusted for nothing
+                given = threshold.get(name) if isinstance(threshold, dict) else threshold
+                used[name] = cal.threshold_from_json(given)
+                out_f["threshold"] = {**cal.apply_threshold(f["confidence"], f["correct"], used[name]),
                                       "source": "calibration set"}
         fields[name] = out_f
     categorical = [f["macro_f1"] for f in fields.values() if "macro_f1" in f]
@@ -205,14 +168,14 @@ def report(
     }
     if task.entity_field is not None:
         out["entity_f1"] = fields[task.entity_field.name].get("f1")
-    per_field = {n: f["threshold"]["threshold"] for n, f in fields.items() if "threshold" in f}
-    tickets = _tickets_at(s, per_field)
+    tickets = _tickets_at(s, used)
     if len(task.fields) == 1:
         only = next(iter(fields.values()))
         out["threshold"] = only["threshold"]
     else:
-        out["threshold"] = {"threshold": min(per_field.values(), default=1.0), "fields": per_field,
-                            "epsilon": epsilon, "delta": delta, "per_field_delta": delta / max(1, len(per_field)),
+        out["threshold"] = {"threshold": cal.threshold_to_json(min(used.values(), default=cal.ESCALATE_ALL)),
+                            "fields": {n: cal.threshold_to_json(t) for n, t in used.items()},
+                            "epsilon": epsilon, "delta": delta, "per_field_delta": delta / max(1, len(used)),
                             "feasible": all(f["threshold"].get("feasible", True) for f in fields.values() if "threshold" in f),
                             "method": "a threshold per field (clopper-pearson fixed-sequence at delta/k)",
                             **tickets}
@@ -226,7 +189,8 @@ def report(
             out["by_epsilon"] = {}
             for e in EPSILONS:
                 chosen = {n: c.threshold for n, c in _field_choices(s["fields"], e, delta).items()}
-                out["by_epsilon"][str(e)] = {**_tickets_at(s, chosen), "fields": chosen}
+                out["by_epsilon"][str(e)] = {**_tickets_at(s, chosen),
+                                             "fields": {n: cal.threshold_to_json(t) for n, t in chosen.items()}}
     return out
 
 
@@ -234,14 +198,17 @@ async def evaluate(
     engine_config: Any, task: TaskSpec, adapters: dict[str, Any], calibration: HeldOut,
     final: HeldOut | None = None, *, epsilon: float = 0.03, delta: float = 0.05,
     out_dir: str | Path | None = None, classifier: Any = None, final_names: set[str] | None = None,
-    chunk: int = 256, cache_dir: str | Path | None = None,
+    chunk: int = 256, cache_dir: str | Path | None = None, certification: HeldOut | None = None,
+    certify_names: set[str] | None = None,
 ) -> dict[str, dict]:
     """{name: {"calibration": report, "final": report}} for each adapter (AdapterRef or None).
 
     One engine for all adapters; pass `classifier` to reuse a running one (tests, service).
     `final_names`: adapters that also get the final report (default: all). `cache_dir`: keep
     each adapter's predictions per text (`PredictionCache`), so the next cycle scores the live
-    adapter only on held-out rows it has not seen."""
+    adapter only on held-out rows it has not seen. `certification` (distill: a part of the slice
+    disjoint from `calibration`): the adapters of `certify_names` (default: all) get their
+    threshold chosen there too ("certification"), and the final report applies that one."""
     from services.student.shared_engine import started_classifier
 
     async def predict(clf, data: HeldOut, ref: Any, name: str) -> list:
@@ -249,7 +216,8 @@ async def evaluate(
 
         from tqdm.auto import tqdm
 
-        cache = PredictionCache(cache_dir, ref, task) if cache_dir is not None else None
+        engine = getattr(clf, "config", None) or engine_config  # what the answers come from
+        cache = PredictionCache(cache_dir, ref, task, engine) if cache_dir is not None else None
         known = cache.load() if cache is not None else {}
         keys = [content_hash(r.text) for r in data.rows]
         todo = [i for i, key in enumerate(keys) if key not in known]
@@ -273,13 +241,18 @@ async def evaluate(
             rep = report(task, calibration, preds, adapter_id=adapter_id, epsilon=epsilon,
                          delta=delta, seconds=time.perf_counter() - started)
             results[name] = {"calibration": rep}
+            if certification is not None and (certify_names is None or name in certify_names):
+                started = time.perf_counter()
+                preds = await predict(clf, certification, ref, name)
+                rep = results[name]["certification"] = report(
+                    task, certification, preds, adapter_id=adapter_id, epsilon=epsilon, delta=delta,
+                    seconds=time.perf_counter() - started)
             if final is not None and (final_names is None or name in final_names):
                 started = time.perf_counter()
                 preds = await predict(clf, final, ref, name)
                 results[name]["final"] = report(
                     task, final, preds, adapter_id=adapter_id, epsilon=epsilon, delta=delta,
-                    threshold=rep["threshold"].get("fields") or rep["threshold"]["threshold"],
-                    seconds=time.perf_counter() - started)
+                    threshold=served_threshold(rep), seconds=time.perf_counter() - started)
         return results
 
     if classifier is not None:
@@ -322,11 +295,12 @@ def summary_line(name: str, result: dict) -> str:
         line += " | " + ", ".join(
             f"{n} acc {c['fields'][n]['accuracy']:.3f}" + (f" F1 {c['fields'][n]['f1']:.3f}" if "f1" in c["fields"][n] else "")
             for n in per_field)
-        shown = " ".join(f"{n} {t:.4f}" for n, t in per_field.items())
-        line += f" | eps {c['epsilon']:.0%}: thresholds {shown} escalation {c['escalation_rate_at_epsilon']:.3f}"
-    else:
-        line += (f" | eps {c['epsilon']:.0%}: threshold {c['threshold']['threshold']:.4f} "
-                 f"escalation {c['escalation_rate_at_epsilon']:.3f}")
+    t = result.get("certification", c)  # the threshold that is stored: certified where it was chosen
+    where = f" certified on {t['data']['name']} ({t['data']['n']} rows)" if t is not c else ""
+    shown = (" ".join(f"{n} {_shown(v)}" for n, v in t["threshold"]["fields"].items()) if per_field
+             else _shown(t["threshold"]["threshold"]))
+    line += (f" | eps {c['epsilon']:.0%}: threshold{'s' if per_field else ''} {shown}{where} "
+             f"escalation {t['escalation_rate_at_epsilon']:.3f}")
     if "final" in result:
         f = result["final"]
         line += (f" || {f['data']['name']} acc {f['accuracy']:.4f} macro-F1 {f['macro_f1']:.4f} "
@@ -335,6 +309,10 @@ def summary_line(name: str, result: dict) -> str:
         if f.get("entity_f1") is not None:
             line += f" entity F1 {f['entity_f1']:.3f}"
     return line
+
+
+def _shown(threshold: float | None) -> str:
+    return "none (escalate all)" if threshold is None else f"{threshold:.4f}"
 
 
 def resolve_adapter(spec: str, registry: Any) -> Any:

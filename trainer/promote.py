@@ -5,6 +5,8 @@ same held-out calibration set, using reports from `trainer.evaluate.report`:
 - primary metric: coverage at the target error epsilon (share of tickets the student may
   answer while the accepted error stays <= epsilon with 95% confidence) = 1 - escalation
   rate, i.e. teacher cost saved. Promote when the candidate gains >= `margin`.
+- an infeasible threshold (some field certifies nothing: the service escalates every ticket)
+  is credited with no coverage, whatever its report counted (`credited_coverage`).
 - tie (coverages within one ticket of each other, e.g. both 0 when neither can reach
   epsilon): promote when accuracy gains >= `margin`.
 - otherwise reject, with the numbers in the reason. Reports from different data or epsilon
@@ -47,6 +49,14 @@ def servable(adapter_config: dict[str, Any], max_lora_rank: int) -> Decision | N
     return None
 
 
+def credited_coverage(report: dict[str, Any]) -> float:
+    """The coverage a report may claim: none when its threshold is infeasible (a field certifies
+    nothing, so the service escalates every ticket, whatever share of the held-out rows the
+    report's arithmetic counted as answered)."""
+    feasible = (report.get("threshold") or {}).get("feasible", True)
+    return report["coverage_at_epsilon"] if feasible else 0.0
+
+
 def decide(candidate: dict[str, Any], live: dict[str, Any] | None, margin: float, *,
            adapter_config: dict[str, Any] | None = None,
            max_lora_rank: int | None = None) -> Decision:
@@ -65,9 +75,9 @@ def decide(candidate: dict[str, Any], live: dict[str, Any] | None, margin: float
             return Decision(False, "reports use different target errors; not comparable")
     who = ("no adapter live (everything escalates)" if live is None
            else "live" if live.get("adapter_id") else "base model")
-    live_cov = live["coverage_at_epsilon"] if live else 0.0
+    live_cov = credited_coverage(live) if live else 0.0
     live_acc = live["accuracy"] if live else 0.0
-    cov, acc = candidate["coverage_at_epsilon"], candidate["accuracy"]
+    cov, acc = credited_coverage(candidate), candidate["accuracy"]
     eps = candidate["epsilon"]
     d_cov, d_acc = cov - live_cov, acc - live_acc
     numbers = (f"coverage at {eps:.0%} error {cov:.3f} vs {who} {live_cov:.3f} ({d_cov:+.3f}); "

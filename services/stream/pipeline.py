@@ -22,7 +22,7 @@ from schemas.escalation import Escalation
 from schemas.ticket import Ticket
 from services.student.engine import LIVE, Classifier, EngineRejection, StudentPrediction
 from schemas.training import eval_sample_source
-from services.teacher.escalation import RollingRate, unsure_fields
+from services.teacher.escalation import RollingRate, configured_threshold, unsure_fields
 from schemas.forwarding import Router, forwarded_result
 from services.stream.validation import Rejection, parse_ticket
 
@@ -158,7 +158,7 @@ class TicketPipeline:
         """The escalation threshold for answers of `adapter` (default: the live one): one per
         field when the adapter was calibrated per field, else one for every field."""
         if self.escalation.threshold_override is not None:
-            return self.escalation.threshold_override
+            return configured_threshold(self.escalation.threshold_override)
         chosen = self.classifier.live_adapter if adapter is LIVE else adapter
         if chosen is not None and chosen.threshold is not None:
             t = chosen.threshold

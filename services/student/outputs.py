@@ -13,6 +13,13 @@ from schemas.answer import keep_valid_entities
 from schemas.classification import EntityPrediction, FieldPrediction, LabelScore
 from services.student.prompting import LabelCodes
 
+# What a prediction means for a given engine, adapter and prompt: bump it with any change to how
+# answers or confidences are decoded or computed (here, in engine.py, in prompting's encoding or
+# cut), so the gate's cached predictions of the live adapter are scored again
+# (trainer/predictions.py) instead of being compared with fresh ones made under other rules.
+# 1: entity spans decoded free and checked after (112eda1); a dropped span zeroes its field.
+PREDICTION_SEMANTICS = 1
+
 
 def distribution_from_logprobs(codes: LabelCodes, logprobs: dict[int, Any]) -> list[float]:
     """Renormalise the code tokens' log-probabilities into a distribution over labels.

@@ -29,6 +29,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -106,7 +107,8 @@ class AdapterRef:
     path: Path
     prompt_style: PromptStyle
     # Calibrated escalation threshold: one per field (meta threshold.fields), or one for every
-    # field (an adapter calibrated before per-field thresholds); None = not calibrated.
+    # field (an adapter calibrated before per-field thresholds); None = not calibrated;
+    # math.inf = calibrated to trust nothing (`stored_threshold`).
     threshold: float | dict[str, float] | None = None
     meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
 
@@ -115,17 +117,33 @@ class AdapterRef:
         """A ref to any adapter folder (e.g. a candidate not yet in the registry)."""
         adapter_dir = Path(adapter_dir).resolve()
         meta = read_meta(adapter_dir)
-        stored = meta.get("threshold") or {}
-        threshold = stored.get("value")
-        if isinstance(stored.get("fields"), dict):
-            threshold = {name: float(t) for name, t in stored["fields"].items()}
         return cls(
             adapter_id=adapter_id or content_id(adapter_dir),
             path=adapter_dir,
             prompt_style=PromptStyle(meta["prompt_style"]),
-            threshold=threshold if threshold is None or isinstance(threshold, dict) else float(threshold),
+            threshold=stored_threshold(meta),
             meta=meta,
         )
+
+
+def stored_threshold(meta: dict[str, Any]) -> float | dict[str, float] | None:
+    """The escalation threshold an adapter's metadata carries: None when it was never calibrated
+    (no `threshold`), math.inf for "trust nothing": an infeasible calibration, stored as null
+    (JSON has no infinity) or, by adapters calibrated before that, as 1.0 with `feasible`
+    false; 1.0 would let confidence exactly 1.0 through (grammar-forced or saturated tokens)."""
+    stored = meta.get("threshold")
+    if not stored:
+        return None
+
+    def read(value: Any, feasible: Any) -> float:
+        return math.inf if value is None or feasible is False else float(value)
+
+    if isinstance(stored.get("fields"), dict):  # per-field feasibility: in the report that chose them
+        reports = meta.get("eval") or {}
+        evaluated = (reports.get("certification") or reports.get("calibration") or {}).get("fields") or {}
+        return {name: read(t, ((evaluated.get(name) or {}).get("threshold") or {}).get("feasible"))
+                for name, t in stored["fields"].items()}
+    return read(stored.get("value"), stored.get("feasible"))
 
 
 def _atomic_write(path: Path, text: str) -> None:

@@ -31,12 +31,20 @@ def field_threshold(field: str, threshold: float | Mapping[str, float]) -> float
     return float(threshold)
 
 
+def configured_threshold(value: float) -> float:
+    """A threshold set by hand (TRIAGE_CONFIDENCE_THRESHOLD): 1.0 means "escalate every ticket".
+    Compared as `confidence < 1.0` it would let confidence exactly 1.0 through (grammar-forced
+    or float32-saturated tokens), so it becomes math.inf, the trust-nothing threshold."""
+    return math.inf if value >= 1.0 else float(value)
+
+
 def should_escalate(
     prediction: Mapping[str, HasConfidence], threshold: float | Mapping[str, float]
 ) -> bool:
     """True when any field's confidence is strictly below its threshold.
 
-    Equal to the threshold is confident. An empty prediction (no field answered) escalates.
+    Equal to the threshold is confident; math.inf ("trust nothing") escalates every field,
+    confidence 1.0 included. An empty prediction (no field answered) escalates.
     """
     if not prediction:
         return True

@@ -38,7 +38,7 @@ def test_bootstrap_distill_serve_the_ticket_task_with_entities(tmp_path, ticket_
 
     env, paths = ticket_env
     task = TaskSpec.from_file(env["TRIAGE_TASK_PATH"])
-    out = check(run_cli(["bootstrap", "--tsv", str(paths["train"]), "--limit", "1800"], env, tmp_path, timeout_s=600))
+    out = check(run_cli(["bootstrap", "--tsv", str(paths["train"]), "--limit", "2700"], env, tmp_path, timeout_s=600))
     assert re.search(r"entities \(entities\): \d{2,} of \d+ examples have any; amount \d+", out), tail(out)
     assert re.search(r"labels \(priority\): 4 of 4 seen", out), tail(out)
 
@@ -49,9 +49,12 @@ def test_bootstrap_distill_serve_the_ticket_task_with_entities(tmp_path, ticket_
     assert "PROMOTED" in out and "NOT PROMOTED" not in out, tail(out)
     summary = json.loads(Path(re.search(r"^summary: (\S+)", out, re.M).group(1)).read_text())
     assert set(summary["threshold"]["fields"]) == {"category", "priority", "entities"}
-    evaluated = summary["candidate"]["calibration"]["fields"]
-    assert {"precision", "recall", "f1"} <= set(evaluated["entities"])
-    assert 0.0 <= evaluated["entities"]["f1"] <= 1.0 and "macro_f1" in evaluated["priority"]
+    evaluated = summary["candidate"]["certification"]["fields"]  # the larger part of the slice
+    entities = evaluated["entities"]
+    # it extracts entities (answering [] everywhere scores 0), and F1 is its precision and recall's
+    assert entities["predicted_entities"] > 0 and entities["f1"] >= 0.5, entities
+    p, r = entities["precision"], entities["recall"]
+    assert entities["f1"] == pytest.approx(2 * p * r / (p + r)) and "macro_f1" in evaluated["priority"]
     run_dir = Path(summary["run_dir"])
     assert list((run_dir / "eval").glob("*-candidate-entities-reliability.png"))  # a plot per field
 

@@ -14,10 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from services.student.registry import META_FILE, AdapterRegistry, content_id
+from services.student.registry import META_FILE, AdapterRef, AdapterRegistry, content_id
+from trainer.calibration import expected_calibration_error
+from trainer.dataset import read_tsv
+from trainer.promote import decide
 
 pytestmark = pytest.mark.integration
-# 24 calibration rows can only certify a loose error target (trainer.evaluate.min_heldout)
+# 48 calibration rows (27 in the gate's certification part) can only certify a loose error
+# target (trainer.evaluate.min_heldout)
 TINY_EPSILON = 0.3
 
 
@@ -36,7 +40,7 @@ def small_sets(tmp_path_factory):
     folder = tmp_path_factory.mktemp("data")
     return {
         "train": write_tsv(folder / "train.tsv", load_split("train")[:64]),
-        "dev": write_tsv(folder / "dev.tsv", load_split("dev")[:24]),
+        "dev": write_tsv(folder / "dev.tsv", load_split("dev")[:48]),
     }
 
 
@@ -92,7 +96,7 @@ def test_killed_training_run_leaves_registry_unchanged(tmp_path, tiny_adapter, s
 
 
 async def test_distill_evaluates_through_the_engine_and_gates(
-    tmp_path, student, tiny_adapter, small_sets, student_model_path
+    tmp_path, student, tiny_adapter, small_sets, student_model_path, task
 ):
     from schemas.task import default_task_path
     from services.teacher.training_log import TrainingLog
@@ -115,19 +119,36 @@ async def test_distill_evaluates_through_the_engine_and_gates(
     run_dir = Path(summary["run_dir"])
     report = json.loads((run_dir / "eval" / "report.json").read_text())
     cand = report["adapters"]["candidate"]
-    assert cand["calibration"]["data"]["n"] == 24 and "final" in cand
     assert "final" not in report["adapters"]["live"]  # only the candidate gets the final report
-    assert 0.0 <= cand["calibration"]["accuracy"] <= 1.0 and cand["calibration"]["ece"] >= 0.0
     assert all(Path(p).exists() for p in report["plots"])
+    # the numbers are the engine's: the candidate's answers on the selection part, scored here
+    selection = cand["calibration"]
+    assert selection["data"]["n"] == summary["heldout"]["selection"] == 21
+    assert cand["certification"]["data"]["n"] == summary["heldout"]["certification"] == 27
+    rows = [r for r in read_tsv(small_sets["dev"], task)]
+    chosen = [r for r in rows if r.text in set(selection_texts(rows))]
+    preds = await student.classify([r.text for r in chosen], adapter=AdapterRef.from_dir(tiny_adapter))
+    correct = [p.fields["intent"].label == r.labels["intent"] for p, r in zip(preds, chosen)]
+    assert selection["accuracy"] == pytest.approx(sum(correct) / len(correct))
+    conf = [p.fields["intent"].confidence for p in preds]
+    assert selection["ece"] == pytest.approx(expected_calibration_error(conf, correct), abs=1e-4)
+    # the gate is promote.decide on those numbers (no adapter live), and the registry follows it
+    expected = decide(selection, None, cfg.margin, adapter_config=json.loads(
+        (tiny_adapter / "adapter_config.json").read_text()), max_lora_rank=cfg.max_lora_rank)
+    assert summary["gate"] == {"promote": expected.promote, "reason": expected.reason}
+    assert summary["promoted"] is expected.promote and summary["reason"] == expected.reason
     meta = json.loads((run_dir / "adapter" / META_FILE).read_text())
-    assert meta["threshold"]["epsilon"] == TINY_EPSILON and meta["gate"]["reason"] == summary["reason"]
-    assert summary["live_at_start"] is None and summary["gate"]["reason"] == summary["reason"]
-    if summary["promoted"]:
-        assert reg.current_id() == summary["candidate_id"]
-        assert reg.current().threshold == meta["threshold"]["value"]
-    else:
-        assert reg.current_id() is None and reg.list() == []
-        assert summary["reason"].startswith("reject")
+    assert meta["threshold"] == {"value": cand["certification"]["threshold"]["threshold"],
+                                 **cand["certification"]["threshold"]}  # certified on the other part
+    assert meta["threshold"]["epsilon"] == TINY_EPSILON and summary["live_at_start"] is None
+    assert reg.current_id() == (summary["candidate_id"] if expected.promote else None)
+    assert [a.adapter_id for a in reg.list()] == ([summary["candidate_id"]] if expected.promote else [])
+
+
+def selection_texts(rows) -> list[str]:
+    from trainer.dataset import split_gate
+
+    return [r.text for r in split_gate(rows)[0]]
 
 
 async def test_distill_gate_refuses_a_rank_the_service_cannot_serve(

@@ -116,7 +116,8 @@ def distill_setup(tmp_path):
     from services.teacher.training_log import TrainingLog
     from trainer.distill import DistillConfig
 
-    gold = {f"ticket number {i}": LABELS[i % len(LABELS)] for i in range(300)}
+    # 450 rows: the certification part (about 2/3, by content hash) must reach the walk's start (258)
+    gold = {f"ticket number {i}": LABELS[i % len(LABELS)] for i in range(450)}
     calib = tmp_path / "calib.tsv"
     calib.write_text("text\tlabel\n" + "".join(f"{t}\t{lab}\n" for t, lab in gold.items()))
     TrainingLog(tmp_path / "log.sqlite3").close()
@@ -179,3 +180,100 @@ async def test_distill_rejects_a_rank_the_service_cannot_load(tmp_path, distill_
     assert not summary["promoted"] and "max_lora_rank 16" in summary["reason"]
     assert registry.current_id() == old.adapter_id
     assert [a.adapter_id for a in registry.list()] == [old.adapter_id]
+
+
+# --- issue 23: no coverage for an infeasible threshold; selection apart from certification ----
+def test_an_infeasible_candidate_is_credited_with_no_coverage():
+    """A field that certifies nothing makes the service escalate every ticket, whatever share of
+    the held-out rows its report counted as answered (rows without that field's label)."""
+    infeasible = {**rep(0.40, 0.85), "threshold": {"feasible": False}}
+    d = decide(infeasible, rep(0.30, 0.84), margin=0.01)
+    assert not d.promote and "lower coverage" in d.reason and "0.000" in d.reason
+    assert decide({**infeasible, "threshold": {"feasible": True}}, rep(0.30, 0.84), margin=0.01).promote
+    # against an infeasible live adapter, a feasible candidate gains its whole coverage
+    assert decide(rep(0.05, 0.80), {**rep(0.5, 0.80), "threshold": {"feasible": False}}, margin=0.01).promote
+
+
+def test_a_report_counts_no_ticket_answered_at_confidence_one_when_nothing_certifies():
+    from trainer.dataset import Row
+    from trainer.evaluate import HeldOut, report
+
+    rows = [Row(f"ticket {i}", {"intent": LABELS[0]}) for i in range(400)]
+    preds = [StudentPrediction(fields={"intent": FieldPrediction(label=LABELS[i % 2], confidence=1.0)},
+                               distribution={"intent": [1.0]}, adapter_id=None) for i in range(400)]
+    out = report(TASK, HeldOut("h", "x", rows), preds, adapter_id="a", epsilon=0.03, delta=0.05)
+    assert out["threshold"]["feasible"] is False and out["threshold"]["threshold"] is None
+    assert out["coverage_at_epsilon"] == 0.0 and out["escalation_rate_at_epsilon"] == 1.0
+
+
+class ByPart(GoldForOne):
+    """The candidate is right with confidence `conf[part]` on the rows of `right` parts of the
+    gate's split (selection / certification), confidently wrong elsewhere; others always wrong."""
+
+    def __init__(self, gold, good_id, right, conf):
+        super().__init__(gold, good_id)
+        from trainer.dataset import Row, split_gate
+
+        self.certify = {r.text for r in split_gate([Row(t, {}) for t in gold])[1]}
+        self.right, self.conf = right, conf
+
+    async def classify(self, texts, *, adapter=None):
+        out = []
+        for text in texts:
+            part = "certification" if text in self.certify else "selection"
+            right = adapter is not None and adapter.adapter_id == self.good_id and part in self.right
+            label = self.gold[text] if right else next(x for x in LABELS if x != self.gold[text])
+            conf = self.conf[part] if right else 0.99
+            out.append(StudentPrediction(fields={"intent": FieldPrediction(label=label, confidence=conf)},
+                                         distribution={"intent": [conf]}, adapter_id=None))
+        return out
+
+
+async def test_the_gate_selects_on_one_part_and_certifies_on_the_other(tmp_path, distill_setup):
+    """Selection never sees the certification rows and the stored threshold comes from them."""
+    import math
+
+    from trainer.distill import run_distill_async
+
+    gold, registry, old, config = distill_setup
+    candidate = fake_adapter(tmp_path / "cand", b"new")
+    confident = {"selection": 0.6, "certification": 0.9}
+    # right everywhere: promoted; the threshold is the certification part's (its 0.9), not
+    # the whole slice's (0.6: every row right, so everything would be accepted)
+    summary = await run_distill_async(config(), train_fn=trains(candidate), classifier=ByPart(
+        gold, content_id(candidate), {"selection", "certification"}, confident))
+    assert summary["promoted"] and summary["threshold"]["value"] == 0.9
+    assert summary["candidate"]["certification"]["data"]["n"] == summary["heldout"]["certification"]
+    assert registry.current().threshold == 0.9
+    # right on the certification part only: the selection part sees a wrong candidate: rejected
+    registry.promote(old.adapter_id, "back")
+    other = fake_adapter(tmp_path / "other", b"other")
+    summary = await run_distill_async(config(), train_fn=trains(other), classifier=ByPart(
+        gold, content_id(other), {"certification"}, confident))
+    assert not summary["promoted"] and registry.current_id() == old.adapter_id
+    # right on the selection part only: promoted, and the certification part certifies nothing:
+    # stored as null, served as "escalate everything"
+    third = fake_adapter(tmp_path / "third", b"third")
+    summary = await run_distill_async(config(), train_fn=trains(third), classifier=ByPart(
+        gold, content_id(third), {"selection"}, confident))
+    assert summary["promoted"] and summary["threshold"]["value"] is None
+    assert summary["threshold"]["feasible"] is False and registry.current().threshold == math.inf
+
+
+async def test_distill_never_trains_on_its_calibration_file_and_checks_the_manifest(tmp_path, distill_setup):
+    from schemas.training import content_hash
+    from trainer.distill import run_distill_async
+
+    gold, registry, old, config = distill_setup
+    candidate = fake_adapter(tmp_path / "cand", b"new")
+    seen = {}
+
+    def leaky(out_dir, flags, log_file, timeout):  # a trainer that ignored the exclusion
+        seen.update(flags)
+        Path(flags["rows_manifest"]).write_text(content_hash(next(iter(gold)).upper() + "!") + "\n")
+        shutil.copytree(candidate, out_dir)
+
+    with pytest.raises(RuntimeError, match="1 of 450 held-out rows were trained on"):
+        await run_distill_async(config(), train_fn=leaky, classifier=GoldForOne(gold, content_id(candidate)))
+    assert seen["exclude_tsv"] == config().calibration_tsv  # the trainer is told to leave them out
+    assert registry.current_id() == old.adapter_id

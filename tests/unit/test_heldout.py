@@ -113,7 +113,8 @@ async def test_distill_without_any_file_trains_off_the_slice_and_gates_on_it(tmp
     from trainer.distill import DistillConfig, run_distill_async
 
     log_path = tmp_path / "log.sqlite3"
-    examples = [example(i, "bootstrap") for i in range(1200)] + [example(i, "live") for i in range(50)]
+    # ~400 held out: its certification part (about 2/3) must reach the walk's start (258)
+    examples = [example(i, "bootstrap") for i in range(2000)] + [example(i, "live") for i in range(50)]
     with TrainingLog(log_path) as log:
         log.append(examples)
     candidate = fake_adapter(tmp_path / "cand", b"new")
@@ -132,10 +133,12 @@ async def test_distill_without_any_file_trains_off_the_slice_and_gates_on_it(tmp
     assert seen_flags["heldout_fraction"] == 0.2 and seen_flags["log_path"] == log_path
     assert str(seen_flags["rows_manifest"]).endswith("trained_rows.txt")
     held = summary["heldout"]
-    assert held["sources"] == {"bootstrap": held["n"]} and 180 < held["n"] < 300  # ~20%, no escalations
+    assert held["sources"] == {"bootstrap": held["n"]} and 340 < held["n"] < 460  # ~20%, no escalations
+    assert held["selection"] + held["certification"] == held["n"]
     assert held["version"] == summary["data_version"]
     assert summary["promoted"] and AdapterRegistry(tmp_path / "reg").current_id() == content_id(candidate)
-    assert summary["candidate"]["calibration"]["data"]["name"] == "heldout"
+    assert summary["candidate"]["calibration"]["data"]["name"] == "heldout-selection"
+    assert summary["candidate"]["certification"]["data"]["name"] == "heldout-certification"
 
 
 async def test_the_gate_scores_each_adapter_once_per_text_across_cycles(tmp_path):
@@ -152,7 +155,7 @@ async def test_the_gate_scores_each_adapter_once_per_text_across_cycles(tmp_path
             return await super().classify(texts, adapter=adapter)
 
     class Ref:
-        adapter_id, path = "a-00000000000000aa", tmp_path
+        adapter_id, path, prompt_style = "a-00000000000000aa", tmp_path, "compact"
 
     rows = [Row(f"ticket number {i}", {"intent": LABELS[i % 5]}, "sample") for i in range(300)]
     gold = {r.text: r.labels["intent"] for r in rows}
@@ -169,22 +172,35 @@ async def test_the_gate_scores_each_adapter_once_per_text_across_cycles(tmp_path
 
 
 def test_status_says_how_far_the_first_distil_is(tmp_path):
+    from math import ceil
+
     from services.settings import Settings
+    from trainer.dataset import CERTIFY_SHARE
     from trainer.distill import heldout_status
 
     s = Settings(_env_file=None, data_dir=tmp_path / "data", registry_dir=tmp_path / "reg",
                  eval_share=0.05, eval_share_cold=0.2)
-    need = min_heldout(0.03, 0.05, len(TASK.fields))
+    start = min_heldout(0.03, 0.05, len(TASK.fields))  # rows the certification part needs
+    need = min_heldout(0.03, 0.05, len(TASK.fields), CERTIFY_SHARE)  # about, in all
+    assert need == ceil(start * 1.5)
     empty = heldout_status(s, cold=True)
     assert empty["heldout_rows"] == 0 and empty["needed_to_distil"] == need and not empty["distil_can_run"]
     assert f"about {need * 5} more tickets at the evaluation sample's 20%" in empty["next"]
     assert not s.training_log_path.exists()  # status creates nothing
+    # sample-cold rows until the certification part is 10 rows short of the walk's start
+    rows, certifying = [], 0
+    while certifying < start - 10:
+        rows.append(example(len(rows), "sample-cold"))
+        certifying = len(dataset.split_gate([Row(e.text, e.labels) for e in rows])[1])
     with TrainingLog(s.training_log_path) as log:
-        log.append([example(i, "sample-cold") for i in range(need - 10)])
+        log.append(rows)
         log.append([example(i, "live") for i in range(500)])
     almost = heldout_status(s, cold=False)
-    assert almost["heldout_rows"] == need - 10 and almost["heldout_sources"] == {"sample-cold": need - 10}
-    assert "about 200 more tickets at the evaluation sample's 5%" in almost["next"]
+    assert almost["heldout_rows"] == len(rows) and almost["heldout_sources"] == {"sample-cold": len(rows)}
+    assert almost["certification_rows"] == start - 10 and not almost["distil_can_run"]
+    more = max(need - len(rows), ceil(10 / CERTIFY_SHARE))
+    assert f"{more} more held-out rows" in almost["next"]
+    assert f"about {ceil(more / 0.05)} more tickets at the evaluation sample's 5%" in almost["next"]
     with TrainingLog(s.training_log_path) as log:
-        log.append([example(i, "sample") for i in range(10)])
+        log.append([example(i, "sample") for i in range(40)])  # ~27 more certify
     assert heldout_status(s, cold=False)["distil_can_run"]

@@ -219,7 +219,7 @@ async def test_the_next_distil_gates_against_no_adapter_when_the_live_one_is_sta
     from tests.unit.test_gate import LABELS, GoldForOne
     from trainer.distill import DistillConfig, run_distill_async
 
-    gold = {f"ticket number {i}": LABELS[i % len(LABELS)] for i in range(300)}
+    gold = {f"ticket number {i}": LABELS[i % len(LABELS)] for i in range(450)}  # certification part >= 258
     calib = tmp_path / "calib.tsv"
     calib.write_text("text\tlabel\n" + "".join(f"{t}\t{lab}\n" for t, lab in gold.items()))
     TrainingLog(tmp_path / "log.sqlite3").close()

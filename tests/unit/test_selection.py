@@ -1,0 +1,32 @@
+"""The gate selects on one part of the held-out slice and certifies on the other: a promoted
+adapter's threshold then fails its bound at most delta of the time, cycle after cycle; one slice
+for both (the gate before) fails it about twice as often (bench/selection.py, 4,000 draws:
+the figures in trainer/README.md). A smaller, seeded version of that simulation."""
+
+from __future__ import annotations
+
+import math
+
+from bench.selection import World, simulate
+
+
+def rates(result: dict) -> tuple[float, float, int]:
+    """(violation rate, its Monte-Carlo standard error at delta, promotions) over the cycles
+    after the first, where the gate chose a candidate over a live adapter."""
+    later = result["per_cycle"][1:]
+    promoted = sum(c["promoted"] for c in later)
+    rate = sum(c["violations"] for c in later) / promoted
+    return rate, math.sqrt(0.05 * 0.95 / promoted), promoted
+
+
+def test_promoted_thresholds_fail_at_most_delta_with_disjoint_selection_and_certification():
+    world = World(cycles=4)
+    split, reuse = (simulate(world, 600, protocol, seed=1) for protocol in ("split", "reuse"))
+    rate, se, promoted = rates(split)
+    assert promoted > 300, split  # enough promotions for the rate to mean something
+    assert rate <= world.delta + 2 * se, split
+    assert split["violation_rate"] <= world.delta + 2 * split["mc_se"], split  # the first one too
+    assert split["live_violation_rate_at_end"] <= world.delta + 2 * math.sqrt(0.05 * 0.95 / 600), split
+    # the same world with one slice for both: a winner is a candidate the rows were kind to
+    rate, se, promoted = rates(reuse)
+    assert promoted > 300 and rate > world.delta + 2 * se, reuse
