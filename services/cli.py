@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 log = logging.getLogger("triage")
 
@@ -107,6 +107,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _json_threshold(threshold: Any) -> Any:
+    """JSON has no infinity: a trust-nothing threshold (math.inf) prints as null, as stored."""
+    if isinstance(threshold, dict):
+        return {name: _json_threshold(t) for name, t in threshold.items()}
+    return None if isinstance(threshold, float) and threshold == float("inf") else threshold
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     import json
 
@@ -123,7 +130,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(json.dumps({
         "registry": str(registry.root),
         "current": ref.adapter_id if ref else None,
-        "threshold": ref.threshold if ref else None,
+        "threshold": _json_threshold(ref.threshold) if ref else None,
         "adapters": [a.adapter_id for a in registry.list()],
         "history": registry.history()[-10:],
         "evaluation": evaluation,

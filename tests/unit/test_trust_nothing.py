@@ -62,3 +62,11 @@ async def test_a_threshold_of_one_set_by_hand_escalates_confidence_one(override,
     [outcome] = await pipeline.process([record(0, ticket(0, "sure"))])
     assert outcome.kind == kind
     assert pipeline.threshold() == (math.inf if override == 1.0 else override)
+
+
+def test_triage_status_prints_trust_nothing_as_strict_json_null():
+    from services.cli import _json_threshold
+
+    assert json.dumps(_json_threshold({"intent": math.inf, "entities": 0.7}), allow_nan=False) == \
+        '{"intent": null, "entities": 0.7}'
+    assert _json_threshold(math.inf) is None and _json_threshold(0.5) == 0.5 and _json_threshold(None) is None
