@@ -167,12 +167,14 @@ class TicketPipeline:
         return DEFAULT_UNCALIBRATED_THRESHOLD
 
     def cold(self, adapter: Any = LIVE) -> bool:
-        """Cold start: no calibrated adapter is live (and no threshold override), so every
-        ticket escalates and sampling more of them for evaluation costs no teacher call."""
+        """Cold start: every ticket escalates (no calibrated adapter is live, or the live one
+        certified nothing), so sampling more of them for evaluation costs no teacher call. A
+        threshold override is the operator's choice: never cold."""
         if self.escalation.threshold_override is not None:
             return False
-        chosen = self.classifier.live_adapter if adapter is LIVE else adapter
-        return chosen is None or chosen.threshold is None
+        threshold = self.threshold(adapter)
+        values = threshold.values() if isinstance(threshold, dict) else [threshold]
+        return all(math.isinf(v) for v in values)
 
     def _answer(self, record: InboundRecord, ticket: Ticket, pred: StudentPrediction,
                 threshold: float | dict[str, float], cold: bool = False) -> list[Outcome]:

@@ -180,7 +180,7 @@ class TeacherWorker:
         except ValidationError as exc:
             invalid = str(exc)[:1000]
         ticket = request.ticket_id if request is not None else None
-        failures, waits = 0, 0
+        failures, waits, failed = 0, 0, ""
         while True:  # the record stays uncommitted until it has an acknowledged outcome
             try:
                 if request is None:

@@ -193,3 +193,25 @@ def asyncio_run(coro):
     import asyncio
 
     return asyncio.new_event_loop().run_until_complete(coro)
+
+
+async def test_an_adapter_that_certified_nothing_is_a_cold_start_too():
+    """Its stored threshold trusts nothing (inf), so every ticket escalates anyway and the
+    sample takes the cold share; a calibrated one samples the steady share."""
+    import math
+
+    class Ref:
+        adapter_id = "a-0000000000000001"
+
+        def __init__(self, threshold):
+            self.threshold = threshold
+
+    clf = FakeClassifier({})
+    pipeline = TicketPipeline(classifier=clf, escalation=EscalationConfig(eval_share=0.05, eval_share_cold=0.3))
+    assert pipeline.cold()  # no adapter
+    for threshold, cold in ((math.inf, True), ({"intent": math.inf}, True), (0.9, False),
+                            ({"intent": 0.9}, False), (None, True)):
+        clf.live_adapter = Ref(threshold)
+        assert pipeline.cold() is cold, threshold
+    overridden = TicketPipeline(classifier=clf, escalation=EscalationConfig(threshold_override=1.0))
+    assert not overridden.cold()
