@@ -23,8 +23,7 @@ from collections import defaultdict
 
 import pytest
 
-from schemas.classification import Classification, FieldPrediction
-from schemas.escalation import Escalation
+from schemas.classification import Classification
 from schemas.text import dedup_key
 from services.dev.datasets import load_split
 from services.dev.standin import load_gold, run_standin
@@ -32,27 +31,18 @@ from services.stream.app import TriageService
 from services.stream.kafka_io import produce, read_topic
 from services.teacher.training_log import TrainingLog
 from tests.conftest import create_topics
+from tests.integration.test_teacher_worker_kill import escalations as kill_test_escalations
 
 pytestmark = pytest.mark.integration
 
 N = 48
 CONCURRENCY = 4  # teacher calls in flight per worker: N takes ~12 s on one worker
+
 PARTITIONS = 4
 
 
 def escalations(rows) -> list[tuple[bytes, bytes]]:
-    now_ms = int(time.time() * 1000)
-    out = []
-    for i, row in enumerate(rows):
-        tid = f"rb-{i}"
-        student = Classification(
-            ticket_id=tid, fields={"intent": "card_arrival"}, confidence=0.1, route="unverified",
-            model="student", student={"intent": FieldPrediction(label="card_arrival", confidence=0.1)},
-            latency_ms=1.0, engine_ms=1.0)
-        request = Escalation(kind="escalation", ticket_id=tid, text=row.text, student_result=student,
-                             ticket_time_ms=now_ms)
-        out.append((tid.encode(), request.model_dump_json().encode()))
-    return out
+    return kill_test_escalations(rows, prefix="rb")
 
 
 async def committed_total(settings) -> int:

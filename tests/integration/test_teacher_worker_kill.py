@@ -35,11 +35,12 @@ N = 40
 CONCURRENCY = 4  # teacher calls in flight per worker: ~10 waves of one second each
 
 
-def escalations(rows) -> list[tuple[bytes, bytes]]:
+def escalations(rows, prefix: str = "kill") -> list[tuple[bytes, bytes]]:
+    """One escalation record per row (an unsure student answer, ticket time now)."""
     now_ms = int(time.time() * 1000)
     out = []
     for i, row in enumerate(rows):
-        tid = f"kill-{i}"
+        tid = f"{prefix}-{i}"
         student = Classification(
             ticket_id=tid, fields={"intent": "card_arrival"}, confidence=0.1, route="unverified",
             model="student", student={"intent": FieldPrediction(label="card_arrival", confidence=0.1)},
