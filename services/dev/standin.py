@@ -20,8 +20,14 @@ bad_entity_type_rate (an entity of type "not_a_type", its text in the ticket), b
 (an entity of a valid type, its text not in the ticket), malformed_rate (the JSON cut in half),
 and `script`: a list of OUTCOMES forced on the next requests.
 
-    python -m services.dev.standin --port 8099 --latency-ms 20 --error-rate 0.1 \\
+A fallible teacher: `label_error_rate` (`--error-rate` on the command line) answers a
+confusable wrong label on a seeded share of (ticket, field) pairs, the same wrong label every
+time a text is asked (services/dev/standin_errors.py); the banner says so. It is a property of
+the teacher, not a fault of a request: it applies whatever the other faults draw.
+
+    python -m services.dev.standin --port 8099 --latency-ms 20 --http-error-rate 0.1 \\
         --rate-limit-rate 0.05 --timeout-rate 0.0 --noise-rate 0.0 --data gold.jsonl
+    triage standin --error-rate 0.10        # a teacher wrong on 10% of tickets
 
 Programmatic: `async with run_standin(port=0, error_rate=0.1) as server: server.base_url`.
 Needs aiohttp only (not the openai package).
@@ -29,7 +35,6 @@ Needs aiohttp only (not the openai package).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import dataclasses
@@ -37,7 +42,6 @@ import hashlib
 import hmac
 import json
 import logging
-import os
 import random
 import re
 import signal
@@ -49,8 +53,13 @@ from typing import Any, AsyncIterator, Callable, Iterable, Mapping, Sequence, Un
 from aiohttp import web
 
 from schemas.text import dedup_key
+from services.dev.standin_errors import ConfusableErrors, gold_examples
+from services.dev.standin_faults import OUTCOMES, Faults
 from services.dev.standin_gold import (  # re-exported: imported from here too
     ENTITIES_KEY, GoldEntry, _plain_label, gold_entry, load_gold,
+)
+from services.dev.standin_http import (
+    content_text, entity_types, error_reply, is_array, last_user_text, schema_properties,
 )
 
 __all__ = [  # the gold-data names are re-exported from services.dev.standin_gold
@@ -61,31 +70,16 @@ __all__ = [  # the gold-data names are re-exported from services.dev.standin_gol
 log = logging.getLogger(__name__)
 
 STANDIN_MODEL = "gold-label-standin"
-OUTCOMES = ("ok", "error", "rate_limit", "timeout", "noise", "invalid", "bad_entity_type",
-            "bad_span", "malformed")
 BAD_TYPE, BAD_SPAN = "not_a_type", "zzz-not-in-ticket"
 _TOKEN = re.compile(r"[a-z0-9']+")
 _STATS = (("hangs", "timeout"), ("noisy", "noise"), ("invalid", "invalid"),  # (stat, counter)
           *((o, o) for o in ("bad_entity_type", "bad_span", "malformed")),
           ("unknown_texts", "unknown"), ("unknown_no_overlap", "unknown_no_overlap"),
-          ("missing_gold_fields", "missing_gold_field"), ("rule_entities", "rule_entities"))
+          ("missing_gold_fields", "missing_gold_field"), ("rule_entities", "rule_entities"),
+          ("wrong_labels", "wrong_label"))
 
 Gold = Mapping[str, Union[str, GoldEntry]]  # dedup_key(text) -> a plain label or a full answer
 EntityRules = Callable[[str], Iterable[Mapping[str, Any]]]
-
-
-@dataclasses.dataclass
-class Faults:
-    latency_ms: float = 0.0
-    error_rate: float = 0.0
-    rate_limit_rate: float = 0.0
-    timeout_rate: float = 0.0
-    noise_rate: float = 0.0
-    invalid_rate: float = 0.0
-    bad_entity_type_rate: float = 0.0
-    bad_span_rate: float = 0.0
-    malformed_rate: float = 0.0
-    script: list[str] = dataclasses.field(default_factory=list)
 
 
 class GoldLabelStandin:
@@ -112,6 +106,7 @@ class GoldLabelStandin:
             for name in entry.keys() - {ENTITIES_KEY}:
                 by_field[name].add(entry[name])
         self.field_labels = {name: sorted(labels) for name, labels in by_field.items()}
+        self.errors = ConfusableErrors(gold_examples(gold, default_field), seed=seed)
         self._texts: list[str] | None = None
         self._index: dict[str, list[int]] = {}
         self._closing = asyncio.Event()
@@ -121,22 +116,19 @@ class GoldLabelStandin:
     def __repr__(self) -> str:
         return f"GoldLabelStandin(model={self.model!r}, texts={len(self.gold)}, {self.faults})"
 
+    @property
+    def banner(self) -> str:
+        """What it is, said at start: never mistaken for a model, nor for an infallible one."""
+        rate = self.faults.label_error_rate
+        if not rate:
+            return f"gold-label teacher STAND-IN (not a model; {len(self.gold)} labelled texts)"
+        return (f"FALLIBLE gold-label teacher STAND-IN (not a model; {len(self.gold)} labelled texts): "
+                f"answers a confusable WRONG label on {rate:.1%} of tickets per field "
+                f"(seed {self.errors.seed}, deterministic per text)")
+
     # --- control -----------------------------------------------------------------------
     def set_faults(self, **changes: Any) -> Faults:
-        for name, value in changes.items():
-            if name not in {f.name for f in dataclasses.fields(Faults)}:
-                raise ValueError(f"unknown fault {name!r}")
-            if name == "script":
-                bad = [o for o in value if o not in OUTCOMES]
-                if bad:
-                    raise ValueError(f"unknown outcomes {bad}; expected {OUTCOMES}")
-                value = list(value)
-            else:
-                value = float(value)
-                if value < 0 or (name != "latency_ms" and value > 1):
-                    raise ValueError(f"{name} out of range")
-            setattr(self.faults, name, value)
-        return self.faults
+        return self.faults.update(**changes)
 
     def reset_stats(self) -> None:
         self._requests = 0
@@ -199,34 +191,17 @@ class GoldLabelStandin:
         best = max(overlap, key=lambda i: (jaccard(i), -i))
         return self.gold[self._texts[best]], False
 
-    def _outcome(self) -> str:
-        f = self.faults
-        if f.script:
-            return f.script.pop(0)
-        # Two draws: the transport's faults, then the answer's (a fault's rate is its share).
-        for group in ((("timeout", f.timeout_rate), ("error", f.error_rate),
-                       ("rate_limit", f.rate_limit_rate)),
-                      (("invalid", f.invalid_rate), ("noise", f.noise_rate),
-                       ("bad_entity_type", f.bad_entity_type_rate),
-                       ("bad_span", f.bad_span_rate), ("malformed", f.malformed_rate))):
-            r = self._rng.random()
-            for outcome, rate in group:
-                if r < rate:
-                    return outcome
-                r -= rate
-        return "ok"
-
     def _compose(self, text: str, props: list[tuple[str, dict[str, Any]]],
                  outcome: str) -> dict[str, Any]:
         """The answer to the asked properties (schema order), with the outcome's fault."""
         entry, known = self.lookup_entry(text)
         labels = entry if isinstance(entry, dict) else {}
-        categorical = [name for name, prop in props if not _is_array(prop)]
+        categorical = [name for name, prop in props if not is_array(prop)]
         # A plain label (or a full answer naming none of the asked fields) answers the first.
         plain = None if any(n in labels for n in categorical) else _plain_label(entry)
         answer: dict[str, Any] = {}
         for name, prop in props:
-            if _is_array(prop):
+            if is_array(prop):
                 answer[name] = self._entities(entry if known else None, text, prop)
             elif isinstance(labels.get(name), str):
                 answer[name] = labels[name]
@@ -234,18 +209,23 @@ class GoldLabelStandin:
                 answer[name] = plain
             else:
                 self._counters["missing_gold_field"] += 1
+        for name, prop in props:  # the fallible teacher: a neighbouring label, every time asked
+            if name in answer and not is_array(prop) and self.errors.is_wrong(text, name, self.faults.label_error_rate):
+                choices = prop.get("enum") or self.field_labels.get(name) or self.labels
+                answer[name] = self.errors.wrong_label(text, name, answer[name], choices)
+                self._counters["wrong_label"] += 1
         if outcome == "noise":
             for name, prop in props:
-                if name in answer and not _is_array(prop):
+                if name in answer and not is_array(prop):
                     choices = prop.get("enum") or self.field_labels.get(name) or self.labels
                     wrong = [lab for lab in choices if lab != answer[name]]
                     answer[name] = self._rng.choice(wrong) if wrong else answer[name]
         elif outcome == "invalid" and categorical:
             answer[categorical[0]] = "not_a_label"
         elif outcome in ("bad_entity_type", "bad_span"):  # on the (first) entities field
-            for name, prop in (p for p in props if _is_array(p[1])):
+            for name, prop in (p for p in props if is_array(p[1])):
                 bad = ({"type": BAD_TYPE, "text": text.split()[0][:40]} if outcome == "bad_entity_type"
-                       else {"type": (_entity_types(prop) or ["entity"])[0], "text": BAD_SPAN})
+                       else {"type": (entity_types(prop) or ["entity"])[0], "text": BAD_SPAN})
                 keep = max(0, int(prop.get("maxItems") or len(answer[name]) + 1) - 1)
                 answer[name] = answer[name][:keep] + [bad]  # within maxItems: the bad one is seen
                 break
@@ -259,7 +239,7 @@ class GoldLabelStandin:
         else:
             spans = list(self.entity_rules(text)) if self.entity_rules is not None else []
             self._counters["rule_entities"] += len(spans)
-        types, out = _entity_types(prop), []
+        types, out = entity_types(prop), []
         for item in ({"type": str(e["type"]), "text": str(e["text"])} for e in spans):
             if (types is None or item["type"] in types) and item not in out:
                 out.append(item)
@@ -282,7 +262,7 @@ class GoldLabelStandin:
             given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
             if not hmac.compare_digest(given.encode(), self._api_key.encode()):
                 self._by_status[401] += 1
-                return _error(401, "invalid api key", "invalid_request_error")
+                return error_reply(401, "invalid api key", "invalid_request_error")
         response = await handler(request)
         self._by_status[response.status] += 1
         return response
@@ -298,7 +278,7 @@ class GoldLabelStandin:
         try:
             faults = self.set_faults(**(await request.json()))
         except (ValueError, TypeError) as exc:
-            return _error(400, str(exc), "invalid_request_error")
+            return error_reply(400, str(exc), "invalid_request_error")
         return web.json_response(dataclasses.asdict(faults))
 
     async def _admin_stats(self, request: web.Request) -> web.Response:
@@ -317,30 +297,30 @@ class GoldLabelStandin:
         try:
             body = await request.json()
             messages = body["messages"]
-            text = _last_user_text(messages)
+            text = last_user_text(messages)
         except (ValueError, KeyError, TypeError):
-            return _error(400, "expected {'messages': [...]} with a user message",
+            return error_reply(400, "expected {'messages': [...]} with a user message",
                           "invalid_request_error")
         if self.faults.latency_ms:
             await asyncio.sleep(self.faults.latency_ms / 1000)
-        outcome = self._outcome()
+        outcome = self.faults.draw(self._rng)
         self._counters[outcome] += 1
         if outcome == "timeout":
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._closing.wait(), self.hang_s)
-            return _error(504, "stand-in hung on purpose (timeout_rate)", "timeout")
+            return error_reply(504, "stand-in hung on purpose (timeout_rate)", "timeout")
         if outcome == "error":
-            return _error(500, "stand-in injected server error", "server_error")
+            return error_reply(500, "stand-in injected server error", "server_error")
         if outcome == "rate_limit":
-            return _error(429, "stand-in injected rate limit", "rate_limit_exceeded",
+            return error_reply(429, "stand-in injected rate limit", "rate_limit_exceeded",
                           headers={"Retry-After": "0"})
-        answer = self._compose(text, _schema_properties(body, self.default_field), outcome)
+        answer = self._compose(text, schema_properties(body, self.default_field), outcome)
         if outcome == "ok":
             self._answered[dedup_key(text)] += 1
         content = json.dumps(answer)
         if outcome == "malformed":
             content = content[: len(content) // 2]
-        chars = sum(len(_content_text(m.get("content"))) for m in messages)
+        chars = sum(len(content_text(m.get("content"))) for m in messages)
         return web.json_response({
             "id": f"chatcmpl-standin-{self._chat}",
             "object": "chat.completion",
@@ -352,52 +332,6 @@ class GoldLabelStandin:
                       "completion_tokens": max(1, round(len(content) / 4)),
                       "total_tokens": max(1, round(chars / 4)) + max(1, round(len(content) / 4))},
         })
-
-
-def _content_text(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
-    return ""
-
-
-def _last_user_text(messages: Sequence[dict[str, Any]]) -> str:
-    for message in reversed(messages):
-        if message.get("role") == "user":
-            text = _content_text(message.get("content"))
-            if text.strip():
-                return text
-    raise ValueError("no user message")
-
-
-def _schema_properties(body: dict[str, Any], default: str) -> list[tuple[str, dict[str, Any]]]:
-    """The requested json_schema's properties in order; none: one categorical `default`."""
-    try:
-        props = body["response_format"]["json_schema"]["schema"]["properties"]
-        if isinstance(props, dict) and props:
-            return [(name, p if isinstance(p, dict) else {}) for name, p in props.items()]
-    except (KeyError, TypeError):
-        pass
-    return [(default, {})]
-
-
-def _is_array(prop: Mapping[str, Any]) -> bool:
-    return prop.get("type") == "array"
-
-
-def _entity_types(prop: Mapping[str, Any]) -> list[str] | None:
-    """The entity types an entities property allows (its items' `type` enum), None: any."""
-    try:
-        enum = prop["items"]["properties"]["type"]["enum"]
-    except (KeyError, TypeError):
-        return None
-    return list(enum) if isinstance(enum, list) else None
-
-
-def _error(status: int, message: str, kind: str, headers: dict[str, str] | None = None):
-    payload = {"error": {"message": message, "type": kind, "code": None, "param": None}}
-    return web.json_response(payload, status=status, headers=headers)
 
 
 @contextlib.asynccontextmanager
@@ -414,8 +348,7 @@ async def run_standin(
         await site.start()
         bound_host, bound_port = runner.addresses[0][:2]
         server.base_url = f"http://{bound_host}:{bound_port}/v1"
-        log.info("GOLD-LABEL TEACHER STAND-IN (not a model) serving %d labelled texts at %s",
-                 len(server.gold), server.base_url)
+        log.info("%s at %s", server.banner, server.base_url)
         yield server
     finally:
         server._closing.set()  # release hung handlers
@@ -423,41 +356,12 @@ async def run_standin(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m services.dev.standin",
-        description="Gold-label teacher STAND-IN (OpenAI-compatible; answers dataset labels).",
-    )
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8099)
-    parser.add_argument("--data", action="append", metavar="FILE",
-                        help="text<TAB>label TSV or JSONL {text, labels, entities} (repeatable); "
-                             "default BANKING77 train+dev+test")
-    parser.add_argument("--model", default=STANDIN_MODEL)
-    parser.add_argument("--api-key-env", metavar="VAR",
-                        help="require `Authorization: Bearer $VAR` (the key is read from env)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--hang-s", type=float, default=30.0)
-    parser.add_argument("--ticket-entity-rules", action="store_true",
-                        help="entities of texts not in the data from the example ticket task's "
-                             "RULES (services/dev/ticket_dataset.py)")
-    rates = [f.name for f in dataclasses.fields(Faults) if f.name != "script"]  # latency too
-    for name in rates:
-        parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=0.0)
-    args = parser.parse_args(argv)
-    api_key = None
-    if args.api_key_env:
-        api_key = os.environ.get(args.api_key_env)
-        if not api_key:
-            parser.error(f"environment variable {args.api_key_env} is empty")
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    options = dict(model=args.model, api_key=api_key, seed=args.seed, hang_s=args.hang_s,
-                   **{name: getattr(args, name) for name in rates})
-    if args.ticket_entity_rules:
-        from services.dev.ticket_dataset import extract_entities
+    """`triage standin` / `python -m services.dev.standin` (options: services/dev/standin_args.py)."""
+    from services.dev.standin_args import parse_options
 
-        options["entity_rules"] = extract_entities
-    asyncio.run(_serve(args.host, args.port, args.data, options))
+    host, port, data, options = parse_options(argv, model=STANDIN_MODEL)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(_serve(host, port, data, options))
 
 
 async def _serve(host: str, port: int, data: list[str] | None, options: dict[str, Any]) -> None:
@@ -466,11 +370,9 @@ async def _serve(host: str, port: int, data: list[str] | None, options: dict[str
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     async with run_standin(host, port, data_paths=data, **options) as server:
-        print(f"gold-label teacher STAND-IN (not a model) at {server.base_url} "
-              f"(TRIAGE_TEACHER_MODEL={server.model})", flush=True)
+        print(f"{server.banner} at {server.base_url} (TRIAGE_TEACHER_MODEL={server.model})", flush=True)
         await stop.wait()
-        log.info("stand-in stopping; stats: %s", {k: v for k, v in server.stats.items()
-                                                  if k != "answered"})
+        log.info("stand-in stopping; stats: %s", {k: v for k, v in server.stats.items() if k != "answered"})
 
 
 if __name__ == "__main__":

@@ -351,7 +351,7 @@ async def test_standin_cli_serves():
     port = _free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "services.dev.standin", "--port", str(port),
-         "--latency-ms", "20", "--error-rate", "0.1", "--rate-limit-rate", "0.05",
+         "--latency-ms", "20", "--http-error-rate", "0.1", "--rate-limit-rate", "0.05",
          "--timeout-rate", "0.0", "--noise-rate", "0.0"],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
