@@ -85,8 +85,11 @@ class Settings(BaseSettings):
     # Several tasks in one process (one engine, one adapter per task): a JSON file naming them
     # (services/deployment.py; example deploy/tasks.json). Empty = the one task above.
     deployment_path: Path | None = None
-    # float32 on CPU (bf16 is ~6x slower on AVX2); bfloat16 on GPU.
-    dtype: str = "float32"
+    # The student's number format. auto: bfloat16 on a GPU or a CPU with AVX512-BF16 / AMX
+    # (1.6x float32 there), float32 elsewhere (bf16 is several times slower on AVX2).
+    # An adapter's threshold is certified in one dtype: served in another, it trusts nothing
+    # until the next distil re-certifies it (services/student/calibration_record.py).
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     # 32 lets short shared prompt prefixes hit the prefix cache (128 never does on CPU).
     block_size: int = 32
     # Skips torch.compile / CUDA graphs: faster start, slower steady state. Off in production.

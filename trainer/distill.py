@@ -52,6 +52,8 @@ from services.student.registry import (
     CONFIG_FILE, AdapterRef, AdapterRegistry, CurrentMoved, read_meta, write_meta,
 )
 from services.student.prompting import trained_for_same_prompt
+from services.student.calibration_record import record_mismatch
+from trainer.certificate import recertify, with_certificate
 from trainer.dataset import CERTIFY_SHARE
 from trainer.evaluate import HeldOut, evaluate, fit_lora_rank, min_heldout, summary_line
 from trainer.promote import decide
@@ -145,25 +147,22 @@ async def run_distill_async(
     # The selection part decides, the certification part certifies the stored threshold: never
     # the same rows (trainer/README.md, "Selection and certification").
     select, certify = calib.split_gate()
+    served = getattr(classifier, "config", None) or engine  # the configuration answers come from
+    # A live adapter certified on another engine (another dtype) is re-certified on this one
+    # unless it is replaced: the service refuses its stored threshold meanwhile.
+    stale = live is not None and record_mismatch(live, served) is not None
     results = await evaluate(engine, task, adapters, select, final,
                              epsilon=cfg.epsilon, delta=cfg.delta, out_dir=run_dir / "eval",
                              final_names={"candidate"}, classifier=classifier,
-                             cache_dir=Path(cfg.work_dir) / "eval-cache",
-                             certification=certify, certify_names={"candidate"})
-    cand, certified = results["candidate"]["calibration"], results["candidate"]["certification"]
+                             cache_dir=Path(cfg.work_dir) / "eval-cache", certification=certify,
+                             certify_names={"candidate", "live"} if stale else {"candidate"})
+    cand = results["candidate"]["calibration"]
     current = results["live"]["calibration"] if live is not None else None
     adapter_config = json.loads((candidate_dir / CONFIG_FILE).read_text(encoding="utf-8"))
     decision = decide(cand, current, cfg.margin, adapter_config=adapter_config,
                       max_lora_rank=cfg.max_lora_rank)
 
-    meta = read_meta(candidate_dir)
-    meta["threshold"] = {"value": certified["threshold"]["threshold"], **certified["threshold"]}
-    meta["eval"] = {name: {**{k: rep.get(k) for k in ("data", "accuracy", "macro_f1", "ece", "epsilon",
-                                                       "coverage_at_epsilon", "escalation_rate_at_epsilon",
-                                                       "entity_f1")},
-                           "fields": {n: {k: v for k, v in f.items() if k != "reliability"}
-                                      for n, f in rep["fields"].items()}}
-                    for name, rep in results["candidate"].items()}
+    meta = with_certificate(read_meta(candidate_dir), results["candidate"], served)
     meta["gate"] = {"promote": decision.promote, "reason": decision.reason,
                     "live_adapter_id": live.adapter_id if live else None}
     write_meta(candidate_dir, meta)  # metadata is outside the content hash: the id is unchanged
@@ -177,8 +176,14 @@ async def run_distill_async(
         except CurrentMoved as moved:  # someone rolled back / promoted while we trained
             reason = (f"not promoted: {moved}; the gate passed ({decision.reason}); the candidate "
                       f"is in the registry: `triage promote {added.adapter_id}` to use it")
+    recertified = None
+    if stale and not promoted and registry.current_id() == live.adapter_id:
+        recertified = recertify(registry, live, results["live"], served, run_dir).adapter_id
+        print(f"live adapter {recertified} re-certified on this engine ({served.dtype}): threshold "
+              f"{results['live']['certification']['threshold']['threshold']}")
     summary = {
         "run_dir": str(run_dir),
+        "recertified": recertified,
         "data_version": version,
         "heldout": {**calib.describe(), "selection": len(select.rows), "certification": len(certify.rows)},
         "candidate_id": candidate.adapter_id,

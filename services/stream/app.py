@@ -26,6 +26,7 @@ from faststream.kafka.annotations import KafkaMessage
 
 from schemas.forwarding import Router
 from schemas.task import TaskSpec
+from services.student.calibration_record import as_served, record_mismatch
 from services.student.engine import Classifier, EngineConfig
 from services.student.shared_engine import started_classifier
 from services.stream.kafka_io import group_batch_options, report_lag
@@ -145,6 +146,7 @@ class TriageService:
                     router=self.router,
                 )
                 self.metrics.set_live_adapter(getattr(classifier.live_adapter, "adapter_id", None))
+                self._note_engine(classifier)
                 background.append(asyncio.create_task(self._watch_registry(), name="registry-watch"))
             background.append(asyncio.create_task(self._watch_consumer(), name="consumer-watch"))
             try:
@@ -257,8 +259,10 @@ class TriageService:
         async with self._swap_lock:
             wanted = await asyncio.to_thread(self._current_adapter)
             live = self.pipeline.classifier.live_adapter
-            # The same id with a new threshold (registry.add re-calibrated it) is a swap too.
-            if all(getattr(wanted, k, None) == getattr(live, k, None) for k in ("adapter_id", "threshold")):
+            # The same id with a new threshold (registry.add re-calibrated it) is a swap too;
+            # compared as served (a threshold certified on another engine is refused).
+            served = as_served(wanted, getattr(self.pipeline.classifier, "config", None))
+            if all(getattr(served, k, None) == getattr(live, k, None) for k in ("adapter_id", "threshold")):
                 return False
             try:
                 await self.pipeline.classifier.use_adapter(wanted)
@@ -273,7 +277,24 @@ class TriageService:
             new_id = getattr(wanted, "adapter_id", None)
             log.info("hot-swapped adapter %s -> %s", getattr(live, "adapter_id", None), new_id)
             self.metrics.adapter_swapped(new_id)
+            self._note_calibration()
             return True
+
+    def _note_engine(self, classifier: Any) -> None:
+        """The serving dtype: in the log, a metric label and /readyz (bench figures name it)."""
+        config = getattr(classifier, "config", None)
+        if config is None:  # an injected test classifier
+            return
+        log.info("task %s: student engine dtype %s (%s)", self.name, config.dtype, config.dtype_why)
+        self.metrics.set_engine(config.dtype, config.dtype_why)
+        self._note_calibration()
+
+    def _note_calibration(self) -> None:
+        """A live adapter whose threshold was refused (certified on another engine) is said on
+        /readyz and as a metric until one certified here is live."""
+        assert self.pipeline is not None
+        classifier = self.pipeline.classifier  # as_served keeps the stored record in .meta
+        self.metrics.set_threshold_refused(record_mismatch(classifier.live_adapter, getattr(classifier, "config", None)))
 
     async def _handle_control(self, body: Any) -> None:
         """`triage promote|rollback|distill` publish a reload command (kafka_io.reload_command)

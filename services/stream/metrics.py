@@ -143,7 +143,7 @@ class ServiceMetrics:
         self.batch_retry_streak = gauge(
             "triage_batch_retry_streak", "Consecutive failed attempts of the current batch (0 = healthy).")
         self._ready, self._ready_reason = False, "starting"
-        self._readiness_note = ""  # a standing fact /readyz always tells (no teacher configured)
+        self._readiness_notes: dict[str, str] = {}  # standing facts /readyz tells (no teacher, dtype)
         # Known label values start at 0 so rate() and dashboards see them from the first scrape.
         for route in ROUTES:
             self.results.labels(route=route)
@@ -260,14 +260,27 @@ class ServiceMetrics:
         self._ready = ready
         self._ready_reason = reason or ("ready" if ready else "not ready")
 
-    def note_readiness(self, note: str) -> None:
-        """A fact /readyz appends to every reason without changing readiness itself."""
-        self._readiness_note = note
+    def note_readiness(self, note: str, key: str = "teacher") -> None:
+        """A fact /readyz appends to every reason without changing readiness itself; one per
+        key, an empty note removes it."""
+        if note:
+            self._readiness_notes[key] = note
+        else:
+            self._readiness_notes.pop(key, None)
+
+    def set_engine(self, dtype: str, why: str) -> None:
+        self.engine_info.clear()
+        self.engine_info.labels(dtype=dtype, why=why).set(1)
+        self.note_readiness(f"dtype {dtype} ({why})", key="dtype")
+
+    def set_threshold_refused(self, why: str | None) -> None:
+        self.threshold_refused.set(1 if why else 0)
+        self.note_readiness(why or "", key="threshold")
 
     def readiness(self) -> tuple[bool, str]:
         """Default readiness callable for `serve_metrics`: follows `set_ready`."""
-        note = f"; {self._readiness_note}" if self._readiness_note else ""
-        return self._ready, self._ready_reason + note
+        notes = "".join(f"; {note}" for note in self._readiness_notes.values())
+        return self._ready, self._ready_reason + notes
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -8,6 +8,7 @@ batching packs them into as few forward passes as the scheduler allows.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 import uuid
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol, Sequence
 from schemas.answer import entity_list_schema, span_candidates
 from schemas.classification import EntityPrediction, FieldPrediction
 from schemas.task import TaskSpec
+from services.student.calibration_record import as_served, record_mismatch
 from services.student.outputs import (  # re-exported: imported from here too
     distribution_from_logprobs,
     field_prediction,
@@ -36,6 +38,7 @@ if TYPE_CHECKING:
     from services.student.registry import AdapterRef
     from services.settings import Settings
 
+log = logging.getLogger(__name__)
 LIVE: Any = object()  # sentinel: "use whatever adapter is live right now"
 
 
@@ -92,7 +95,7 @@ class Classifier(Protocol):
 @dataclass(frozen=True)
 class EngineConfig:
     model_path: Path
-    dtype: str = "float32"
+    dtype: str = "auto"  # resolved at construction (services/student/hardware.py); dtype_why says how
     block_size: int = 32
     enforce_eager: bool = True
     max_model_len: int = 2048
@@ -106,6 +109,16 @@ class EngineConfig:
     entity_span_grammar: str = "free"  # "free" | "ticket" (Settings.entity_span_grammar)
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    dtype_why: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        # Resolved once, here: the engine, the prediction cache key and the calibration record
+        # all see the concrete dtype, never "auto".
+        from services.student.hardware import resolve_dtype
+
+        dtype, why = resolve_dtype(self.dtype)
+        object.__setattr__(self, "dtype", dtype)
+        object.__setattr__(self, "dtype_why", self.dtype_why or why)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> EngineConfig:
@@ -189,6 +202,10 @@ class VllmClassifier:
         prompt fingerprint (task, label codes or style) or a rank above max_lora_rank."""
         if adapter is not None:
             check_adapter_servable(adapter, self.task, self.codes, self.config.max_lora_rank)
+            refused = record_mismatch(adapter, self.config)
+            if refused:
+                log.warning("%s", refused)
+            adapter = as_served(adapter, self.config)  # a threshold certified elsewhere: trust nothing
             # Load before switching so the first live request doesn't pay the load, and a
             # broken adapter fails here instead of in the stream.
             warm = await self._classify_one("warm-up", adapter)

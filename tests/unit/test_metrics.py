@@ -39,6 +39,8 @@ CONTRACT = {
     "triage_consumer_lag": "gauge",
     "triage_training_examples": "counter",
     "triage_ready": "gauge",
+    "triage_engine_info": "gauge",
+    "triage_threshold_refused": "gauge",
     "triage_batch_failures": "counter",
     "triage_batch_retry_streak": "gauge",
     "triage_field_escalations": "counter",

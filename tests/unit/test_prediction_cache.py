@@ -40,7 +40,7 @@ def with_field(task: TaskSpec, **update) -> TaskSpec:
 
 @pytest.fixture
 def scored(tmp_path):
-    clf, base = Counting(), EngineConfig(model_path=tmp_path / "model")
+    clf, base = Counting(), EngineConfig(model_path=tmp_path / "model", dtype="float32")
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_text('{"a": 1}')
 

@@ -1,0 +1,45 @@
+"""What a distil writes into an adapter's metadata: its certified threshold, the engine
+configuration it was certified on, and the reports behind it.
+
+The engine record (services/student/calibration_record.py) is what lets the service refuse a
+threshold certified on another dtype; the same cycle re-certifies the live adapter when it
+was certified elsewhere and is not replaced, so a dtype change (a new machine, `dtype = auto`
+picking bf16) costs one nightly cycle of escalations, never a wrong certificate.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from services.student.calibration_record import engine_record
+from services.student.registry import AdapterRef, AdapterRegistry, read_meta, write_meta
+
+REPORT_KEYS = ("data", "accuracy", "macro_f1", "ece", "epsilon", "coverage_at_epsilon",
+               "escalation_rate_at_epsilon", "entity_f1")
+
+
+def with_certificate(meta: dict[str, Any], reports: dict[str, Any], engine: Any) -> dict[str, Any]:
+    """`meta` with the threshold its certification report chose, the engine it was chosen on,
+    and a summary of each report (calibration / certification / final)."""
+    chosen = reports["certification"]["threshold"]
+    return {
+        **meta,
+        "threshold": {"value": chosen["threshold"], **chosen, "engine": engine_record(engine)},
+        "eval": {name: {**{k: rep.get(k) for k in REPORT_KEYS},
+                        "fields": {n: {k: v for k, v in f.items() if k != "reliability"}
+                                   for n, f in rep["fields"].items()}}
+                 for name, rep in reports.items()},
+    }
+
+
+def recertify(registry: AdapterRegistry, live: AdapterRef, reports: dict[str, Any], engine: Any,
+              run_dir: Path) -> AdapterRef:
+    """Store a new certificate for the live adapter (the same weights: `registry.add` replaces
+    its metadata and logs a `meta` history line; running replicas swap thresholds at their next
+    poll). Written through a copy in the run folder: the registry's folder is never edited."""
+    copy = run_dir / "recertified" / live.adapter_id
+    shutil.copytree(live.path, copy)
+    write_meta(copy, with_certificate(read_meta(copy), reports, engine))
+    return registry.add(copy)
