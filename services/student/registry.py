@@ -5,7 +5,7 @@ hot-swaps). Layout under `root`:
 
     adapters/<adapter_id>/      adapter_config.json, adapter_model.safetensors, triage_adapter.json
     current.json                {"adapter_id": ..., "stack": [previously promoted ids], ...}
-    history.jsonl               one line per promote / rollback / metadata replaced (audit trail)
+    history.jsonl               one line per promote / rollback / metadata replaced / gc (audit trail)
 
 - Ids are content hashes ("a-" + 16 hex of sha256 over the weight files and
   adapter_config.json): new weights always get a new id, so vLLM's per-LoRA caches can never
@@ -299,3 +299,43 @@ class AdapterRegistry:
             return []
         lines = self.history_path.read_text(encoding="utf-8").splitlines()
         return [json.loads(line) for line in lines if line.strip()]
+
+    # --- retention (trainer/retention.py decides what; the invariants are kept here) -------------
+    def rollback_targets(self) -> list[str]:
+        """The stack of earlier promotions, oldest first: `rollback` pops from its end."""
+        return list(self._pointer().get("stack", []))
+
+    def prune(self, adapter_ids: list[str], reason: str, *, keep_rollbacks: int | None = None) -> list[str]:
+        """Delete `adapter_ids` from adapters/, under the writer lock, skipping any that is current
+        or on the rollback stack as it stands under that lock: a rollback never points to a
+        deleted adapter. `keep_rollbacks`: first forget all but that many of the most recent
+        rollback targets (the stack's end; rollback past them reaches the base model), in the
+        same lock hold. Each deletion (and a trim) is a `gc` line in the history. Returns the
+        ids deleted."""
+        deleted: list[str] = []
+        with self._locked():
+            pointer = self._pointer()
+            current, stack = pointer.get("adapter_id"), list(pointer.get("stack", []))
+            if keep_rollbacks is not None and len(stack) > keep_rollbacks:
+                dropped = stack[: len(stack) - keep_rollbacks]
+                stack = stack[len(stack) - keep_rollbacks:]
+                self._move("gc", current, stack, f"{reason}: rollback stack trimmed to {keep_rollbacks}, "
+                                                 f"forgot {', '.join(dropped)}")
+            for adapter_id in dict.fromkeys(adapter_ids):
+                if adapter_id == current or adapter_id in stack:
+                    continue
+                path = self.adapters_dir / adapter_id
+                # only a real folder inside adapters/ (no symlink out, no malformed id)
+                if (not is_adapter_id(adapter_id) or path.is_symlink() or not path.is_dir()
+                        or path.resolve().parent != self.adapters_dir.resolve()):
+                    continue
+                # renamed first: a reader never opens a half-deleted adapter under its id
+                doomed = self.adapters_dir / f".gc-{adapter_id}-{uuid.uuid4().hex[:8]}"
+                os.rename(path, doomed)
+                shutil.rmtree(doomed, ignore_errors=True)
+                deleted.append(adapter_id)
+                self._record({"event": "gc", "adapter_id": adapter_id, "previous": current, "reason": reason,
+                              "at": datetime.now(timezone.utc).isoformat()})
+            if deleted:
+                _fsync_dir(self.adapters_dir)
+        return deleted
