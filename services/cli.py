@@ -162,6 +162,25 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gc(args: argparse.Namespace) -> int:
+    import json
+
+    from trainer.retention import describe, gc
+
+    s = _task_settings(args)
+    work_dir = Path(args.work_dir or (Path("var/distill") / args.task if args.task else "var/distill"))
+    plan, applied = gc(s, work_dir, apply_=args.apply)
+    if args.json:
+        print(json.dumps({"applied": applied is not None, "work_dir": str(work_dir),
+                          "registry": str(s.registry_dir), "plan": plan.as_dict(), "result": applied}, indent=1))
+    else:
+        print(describe(plan, applied=applied is not None))
+        if applied is not None and applied["skipped"]:
+            print(f"skipped {len(applied['skipped'])} (in use by now): "
+                  + ", ".join(e["path"] for e in applied["skipped"]))
+    return 0
+
+
 def _tell_replicas(s, args: argparse.Namespace, adapter_id: str | None) -> None:
     """The pointer moved: a reload command on the control topic (Kafka configured) swaps the
     running replicas now; a failed send only delays them to their next registry poll."""
@@ -237,6 +256,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reason", default="manual rollback")
     p.add_argument("--task", default=None, help=task_help)
     p.set_defaults(fn=cmd_rollback)
+    p = sub.add_parser("gc", help="retention: old adapters, distil runs, caches (dry run unless --apply)")
+    p.add_argument("--apply", action="store_true", help="delete what the dry run lists")
+    p.add_argument("--json", action="store_true", help="the plan (and outcome) as JSON")
+    p.add_argument("--work-dir", default=None,
+                   help="distil work dir, as given to `triage distill` (default var/distill[/<task>])")
+    p.add_argument("--task", default=None, help=task_help)
+    p.set_defaults(fn=cmd_gc)
     if importlib.util.find_spec("services.dev") is not None:
         _dev().register(sub)
     return parser

@@ -203,6 +203,27 @@ class Settings(BaseSettings):
     calibration_path: str = ""
     report_path: str = ""
 
+    # --- Retention (`triage gc`, trainer/retention.py) ----------------------------------
+    # Adapters kept beyond the current one and the kept rollback targets, most recently used first.
+    retention_keep_adapters: int = Field(default=5, ge=0)
+    # Rollback targets kept (the most recent promotions): `triage gc` trims the registry's
+    # stack to them, so rollback past them reaches the base model, never a deleted adapter.
+    retention_keep_rollbacks: int = Field(default=3, ge=0)
+    # Distil run folders kept that ended (finished, rejected or failed), newest first; runs in
+    # progress are always kept.
+    retention_keep_runs: int = Field(default=7, ge=0)
+    # Anything written to more recently than this may belong to a running writer: kept. Above
+    # the CronJob's 4 h activeDeadlineSeconds, so a run without its lock marker is still safe.
+    retention_grace_hours: float = Field(default=6.0, gt=0)
+    # A router task's training-log `forwards` rows older than this are pruned: the escalations
+    # topic keeps records 7 days, so no re-delivery can ask for them (labels are kept forever).
+    retention_forwards_days: float = Field(default=30.0, ge=8.0)
+    # `triage distill` ends with `triage gc --apply` for its task (the nightly job's retention).
+    retention_after_distill: bool = True
+    # Dead-letter records (with their bounded copy of the original) live only in Kafka: the
+    # dead-letter topic's retention.ms when `--create-topics` creates it (and in deploy/).
+    dead_letter_retention_days: float = Field(default=30.0, gt=0)
+
     # --- Observability -----------------------------------------------------------------
     # Port for /metrics, /healthz, /readyz. 0 = disabled.
     metrics_port: int = Field(default=9464, ge=0, le=65535)

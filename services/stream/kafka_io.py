@@ -187,6 +187,12 @@ RESULTS_TOPIC_CONFIG = (("cleanup.policy", "compact"), ("min.compaction.lag.ms",
 ESCALATIONS_TOPIC_CONFIG = (("retention.ms", "604800000"),)
 
 
+def dead_letter_topic_config(settings: Settings) -> tuple[tuple[str, str], ...]:
+    """Dead-letter records (and their bounded copies of the original) exist only here: the
+    topic's retention is their retention policy (TRIAGE_DEAD_LETTER_RETENTION_DAYS, 30 by default)."""
+    return (("retention.ms", str(int(settings.dead_letter_retention_days * 86_400_000))),)
+
+
 def plan_topics(settings: Settings) -> dict[str, TopicSpec]:
     """One task's topics as the docs describe them (deploy/k8s/kafka-topics.yaml): data topics
     with `topic_partitions`, the results topic compacted, the control topic one partition (swap
@@ -195,7 +201,7 @@ def plan_topics(settings: Settings) -> dict[str, TopicSpec]:
     roles = {
         settings.tickets_topic: TopicSpec(n, rf),
         settings.results_topic: TopicSpec(n, rf, RESULTS_TOPIC_CONFIG),
-        settings.dead_letter_topic: TopicSpec(n, rf),
+        settings.dead_letter_topic: TopicSpec(n, rf, dead_letter_topic_config(settings)),
         settings.control_topic: TopicSpec(1, rf),
         settings.escalations_topic: TopicSpec(n, rf, ESCALATIONS_TOPIC_CONFIG),
     }
