@@ -136,6 +136,13 @@ class ServiceMetrics:
         self.training_examples = counter(
             "triage_training_examples_total", "Examples newly written to the training log.")
         self.ready = gauge("triage_ready", "1 when this replica is ready to consume.")
+        self.engine_info = gauge(
+            "triage_engine_info", "1, labelled with the student engine's number format and why it was chosen.",
+            ["dtype", "why"])
+        self.threshold_refused = gauge(
+            "triage_threshold_refused",
+            "1 while the live adapter's threshold is refused (certified on another dtype or engine "
+            "configuration): every ticket escalates until a distil re-certifies it.")
         # --- failure policy ----------------------------------------------------------------
         self.batch_failures = counter(
             "triage_batch_failures_total", "Batches that failed as a whole and were rewound, by error.",
