@@ -57,6 +57,7 @@ from trainer.certificate import recertify, with_certificate
 from trainer.dataset import CERTIFY_SHARE
 from trainer.evaluate import HeldOut, evaluate, fit_lora_rank, min_heldout, summary_line
 from trainer.promote import decide
+from trainer.retention import RunClaim
 
 
 @dataclass
@@ -117,6 +118,7 @@ async def run_distill_async(
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
     run_dir = Path(cfg.work_dir) / f"run-{stamp}-v{version}-{uuid.uuid4().hex[:6]}"
     run_dir.mkdir(parents=True, exist_ok=False)
+    claim = RunClaim(run_dir, live_at_start)  # `triage gc` keeps this run and the adapters it uses
     candidate_dir = run_dir / "adapter"
     flags = {"base_model": cfg.model_path, "task_path": cfg.task_path, "log_path": cfg.log_path,
              "log_version": version, "max_minutes": cfg.max_minutes,
@@ -203,6 +205,7 @@ async def run_distill_async(
         "total_minutes": round((time.monotonic() - started) / 60, 2),
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    claim.release()  # a failed run's claim ends with the process (or this object)
     return summary
 
 
@@ -347,7 +350,24 @@ def main(argv: list[str] | None = None) -> int:
 
         print(tell_replicas(settings, task=opts.task, adapter_id=summary["candidate_id"])[1])
     print(f"summary: {summary['run_dir']}/summary.json")
+    if settings.retention_after_distill:  # the nightly job's retention (TRIAGE_RETENTION_*)
+        collect_garbage(settings, cfg.work_dir)
     return 0  # a rejected candidate is a normal outcome, not a failure
+
+
+def collect_garbage(settings: Any, work_dir: Path) -> None:
+    """`triage gc --apply` for this task; a failure is reported, never the cycle's outcome."""
+    from trainer.retention import gc, human_bytes
+
+    try:
+        plan, result = gc(settings, work_dir, apply_=True)
+    except OSError as exc:
+        print(f"gc: failed ({exc}); the cycle's result stands", file=sys.stderr)
+        return
+    print(f"gc: freed {human_bytes(result['bytes'])} in {len(result['deleted'])} paths"
+          + (f", {result['forwards_rows']} old forwards rows" if result["forwards_rows"] else "")
+          + (f", rollback stack trimmed to {plan.keep_rollbacks}" if plan.forget_rollbacks else "")
+          + " (`triage gc` shows what is kept and why)")
 
 
 if __name__ == "__main__":

@@ -10,12 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from services.student.registry import AdapterRegistry
+from services.student.registry import AdapterRegistry, content_id
 from services.stream.kafka_io import plan_topics
 from services.settings import Settings
+from tests.unit import test_gate
 from tests.unit.test_registry import make_adapter
 from trainer.retention import RUN_MARKER, RetentionPolicy, RunClaim, apply, plan
 
+distill_setup = test_gate.distill_setup  # the distil fixture: a registry with a live adapter
 DAY = 86_400.0
 OLD = time.time() - 30 * DAY  # far beyond any grace window
 
@@ -275,3 +277,43 @@ def test_dead_letter_topic_has_a_retention():
     assert dict(plan_topics(s)[s.dead_letter_topic].config) == {"retention.ms": str(30 * 86_400_000)}
     s = Settings(_env_file=None, dead_letter_retention_days=2)
     assert dict(plan_topics(s)[s.dead_letter_topic].config) == {"retention.ms": "172800000"}
+
+
+async def test_gc_during_a_distil_keeps_its_run_and_the_adapter_it_started_from(tmp_path, distill_setup):
+    """The real distil holds its run claim while it trains: a gc then (after a rollback that left
+    the live adapter nowhere on the stack) keeps the run and that adapter; the run ends released."""
+    from tests.unit.test_gate import GoldForOne, fake_adapter, trains
+    from trainer.distill import run_distill_async
+
+    gold, registry, old, config = distill_setup
+    candidate = fake_adapter(tmp_path / "cand", b"new")
+    seen = {}
+
+    def rollback_then_gc():
+        registry.rollback("operator")  # `old`: neither current nor a rollback target any more
+        the_plan = plan(registry, tmp_path / "work", policy(keep_adapters=0, keep_runs=0))
+        seen["runs"] = {e.reason for e in the_plan.keep if e.kind == "run"}
+        seen["old"] = [e.reason for e in the_plan.keep if e.adapter_id == old.adapter_id]
+        apply(the_plan, registry, tmp_path / "work")
+
+    summary = await run_distill_async(config(), train_fn=trains(candidate, during=rollback_then_gc),
+                                      classifier=GoldForOne(gold, content_id(candidate)))
+    assert seen == {"runs": {"in progress"}, "old": ["used by a running distil"]}
+    assert (registry.adapters_dir / old.adapter_id).is_dir()  # the trainer warm-started from it
+    run = Path(summary["run_dir"])
+    assert (run / "summary.json").exists() and not (run / RUN_MARKER).exists()
+    assert run in {Path(e.path) for e in plan(registry, tmp_path / "work", policy(keep_runs=0)).delete}
+
+
+def test_distill_ends_with_gc_apply(tmp_path, promoted, capsys):
+    from trainer.distill import collect_garbage
+
+    reg, ids = promoted
+    work = tmp_path / "work"
+    runs = [make_run(work, f"2025010{i}T000000") for i in range(3)]
+    s = Settings(_env_file=None, registry_dir=reg.root, data_dir=tmp_path / "data", retention_keep_runs=1,
+                 retention_keep_adapters=0)
+    collect_garbage(s, work)
+    assert "gc: freed" in capsys.readouterr().out
+    assert [r.exists() for r in runs] == [False, False, True]
+    assert not (reg.adapters_dir / ids["A"]).exists() and reg.rollback_targets() == [ids[n] for n in "CDE"]
