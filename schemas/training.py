@@ -18,6 +18,11 @@ def content_hash(text: str) -> str:
     return hashlib.sha256(dedup_key(text).encode("utf-8")).hexdigest()
 
 
+# Who outranks whom for a text's label: a person's feedback over a system's over the teacher's
+# (the training log's `record_feedback`, the trainer's dedup).
+LABEL_RANK = {"teacher": 0, "system": 1, "human": 2}
+
+
 class TrainingExample(BaseModel):
     text: str = Field(min_length=1)
     labels: dict[str, Any] = Field(description="field name -> label; the entities field -> a list "
@@ -28,6 +33,8 @@ class TrainingExample(BaseModel):
     source: str = Field(default="live", description="live | audit | bootstrap | backlog")
     ticket_id: str | None = None
     created_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
+    labelled_by: str = Field(default="teacher", description="teacher | human | system: who gave the "
+                             "row's labels; a person's feedback outranks the teacher (schemas/feedback.py)")
 
     @property
     def content_hash(self) -> str:

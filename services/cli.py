@@ -94,6 +94,25 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
     return 0 if report.failed == 0 else 1
 
 
+def cmd_feedback(args: argparse.Namespace) -> int:
+    """Corrections from a file into the training log, as the feedback topic's consumer stores them."""
+    import json
+
+    from schemas.task import TaskSpec
+    from services.teacher.feedback import FeedbackDesk, load_feedback_file
+    from services.teacher.training_log import TrainingLog
+
+    s = _task_settings(args)
+    with TrainingLog(s.training_log_path) as training_log:
+        desk = FeedbackDesk(TaskSpec.from_file(s.task_path), training_log, eval_share=s.eval_share)
+        try:
+            report = load_feedback_file(desk, args.tsv)
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"triage feedback: {exc}") from None
+    print(json.dumps(report, indent=1))
+    return 1 if report["refused"] else 0  # the stored rows stay stored; the refused are listed
+
+
 def cmd_distill(args: argparse.Namespace) -> int:
     from trainer.distill import main as distill_main
 
@@ -120,17 +139,25 @@ def cmd_status(args: argparse.Namespace) -> int:
     from services.student.registry import AdapterRegistry
     from trainer.distill import heldout_status
 
+    from services.student.calibration_record import certified_record, record_mismatch
+    from services.student.engine import EngineConfig
+
     s = _task_settings(args)
     registry = AdapterRegistry(s.registry_dir)
     ref = registry.current()
+    engine = EngineConfig.from_settings(s)  # the dtype a service started here serves in
+    refused = record_mismatch(ref, engine)
     try:
-        evaluation = heldout_status(s, cold=ref is None or ref.threshold is None)
+        evaluation = heldout_status(s, cold=ref is None or ref.threshold is None or refused is not None)
     except (OSError, ValueError) as exc:  # an unreadable task file: the registry part still helps
         evaluation = {"error": str(exc)}
     print(json.dumps({
         "registry": str(registry.root),
         "current": ref.adapter_id if ref else None,
         "threshold": _json_threshold(ref.threshold) if ref else None,
+        "certified_on": certified_record(ref),
+        "serving": {"dtype": engine.dtype, "why": engine.dtype_why},
+        "threshold_refused": refused,
         "adapters": [a.adapter_id for a in registry.list()],
         "history": registry.history()[-10:],
         "evaluation": evaluation,
@@ -256,6 +283,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reason", default="manual rollback")
     p.add_argument("--task", default=None, help=task_help)
     p.set_defaults(fn=cmd_rollback)
+    p = sub.add_parser("feedback", help="load people's corrections (TSV or JSONL) into the training log")
+    p.add_argument("--tsv", type=Path, required=True,
+                   help="ticket_id and/or text, a column per field (or label), optional author, source, at; "
+                        ".jsonl: records as on the feedback topic")
+    p.add_argument("--task", default=None, help=task_help)
+    p.set_defaults(fn=cmd_feedback)
     p = sub.add_parser("gc", help="retention: old adapters, distil runs, caches (dry run unless --apply)")
     p.add_argument("--apply", action="store_true", help="delete what the dry run lists")
     p.add_argument("--json", action="store_true", help="the plan (and outcome) as JSON")

@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from schemas.answer import entity_json, span_in_text, valid_fields
 from schemas.task import TaskSpec
 from schemas.training import (
-    DEFAULT_COLD_ROWS_UNTIL, DEFAULT_HELDOUT_FRACTION, content_hash, hash_unit, in_hash_share, is_heldout,
+    DEFAULT_COLD_ROWS_UNTIL, DEFAULT_HELDOUT_FRACTION, LABEL_RANK, content_hash, hash_unit, in_hash_share, is_heldout,
 )
 from services.teacher.corpus import read_records
 from services.student.prompting import LabelCodes, PromptStyle, encode_text, fit_ticket, prompt_ids
@@ -36,6 +36,7 @@ class Row:
     text: str
     labels: dict[str, Any] = field(hash=False)
     source: str = field(default="", compare=False)  # the training log's source; "" for files
+    labelled_by: str = field(default="teacher", compare=False)  # teacher | human | system
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,7 @@ def rows_from_log(path: str | Path, up_to_version: int | None = None) -> tuple[l
 
     with TrainingLog(path) as log:
         version = log.version() if up_to_version is None else int(up_to_version)
-        rows = [Row(e.text, dict(e.labels), e.source) for e in log.examples(up_to_version=version)]
+        rows = [Row(e.text, dict(e.labels), e.source, e.labelled_by) for e in log.examples(up_to_version=version)]
     return rows, version
 
 
@@ -105,11 +106,21 @@ def read_tsv(path: str | Path, task: TaskSpec) -> list[Row]:
 
 # --- cleaning, split, hash -----------------------------------------------------------------
 def dedup(rows: Iterable[Row]) -> list[Row]:
-    """One row per content hash (`schemas.text.dedup_key`); the first answer wins."""
+    """One row per content hash (`schemas.text.dedup_key`): the most trusted labeller's first
+    answer (a person's over a system's over the teacher's: `LABEL_RANK`), in first-seen order.
+    The winner keeps the held-out side of the text's first row (its evaluation-sample or
+    bootstrap source), so a person's label never moves a held-out text into training."""
     kept: dict[str, Row] = {}
     for row in rows:
-        kept.setdefault(content_hash(row.text), row)
+        key = content_hash(row.text)
+        first = kept.setdefault(key, row)
+        if _rank(row) > _rank(first):
+            kept[key] = replace(row, source=first.source)
     return list(kept.values())
+
+
+def _rank(row: Row) -> int:
+    return LABEL_RANK.get(row.labelled_by, 0)
 
 
 def valid_rows(rows: Iterable[Row], task: TaskSpec) -> list[Row]:
@@ -120,7 +131,7 @@ def valid_rows(rows: Iterable[Row], task: TaskSpec) -> list[Row]:
     for row in rows:
         usable = valid_fields(task, row.labels, row.text)
         if usable:
-            out.append(row if usable == row.labels else Row(row.text, usable, row.source))
+            out.append(row if usable == row.labels else replace(row, labels=usable))
     return out
 
 
@@ -144,7 +155,7 @@ def balance_entities(rows: Sequence[Row], task: TaskSpec, empty_per_positive: fl
         if answer == [] and not in_hash_share(row.text, "entities", share):
             rest = {k: v for k, v in row.labels.items() if k != entity.name}
             if rest:
-                out.append(Row(row.text, rest, row.source))
+                out.append(replace(row, labels=rest))
             continue
         out.append(row)
     return out

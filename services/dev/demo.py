@@ -9,6 +9,7 @@ Test tickets are never used for training; each stage streams a fresh slice of th
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from contextlib import AsyncExitStack
@@ -95,6 +96,8 @@ async def run_demo(base: Settings, options: DemoOptions) -> dict[str, Any]:
         service = TriageService(settings)
         await stack.enter_async_context(service.running())
         extra["service_start_s"] = round(time.monotonic() - t0, 1)
+        engine = service.pipeline.classifier.config  # the figures below are this number format's
+        extra["engine"] = {"dtype": engine.dtype, "why": engine.dtype_why, "cores": os.cpu_count()}
 
         async def stage(name: str, start: int, live: bool = False) -> StreamReport:
             if live:  # cold start: the train split plays the desk's first days of traffic
@@ -181,6 +184,9 @@ def print_summary(stages: list[StreamReport], options: DemoOptions, extra: dict[
             if options.live else "")
     print(f"\n== summary: {options.tickets} fresh test tickets per stage{live}; the student's answers "
           f"are scored against BANKING77's gold labels (the loop itself never sees them)")
+    if "engine" in extra:
+        e = extra["engine"]
+        print(f"   student engine: {e['dtype']} ({e['why']}), {e['cores']} cores")
     print("".join(f"{h:<{w}}" if i == 0 else f"{h:>{w}}" for i, (h, w, _) in enumerate(COLUMNS)))
     for d in rows:
         print("".join(f"{f(d):<{w}}" if i == 0 else f"{f(d):>{w}}" for i, (_, w, f) in enumerate(COLUMNS)))

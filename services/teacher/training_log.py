@@ -16,6 +16,13 @@
   published answer, and whether its forward was sent. It is the teacher worker's memory across
   re-deliveries (services/teacher/worker.py): a correction or a re-delivered escalation
   forwards nothing new and names the same `forwarded_to`.
+- People outrank the teacher (`record_feedback`, services/teacher/feedback.py): a correction or
+  confirmation replaces the row's fields it names, under a new version, and marks the row
+  `labelled_by` human (or system); the row keeps its source, so an evaluation-sample row stays
+  held out and its label is now the gold. A text the log lacks becomes a new row. A teacher
+  answer arriving later keeps the person's fields (a different value goes to `conflicts`), and
+  a system's label never replaces a person's. Every accepted feedback record is kept in
+  `feedback` with the labels it replaced (what the teacher said, for measuring the teacher).
 - Tickets the teacher has not answered yet wait in Kafka (the escalations topic), not here:
   the training log holds teacher answers only. (Logs written by older releases may still
   hold a `pending` table; it is left alone.)
@@ -39,7 +46,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from schemas.answer import entity_set
-from schemas.training import TrainingExample, content_hash
+from schemas.training import LABEL_RANK, TrainingExample, content_hash
 from services.teacher.log_keys import rekey, stale_keys
 
 _SCHEMA = """
@@ -52,7 +59,8 @@ CREATE TABLE IF NOT EXISTS examples (
     prompt_hash   TEXT NOT NULL,
     source        TEXT NOT NULL,
     ticket_id     TEXT,
-    created_at    TEXT NOT NULL
+    created_at    TEXT NOT NULL,
+    labelled_by   TEXT NOT NULL DEFAULT 'teacher'
 );
 CREATE TABLE IF NOT EXISTS superseded (
     version       INTEGER PRIMARY KEY,
@@ -64,13 +72,27 @@ CREATE TABLE IF NOT EXISTS superseded (
     prompt_hash   TEXT NOT NULL,
     source        TEXT NOT NULL,
     ticket_id     TEXT,
-    created_at    TEXT NOT NULL
+    created_at    TEXT NOT NULL,
+    labelled_by   TEXT NOT NULL DEFAULT 'teacher'
 );
 CREATE TABLE IF NOT EXISTS forwards (
     ticket_id     TEXT PRIMARY KEY,
     label         TEXT,
     route         TEXT NOT NULL,
     sent          INTEGER NOT NULL DEFAULT 0,
+    created_at    TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS feedback (
+    id            INTEGER PRIMARY KEY AUTOINCREMENT,
+    record_key    TEXT NOT NULL UNIQUE,
+    ticket_id     TEXT NOT NULL,
+    content_hash  TEXT NOT NULL,
+    labels        TEXT NOT NULL,
+    replaced      TEXT,
+    source        TEXT NOT NULL,
+    author        TEXT,
+    at            TEXT,
+    outcome       TEXT NOT NULL,
     created_at    TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS conflicts (
@@ -84,7 +106,7 @@ CREATE TABLE IF NOT EXISTS conflicts (
 """
 _NOW = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')"
 
-_COLUMNS = "text, labels, teacher_model, prompt_hash, source, ticket_id, created_at"
+_COLUMNS = "text, labels, teacher_model, prompt_hash, source, ticket_id, created_at, labelled_by"
 _CHUNK = 500  # stays far below SQLite's bound-parameter limit
 
 
@@ -113,6 +135,9 @@ class TrainingLog:
         self._conn.execute(f"PRAGMA synchronous={synchronous.upper()}")
         self._conn.execute("PRAGMA busy_timeout=30000")
         self._conn.executescript(_SCHEMA)
+        if _lacks_labelled_by(self._conn):  # a log from before people could label
+            self._write(_add_labelled_by)
+        self._conn.execute("CREATE INDEX IF NOT EXISTS examples_ticket_id ON examples (ticket_id)")
         if stale_keys(self._conn):  # written under an older normaliser: services/teacher/log_keys.py
             self._write(rekey)
 
@@ -165,14 +190,14 @@ class TrainingLog:
                 if kept is None:
                     conn.execute(
                         "INSERT INTO examples (content_hash, " + _COLUMNS + ")"
-                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         (ex.content_hash, ex.text, _labels_json(ex.labels), ex.teacher_model,
-                         ex.prompt_hash, ex.source, ex.ticket_id, created),
+                         ex.prompt_hash, ex.source, ex.ticket_id, created, ex.labelled_by),
                     )
                     written += 1
                     continue
                 version, stored = kept[0], json.loads(kept[1])
-                if any(k in stored and not _same(stored[k], v) for k, v in ex.labels.items()):
+                if any(k in stored and not _same(stored[k], v) for k, v in ex.labels.items()):  # a person's too
                     conn.execute(
                         "INSERT INTO conflicts (content_hash, labels, teacher_model, source,"
                         " created_at) VALUES (?, ?, ?, ?, ?)",
@@ -187,8 +212,10 @@ class TrainingLog:
         return self._write(insert)
 
     @staticmethod
-    def _grow(conn: sqlite3.Connection, version: int, labels: dict[str, Any]) -> None:
-        """The row at `version` with `labels`, under a new version; its old state superseded."""
+    def _grow(conn: sqlite3.Connection, version: int, labels: dict[str, Any],
+              labelled_by: str | None = None) -> None:
+        """The row at `version` with `labels` (and `labelled_by`, when given), under a new
+        version; its old state superseded."""
         conn.execute(
             "INSERT INTO superseded (version, superseded_by, content_hash, " + _COLUMNS + ")"
             " SELECT version, -1, content_hash, " + _COLUMNS + " FROM examples WHERE version = ?",
@@ -197,9 +224,9 @@ class TrainingLog:
         conn.execute("DELETE FROM examples WHERE version = ?", (version,))
         new_version = conn.execute(
             "INSERT INTO examples (content_hash, " + _COLUMNS + ")"
-            " SELECT content_hash, text, ?, teacher_model, prompt_hash, source, ticket_id, created_at"
-            " FROM superseded WHERE version = ?",
-            (_labels_json(labels), version),
+            " SELECT content_hash, text, ?, teacher_model, prompt_hash, source, ticket_id, created_at,"
+            " COALESCE(?, labelled_by) FROM superseded WHERE version = ?",
+            (_labels_json(labels), labelled_by, version),
         ).lastrowid
         conn.execute("UPDATE superseded SET superseded_by = ? WHERE version = ?", (new_version, version))
 
@@ -220,14 +247,7 @@ class TrainingLog:
             " WHERE version > ? AND version <= ? AND superseded_by > ? ORDER BY version",
             (after_version, upper, after_version, upper, upper),
         )
-        return [
-            TrainingExample(
-                text=text, labels=json.loads(labels), teacher_model=model,
-                prompt_hash=prompt_hash, source=source, ticket_id=ticket_id,
-                created_at=datetime.fromisoformat(created),
-            )
-            for _, text, labels, model, prompt_hash, source, ticket_id, created in rows
-        ]
+        return [_example(row[1:]) for row in rows]
 
     def count(self) -> int:
         return int(self._read("SELECT COUNT(*) FROM examples")[0][0])
@@ -236,12 +256,56 @@ class TrainingLog:
         """The logged teacher answer for this text (same dedup key), or None: asking the
         teacher again would cost money for an answer the log would not even keep."""
         rows = self._read(f"SELECT {_COLUMNS} FROM examples WHERE content_hash = ?", (content_hash(text),))
-        if not rows:
-            return None
-        text_, labels, model, prompt_hash, source, ticket_id, created = rows[0]
-        return TrainingExample(text=text_, labels=json.loads(labels), teacher_model=model,
-                               prompt_hash=prompt_hash, source=source, ticket_id=ticket_id,
-                               created_at=datetime.fromisoformat(created))
+        return _example(rows[0]) if rows else None
+
+    # --- people's labels (services/teacher/feedback.py) ------------------------------------
+    def ticket_text(self, ticket_id: str) -> str | None:
+        """The text the log holds for a ticket (the first ticket of its text: a later ticket
+        with the same text was answered from the log and is not recorded here)."""
+        rows = self._read("SELECT text FROM examples WHERE ticket_id = ? ORDER BY version DESC LIMIT 1",
+                          (ticket_id,))
+        return rows[0][0] if rows else None
+
+    def record_feedback(self, text: str, labels: dict[str, Any], *, ticket_id: str, labelled_by: str,
+                        record_key: str, new_row_source: str, author: str | None = None,
+                        at: str | None = None) -> str:
+        """Store a person's (`labelled_by` "human") or a system's labels for `text`; returns
+        "added" (a new row, source `new_row_source`), "corrected", "confirmed" (the row already
+        said so) or "outranked" (a system's label on a person's row: kept in `feedback` only).
+        Idempotent per `record_key`: a re-delivered record returns its first outcome."""
+        rank = LABEL_RANK[labelled_by]
+
+        def record(conn: sqlite3.Connection) -> str:
+            done = conn.execute("SELECT outcome FROM feedback WHERE record_key = ?", (record_key,)).fetchone()
+            if done is not None:
+                return str(done[0])
+            key = content_hash(text)
+            kept = conn.execute("SELECT version, labels, labelled_by FROM examples WHERE content_hash = ?",
+                                (key,)).fetchone()
+            replaced = None
+            if kept is None:
+                conn.execute(
+                    "INSERT INTO examples (content_hash, " + _COLUMNS + f") VALUES (?, ?, ?, ?, '', ?, ?, {_NOW}, ?)",
+                    (key, text, _labels_json(labels), f"{labelled_by}-feedback", new_row_source, ticket_id,
+                     labelled_by))
+                outcome = "added"
+            else:
+                version, stored, by = kept[0], json.loads(kept[1]), kept[2]
+                replaced = _labels_json({k: stored[k] for k in labels if k in stored})
+                agree = all(k in stored and _same(stored[k], v) for k, v in labels.items())
+                if LABEL_RANK.get(by, 0) > rank:
+                    outcome = "outranked"
+                else:
+                    outcome = "confirmed" if agree else "corrected"
+                    if not agree or by != labelled_by:
+                        self._grow(conn, version, {**stored, **labels}, labelled_by)
+            conn.execute(
+                "INSERT INTO feedback (record_key, ticket_id, content_hash, labels, replaced, source, author,"
+                f" at, outcome, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, {_NOW})",
+                (record_key, ticket_id, key, _labels_json(labels), replaced, labelled_by, author, at, outcome))
+            return outcome
+
+        return self._write(record)
 
     # --- a router task's forwards ------------------------------------------------------
     def first_forward(self, ticket_id: str, label: str | None, route: str) -> tuple[str | None, str, bool]:
@@ -286,4 +350,25 @@ class TrainingLog:
             "version": self.version(),
             "by_source": by_source,
             "conflicts": int(self._read("SELECT COUNT(*) FROM conflicts")[0][0]),
+            "labelled_by": dict(self._read("SELECT labelled_by, COUNT(*) FROM examples GROUP BY labelled_by")),
         }
+
+
+def _example(row: Sequence[Any]) -> TrainingExample:
+    """A TrainingExample from the `_COLUMNS` of a row."""
+    text, labels, model, prompt_hash, source, ticket_id, created, labelled_by = row
+    return TrainingExample(text=text, labels=json.loads(labels), teacher_model=model, prompt_hash=prompt_hash,
+                           source=source, ticket_id=ticket_id, created_at=datetime.fromisoformat(created),
+                           labelled_by=labelled_by)
+
+
+def _lacks_labelled_by(conn: sqlite3.Connection, table: str = "examples") -> bool:
+    return "labelled_by" not in {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
+
+
+def _add_labelled_by(conn: sqlite3.Connection) -> None:
+    """A log written before feedback existed gets the `labelled_by` column (every row: teacher);
+    checked again inside the write transaction, so two processes opening it at once add it once."""
+    for table in ("examples", "superseded"):
+        if _lacks_labelled_by(conn, table):
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN labelled_by TEXT NOT NULL DEFAULT 'teacher'")
