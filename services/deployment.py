@@ -12,7 +12,8 @@
     ]}
 
 Each task gets, unless its entry says otherwise, topics `triage.<name>.{tickets,results,
-dead-letter,escalations}`, consumer groups `triage.<name>` / `triage-teacher.<name>`, its own
+dead-letter,escalations,feedback}`, consumer groups `triage.<name>` / `triage-teacher.<name>` /
+`triage-feedback.<name>`, its own
 adapter registry `<TRIAGE_REGISTRY_DIR>/<name>` and training log `<TRIAGE_DATA_DIR>/<name>`.
 `settings` overrides any other TRIAGE_ setting for that task (thresholds, audit rate, teacher
 endpoint, ...). Engine settings are the process's: one engine serves every task. Relative
@@ -162,6 +163,8 @@ class Deployment(BaseModel):
             "results_topic": t.results_topic or f"{prefix}.results",
             "dead_letter_topic": t.dead_letter_topic or f"{prefix}.dead-letter",
             "escalations_topic": t.escalations_topic or f"{prefix}.escalations",
+            "feedback_topic": f"{prefix}.feedback",
+            "feedback_consumer_group": f"triage-feedback.{t.name}",
             "consumer_group": t.consumer_group or prefix,
             "teacher_consumer_group": t.teacher_consumer_group or f"triage-teacher.{t.name}",
             "registry_dir": t.registry_dir or base.registry_dir / t.name,
@@ -188,6 +191,7 @@ class Deployment(BaseModel):
             s = self.task_settings(base, t.name, with_key=False)
             for kind, name in [("topic", "tickets_topic"), ("topic", "results_topic"),
                                ("topic", "dead_letter_topic"), ("topic", "escalations_topic"),
+                               ("topic", "feedback_topic"), ("group", "feedback_consumer_group"),
                                ("group", "consumer_group"), ("group", "teacher_consumer_group"),
                                ("dir", "registry_dir"), ("dir", "data_dir")]:
                 value = str(Path(getattr(s, name)).resolve()) if kind == "dir" else getattr(s, name)

@@ -34,10 +34,15 @@ class Settings(BaseSettings):
     dead_letter_topic: str = "triage.dead-letter"
     control_topic: str = "triage.control"
     escalations_topic: str = "triage.escalations"
+    # People's corrections and confirmations of published answers (schemas/feedback.py), read
+    # beside the teacher worker into the training log.
+    feedback_topic: str = "triage.feedback"
     # Consumer group shared by all student replicas; partitions are split between them.
     consumer_group: str = "triage"
     # The teacher worker's own group: it scales on the escalations topic's lag.
     teacher_consumer_group: str = "triage-teacher"
+    # The feedback consumer's group (with the teacher worker: it writes the training log).
+    feedback_consumer_group: str = "triage-feedback"
     # What `triage serve` runs: the student consumer, the teacher worker, or both (one process).
     role: str = Field(default="all", pattern="^(all|student|teacher)$")
     # Tansu joins a group in ~session_timeout/2, so dev uses 3000; real Kafka wants >= 6000.

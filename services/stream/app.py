@@ -29,6 +29,7 @@ from schemas.task import TaskSpec
 from services.student.calibration_record import as_served, record_mismatch
 from services.student.engine import Classifier, EngineConfig
 from services.student.shared_engine import started_classifier
+from services.stream.feedback_lane import FeedbackLane
 from services.stream.kafka_io import group_batch_options, report_lag
 from services.stream.pipeline import EscalationConfig, InboundRecord, Outcome, TicketPipeline
 from services.stream.teacher_lane import TeacherWorker
@@ -92,9 +93,12 @@ class TriageService:
             self.control = self.broker.subscriber(settings.control_topic, auto_offset_reset="latest")
             self.control(self._handle_control)
         self.worker: TeacherWorker | None = None
+        self.feedback: FeedbackLane | None = None  # people's corrections, beside the log's writer
         if settings.role in ("all", "teacher"):
             self.worker = TeacherWorker(self.broker, settings, self.task, metrics, replica_id=self.replica_id,
                                         teacher=teacher, training_log=training_log, router=router)
+            self.feedback = FeedbackLane(self.broker, settings, self.task, metrics, replica_id=self.replica_id,
+                                         training_log=training_log)
         self.app: Any = None
         if broker is None:  # a task of a multi-task process runs in that process's app
             self.app = FastStream(self.broker, lifespan=self._lifespan, logger=log)
@@ -115,6 +119,8 @@ class TriageService:
                 )
             if self.worker is not None:
                 await stack.enter_async_context(self.worker.resources())
+            if self.feedback is not None:
+                await stack.enter_async_context(self.feedback.resources())
             background = []
             if self.runs_student:
                 classifier = self._injected["classifier"]

@@ -204,9 +204,10 @@ def plan_topics(settings: Settings) -> dict[str, TopicSpec]:
         settings.dead_letter_topic: TopicSpec(n, rf, dead_letter_topic_config(settings)),
         settings.control_topic: TopicSpec(1, rf),
         settings.escalations_topic: TopicSpec(n, rf, ESCALATIONS_TOPIC_CONFIG),
+        settings.feedback_topic: TopicSpec(n, rf),
     }
-    if len(roles) != 5:  # one name for two roles would give a topic two conflicting specs
-        raise ValueError("the tickets, results, dead-letter, control and escalations topics must differ")
+    if len(roles) != 6:  # one name for two roles would give a topic two conflicting specs
+        raise ValueError("the tickets, results, dead-letter, control, escalations and feedback topics must differ")
     return roles
 
 

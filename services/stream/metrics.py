@@ -135,6 +135,10 @@ class ServiceMetrics:
             "Tickets a router task forwarded to another task's tickets topic, by target task.", ["to"])
         self.training_examples = counter(
             "triage_training_examples_total", "Examples newly written to the training log.")
+        self.feedback = counter(
+            "triage_feedback_total", "Feedback records (people's corrections or confirmations), by "
+            "outcome: stored (added, corrected, confirmed, outranked) or the dead-letter reason "
+            "(services/teacher/feedback.py).", ["outcome"])
         self.ready = gauge("triage_ready", "1 when this replica is ready to consume.")
         self.engine_info = gauge(
             "triage_engine_info", "1, labelled with the student engine's number format and why it was chosen.",
@@ -255,6 +259,9 @@ class ServiceMetrics:
 
     def training_examples_logged(self, n: int = 1) -> None:
         self.training_examples.inc(n)
+
+    def feedback_received(self, outcome: str) -> None:
+        self.feedback.labels(outcome=outcome).inc()
 
     def batch_failed(self, reason: str) -> None:
         self.batch_failures.labels(reason=reason).inc()

@@ -260,7 +260,7 @@ def test_kustomize_builds() -> None:
     kinds = [d["kind"] for d in yaml.safe_load_all(out) if d]
     assert sorted(kinds) == sorted(["ConfigMap"] + ["PersistentVolumeClaim"] * 3 + [
                                     "Deployment", "Deployment", "Service", "CronJob", "ScaledObject",
-                                    "ScaledObject", "PodMonitor"] + ["KafkaTopic"] * 5)
+                                    "ScaledObject", "PodMonitor"] + ["KafkaTopic"] * 6)
     assert "image: registry.example.com/triage-gpu:0.1.0" in out
 
 
@@ -369,7 +369,7 @@ def test_teacher_worker_is_its_own_deployment_scaled_on_its_own_lag(manifests: d
     assert so["spec"]["maxReplicaCount"] <= default("topic_partitions")
     topics = {d["metadata"]["name"]: d for _, d in manifests["_all"] if d["kind"] == "KafkaTopic"}
     assert set(topics) == {default(f) for f in ("tickets_topic", "results_topic", "dead_letter_topic",
-                                                 "control_topic", "escalations_topic")}
+                                                 "control_topic", "escalations_topic", "feedback_topic")}
     assert topics[default("results_topic")]["spec"]["config"]["cleanup.policy"] == "compact"
 
 

@@ -46,6 +46,7 @@ CONTRACT = {
     "triage_field_escalations": "counter",
     "triage_rejected_answers": "counter",
     "triage_forwarded": "counter",
+    "triage_feedback": "counter",
 }
 
 

@@ -26,10 +26,11 @@ def test_one_task_plan_compacts_results_and_keeps_control_one_partition():
     s = settings(topic_partitions=6, topic_replication=3)
     plan = plan_topics(s)
     assert list(plan) == kafka_io.all_topics(s) == [
-        "triage.tickets", "triage.results", "triage.dead-letter", "triage.control", "triage.escalations"]
+        "triage.tickets", "triage.results", "triage.dead-letter", "triage.control", "triage.escalations",
+        "triage.feedback"]
     assert COMPACT in plan["triage.results"].config
     assert plan["triage.control"] == TopicSpec(1, 3)
-    for topic in ("triage.tickets", "triage.dead-letter", "triage.escalations"):
+    for topic in ("triage.tickets", "triage.dead-letter", "triage.escalations", "triage.feedback"):
         assert plan[topic].partitions == 6 and COMPACT not in plan[topic].config
     assert {spec.replication for spec in plan.values()} == {3}
     assert settings().topic_replication == 1  # one broker (dev, compose) unless told
