@@ -103,6 +103,8 @@ def make_lora(model_path, out_dir, seed: int, task=None, threshold: float | None
 
     from schemas.task import TaskSpec, default_task_path
     from services.student.prompting import PromptStyle, build_all_codes, prompt_fingerprint
+    from services.student.calibration_record import engine_record
+    from services.student.engine import EngineConfig
     from services.student.registry import write_meta
 
     task = task or TaskSpec.from_file(default_task_path())
@@ -115,5 +117,7 @@ def make_lora(model_path, out_dir, seed: int, task=None, threshold: float | None
         "base_model": str(model_path), "prompt_style": "compact",
         "task": {"name": task.name,
                  "prompt_fingerprint": prompt_fingerprint(task, PromptStyle.compact, list(codes.values()))},
-        "threshold": None if threshold is None else {"value": threshold},
+        # certified, as the trainer records it, on the engine the tests serve with (dtype auto)
+        "threshold": None if threshold is None else {
+            "value": threshold, "engine": engine_record(EngineConfig(model_path=Path(model_path)))},
     })

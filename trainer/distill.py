@@ -345,10 +345,11 @@ def main(argv: list[str] | None = None) -> int:
     print(heldout_line(summary["heldout"]))
     print("\n".join(summary["lines"]))
     print(("PROMOTED " if summary["promoted"] else "NOT PROMOTED ") + summary["reason"])
-    if summary["promoted"]:  # replicas swap now (control topic), not at their next registry poll
+    if summary["promoted"] or summary.get("recertified"):  # replicas swap now, not at their next poll
         from services.stream.kafka_io import tell_replicas
 
-        print(tell_replicas(settings, task=opts.task, adapter_id=summary["candidate_id"])[1])
+        live = summary["candidate_id"] if summary["promoted"] else summary["recertified"]
+        print(tell_replicas(settings, task=opts.task, adapter_id=live)[1])
     print(f"summary: {summary['run_dir']}/summary.json")
     if settings.retention_after_distill:  # the nightly job's retention (TRIAGE_RETENTION_*)
         collect_garbage(settings, cfg.work_dir)
