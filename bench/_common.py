@@ -50,9 +50,19 @@ def base_settings(**overrides: Any) -> Any:
     return Settings(_env_file=None, **overrides)
 
 
+def served_dtype(settings: Any) -> str:
+    """The dtype the engine serves in (`dtype = auto` resolved for this machine)."""
+    from services.student.hardware import resolve_dtype
+
+    return resolve_dtype(settings.dtype)[0]
+
+
 def machine() -> dict[str, Any]:
+    """What a figure depends on: cores, the CPU's vector flags (AVX2 / AVX512-BF16 / AMX), GPU."""
+    from services.student.hardware import vector_flags
+
     info: dict[str, Any] = {"python": platform.python_version(), "cpus": os.cpu_count(),
-                            "platform": platform.platform()}
+                            "platform": platform.platform(), "cpu_flags": vector_flags()}
     try:
         import torch
 

@@ -90,7 +90,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     offset = 0  # each phase takes the next texts of the test split (wrapping)
 
     with EmbeddedBroker() as broker, tempfile.TemporaryDirectory(prefix="bench-lat-") as tmp:
-        c.say(f"starting the engine ({settings.model_path.name}, dtype {settings.dtype}) ...")
+        c.say(f"starting the engine ({settings.model_path.name}, dtype {c.served_dtype(settings)}) ...")
         async with c.engine(settings) as classifier:
             await classifier.classify(c.model_texts(c.texts(args.warmup, split="train")))
             async with c.service(broker.bootstrap_servers, classifier, Path(tmp),
@@ -98,7 +98,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 s = svc.settings
                 report["settings_used"] = {
                     "max_batch": s.max_batch, "batch_timeout_ms": s.batch_timeout_ms,
-                    "partitions": s.topic_partitions, "dtype": s.dtype,
+                    "partitions": s.topic_partitions, "dtype": c.served_dtype(s),
                     "enforce_eager": s.enforce_eager, "max_num_seqs": s.max_num_seqs,
                 }
                 c.say(f"service ready: {report['settings_used']}")

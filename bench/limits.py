@@ -176,12 +176,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = asyncio.run(worker(args))
         Path(args.worker_out).write_text(json.dumps(result))
         return 0
-    from services.student.hardware import resolve_dtype, vector_flags
+    from services.student.hardware import resolve_dtype
 
     settings = c.base_settings()
     dtypes = [d for d in args.dtypes.split(",") if d]
     flops = model_flops(settings.model_path)
-    report: dict[str, Any] = {"bench": "limits", "machine": {**c.machine(), "cpu_flags": vector_flags()},
+    report: dict[str, Any] = {"bench": "limits", "machine": c.machine(),
                               "auto_dtype": resolve_dtype("auto"), "model": flops, "env": args.env, "dtypes": {}}
     with tempfile.TemporaryDirectory(prefix="bench-limits-") as tmp:
         runs = {d: run_worker(d, args, Path(tmp) / f"{d}.json") for d in dtypes}

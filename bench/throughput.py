@@ -105,7 +105,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     warm = c.model_texts(c.texts(args.warmup, split="train"))
     report: dict[str, Any] = {"bench": "throughput", "tickets": len(raw), "machine": c.machine()}
     with EmbeddedBroker() as broker, tempfile.TemporaryDirectory(prefix="bench-tp-") as tmp:
-        c.say(f"starting the engine ({settings.model_path.name}, dtype {settings.dtype}, "
+        c.say(f"starting the engine ({settings.model_path.name}, dtype {c.served_dtype(settings)}, "
               f"eager {settings.enforce_eager}, max_num_seqs {settings.max_num_seqs}) ...")
         started = time.perf_counter()
         async with c.engine(settings, args.registry) as classifier:
@@ -145,7 +145,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     report["target_met"] = best["complete"] and best["ratio"] >= TARGET_RATIO
     report["settings_used"] = {
         "max_batch": best["max_batch"], "batch_timeout_ms": best["batch_timeout_ms"],
-        "partitions": args.partitions, "dtype": settings.dtype, "enforce_eager": settings.enforce_eager,
+        "partitions": args.partitions, "dtype": c.served_dtype(settings), "enforce_eager": settings.enforce_eager,
         "max_num_seqs": settings.max_num_seqs, "block_size": settings.block_size,
         "cpu_reserved_cores": os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU"),
         "omp_threads_bind": os.environ.get("VLLM_CPU_OMP_THREADS_BIND"),
