@@ -21,7 +21,8 @@ pytestmark = pytest.mark.integration
 def settings(bootstrap: str, suffix: str, **values) -> Settings:
     return Settings(_env_file=None, bootstrap_servers=bootstrap, tickets_topic=f"tickets-{suffix}",
                     results_topic=f"results-{suffix}", dead_letter_topic=f"dlq-{suffix}",
-                    control_topic=f"control-{suffix}", escalations_topic=f"escalations-{suffix}", **values)
+                    control_topic=f"control-{suffix}", escalations_topic=f"escalations-{suffix}",
+                    feedback_topic=f"feedback-{suffix}", **values)
 
 
 async def described(bootstrap: str, topics: list[str]) -> tuple[dict[str, int], dict[str, dict[str, str]]]:

@@ -100,6 +100,7 @@ async def test_distill_evaluates_through_the_engine_and_gates(
 ):
     from schemas.task import default_task_path
     from services.teacher.training_log import TrainingLog
+    from services.student.calibration_record import engine_record
     from trainer.distill import DistillConfig, run_distill_async
 
     def reuse_tiny(out_dir, flags, log_file, timeout):  # training is covered above
@@ -139,7 +140,8 @@ async def test_distill_evaluates_through_the_engine_and_gates(
     assert summary["promoted"] is expected.promote and summary["reason"] == expected.reason
     meta = json.loads((run_dir / "adapter" / META_FILE).read_text())
     assert meta["threshold"] == {"value": cand["certification"]["threshold"]["threshold"],
-                                 **cand["certification"]["threshold"]}  # certified on the other part
+                                 **cand["certification"]["threshold"],  # certified on the other part
+                                 "engine": engine_record(student.config)}  # ... by this engine
     assert meta["threshold"]["epsilon"] == TINY_EPSILON and summary["live_at_start"] is None
     assert reg.current_id() == (summary["candidate_id"] if expected.promote else None)
     assert [a.adapter_id for a in reg.list()] == ([summary["candidate_id"]] if expected.promote else [])
