@@ -9,9 +9,10 @@ In one run, on the machine at hand:
   2. FLOPs per ticket from the task's measured prompt lengths: every field's prompt tokens x
      2 x the model's non-embedding parameters, + the LM head once per field (one scored
      position). Attention over <= 40 tokens is left out (< 1%); so is LoRA (rank 16: ~3%);
-  3. per dtype, in a fresh process (one engine each): raw engine tickets/s (best of two passes,
-     prefix cache reset before each) on the same BANKING77 test tickets, and with --kafka
-     through an embedded broker and the service (bench.throughput's pass, nothing escalates);
+  3. per dtype, in a fresh process (one engine each): raw engine tickets/s on the same BANKING77
+     test tickets (prefix cache reset before each pass), and with --kafka through an embedded
+     broker and the service (bench.throughput's pass, nothing escalates), passes interleaved
+     raw, Kafka, raw, Kafka, raw and each figure the best of its passes;
   4. the fraction of that dtype's peak the raw figure reaches, and against the first dtype:
      labels identical, and accept/escalate decisions that flip under the adapter's stored
      threshold (the same threshold for both: what a dtype change alone does to decisions).
@@ -44,7 +45,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tickets", type=int, default=900, help="BANKING77 test tickets (default 900)")
     p.add_argument("--dtypes", default="float32,bfloat16", help="comma list; the first is the reference")
     p.add_argument("--kafka", action="store_true", help="also time each dtype through Kafka")
-    p.add_argument("--max-batch", type=int, default=128, help="TRIAGE_MAX_BATCH of the Kafka pass")
+    p.add_argument("--max-batch", type=int, default=None, help="TRIAGE_MAX_BATCH of the Kafka passes (default: the setting's)")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                    help="environment of the engine processes (a lever to measure), repeatable")
     p.add_argument("--out", help="write the JSON report here (default: print it)")
@@ -108,18 +109,23 @@ async def worker(args: argparse.Namespace) -> dict[str, Any]:
         report["prompt_tokens_per_ticket"] = sum(tokens) / len(tokens)
         report["fields"] = len(clf.codes)
         await clf.classify(c.model_texts(c.texts(32, split="train")))  # warm-up, not timed
-        passes = []
-        for _ in range(2):
+        # Raw and Kafka passes interleaved (raw, kafka, raw, kafka, raw): a 2-core VM's speed
+        # drifts by 10-20% between minutes, so each figure is the best of its passes.
+        passes, kafka = [], []
+        for i in range(3 if args.kafka else 2):
             await c.reset_prefix_cache(clf)
             t = time.perf_counter()
             predictions = await clf.classify(texts, adapter=LIVE)
             passes.append(len(texts) / (time.perf_counter() - t))
+            if args.kafka and i < 2:
+                kafka.append(await _kafka_pass(clf, raw, args))
         report["raw_passes"] = [round(p, 2) for p in passes]
         report["raw_tickets_per_s"] = round(max(passes), 2)
         stored = AdapterRegistry(Path(args.registry)).current() if args.registry else None
         report["answers"] = [_answer(p, getattr(stored, "threshold", None)) for p in predictions]
-        if args.kafka:
-            report["kafka"] = await _kafka_pass(clf, raw, args)
+        if kafka:
+            report["kafka_passes"] = [k["tickets_per_s"] for k in kafka]
+            report["kafka"] = max(kafka, key=lambda k: (k["complete"], k["tickets_per_s"]))
     return report
 
 
@@ -144,6 +150,7 @@ async def _kafka_pass(clf: Any, raw: list[str], args: argparse.Namespace) -> dic
     from services.dev.broker import EmbeddedBroker
 
     with EmbeddedBroker() as broker, tempfile.TemporaryDirectory(prefix="bench-limits-") as tmp:
+        await c.reset_prefix_cache(clf)
         return await e2e_pass(broker.bootstrap_servers, clf, Path(tmp), raw, max_batch=args.max_batch,
                               batch_timeout_ms=50, partitions=4, timeout_s=900, registry=args.registry)
 
@@ -151,7 +158,7 @@ async def _kafka_pass(clf: Any, raw: list[str], args: argparse.Namespace) -> dic
 # ---- the comparison ---------------------------------------------------------------------------
 def run_worker(dtype: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "bench.limits", "--worker", dtype, "--worker-out", str(out),
-           "--tickets", str(args.tickets), "--max-batch", str(args.max_batch)]
+           "--tickets", str(args.tickets), "--max-batch", str(args.max_batch or c.base_settings().max_batch)]
     cmd += ["--registry", args.registry] if args.registry else []
     cmd += ["--kafka"] if args.kafka else []
     env = {**os.environ, **dict(e.split("=", 1) for e in args.env)}
@@ -183,10 +190,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     flops = model_flops(settings.model_path)
     report: dict[str, Any] = {"bench": "limits", "machine": c.machine(),
                               "auto_dtype": resolve_dtype("auto"), "model": flops, "env": args.env, "dtypes": {}}
+    peaks = {d: matmul_peak(d) for d in dtypes}  # before any engine: nothing else holds a core
     with tempfile.TemporaryDirectory(prefix="bench-limits-") as tmp:
         runs = {d: run_worker(d, args, Path(tmp) / f"{d}.json") for d in dtypes}
     for dtype, run in runs.items():
-        peak = matmul_peak(dtype)
+        peak = peaks[dtype]
         per_ticket = 2 * (run["prompt_tokens_per_ticket"] * flops["non_embedding_params"]
                           + run["fields"] * flops["lm_head_params"])
         row = {"matmul_peak_gflops": peak["gflops"], "threads": peak["threads"],
@@ -197,6 +205,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         row["fraction_of_peak"] = round(row["raw_gflops"] / peak["gflops"], 3)
         if "kafka" in run:
             row["kafka_tickets_per_s"] = run["kafka"]["tickets_per_s"]
+            row["kafka_passes"] = run["kafka_passes"]
+            row["kafka_max_batch"] = run["kafka"]["max_batch"]
             row["kafka_complete"] = run["kafka"]["complete"]
             row["kafka_vs_raw"] = round(run["kafka"]["tickets_per_s"] / row["raw_tickets_per_s"], 3)
         if dtype != dtypes[0]:

@@ -48,10 +48,10 @@ class Settings(BaseSettings):
     # Tansu joins a group in ~session_timeout/2, so dev uses 3000; real Kafka wants >= 6000.
     session_timeout_ms: int = Field(default=10_000, ge=1_000)
     heartbeat_interval_ms: int = Field(default=1_000, ge=100)
-    # Largest batch handed to the engine at once, and how long to wait to fill it. On 2 CPU
-    # cores with a distilled adapter Kafka keeps 0.98 of the raw engine's rate at 128 (0.94
-    # at 256; bench/throughput.py, 600 tickets); a GPU wants 256+ (deploy/k8s/configmap.yaml).
-    max_batch: int = Field(default=128, ge=1, le=4096)
+    # Largest batch handed to the engine at once, and how long to wait to fill it. 2 CPU cores,
+    # bf16, 900 tickets through Kafka: 256 ~10% faster than 128 (42.8-43.3 vs 38.8-39.1
+    # tickets/s, bench.throughput; in float32 128 was best, 0.98 of raw); a GPU wants 256+.
+    max_batch: int = Field(default=256, ge=1, le=4096)
     batch_timeout_ms: int = Field(default=50, ge=0)
     # Longest a fetch waits at the broker for new records. Real Kafka answers as soon as data
     # arrives; Tansu holds the whole wait, so a hop (tickets -> escalations -> results) could
