@@ -166,7 +166,8 @@ def test_bootstrap_labels_once_then_resumes(tmp_path, cli_env):
 
 
 # ---- 3. every command's --help ----------------------------------------------------------------
-PRODUCT = ("model", "serve", "bootstrap", "distill", "eval", "status", "promote", "rollback")
+PRODUCT = ("model", "serve", "bootstrap", "distill", "eval", "status", "promote", "rollback",
+           "feedback", "gc")
 DEV = ("broker", "standin", "produce", "demo")
 
 
