@@ -84,11 +84,22 @@ async def test_base_model_answers_do_not_change_beside_lora_requests(student, st
         refs.append(AdapterRef.from_dir(tmp_path / f"lora{seed}"))
     texts = [row.text for row in load_split("dev")[:24]]
     alone = await student.classify(texts, adapter=None)
-    with_lora, *_ = await asyncio.gather(student.classify(texts, adapter=None),
-                                         *(student.classify(texts, adapter=r) for r in refs))
-    assert [p.fields["intent"].label for p in with_lora] == [p.fields["intent"].label for p in alone]
-    for a, b in zip(alone, with_lora):
-        assert math.isclose(a.confidence, b.confidence, rel_tol=1e-3, abs_tol=1e-6)
+    with_lora, lora_answers, _ = await asyncio.gather(student.classify(texts, adapter=None),
+                                                      *(student.classify(texts, adapter=r) for r in refs))
+    # float32 answers do not depend on what shares the step. bf16 ones do, by rounding (a mixed
+    # step's shapes change the kernels' summation order): up to a few hundredths, now and then
+    # a label whose top two were that close. A leaked LoRA delta moves them far more: the
+    # adapter's own answers are the yardstick (median ~0.14 from the base model's here).
+    exact = student.config.dtype == "float32"
+    same = [(a, b) for a, b in zip(alone, with_lora) if a.fields["intent"].label == b.fields["intent"].label]
+    assert len(alone) - len(same) <= (0 if exact else 2)
+    drift = sorted(abs(a.confidence - b.confidence) for a, b in same)
+    if exact:
+        assert all(math.isclose(a.confidence, b.confidence, rel_tol=1e-3, abs_tol=1e-6) for a, b in same)
+    else:
+        assert drift[-1] <= 0.05 and drift[len(drift) // 2] <= 0.01, drift
+    lora_drift = sorted(abs(a.confidence - b.confidence) for a, b in zip(alone, lora_answers))
+    assert lora_drift[len(lora_drift) // 2] >= 0.05, lora_drift  # so a leak would fail the above
 
 
 async def test_an_adapter_for_another_prompt_is_refused_at_load(student, student_model_path, tmp_path):

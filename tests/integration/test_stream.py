@@ -80,9 +80,11 @@ async def test_malformed_input_goes_to_dead_letter_with_reason(make_settings, st
 
 
 async def test_service_stopped_mid_stream_and_restarted_loses_nothing(make_settings, student):
-    settings = make_settings(max_batch=8)
+    # Small batches and enough tickets that the stop lands mid-stream even on a fast engine
+    # (bf16 classified 60 tickets in batches of 8 before the reader's first fetch).
+    settings = make_settings(max_batch=4)
     await create_topics(settings)
-    tickets = _tickets(60, offset=200)
+    tickets = _tickets(160, offset=200)
     await produce(settings.bootstrap_servers, settings.tickets_topic,
                   [ticket_message(tid, row.text) for tid, row in tickets])
     async with TriageService(settings, classifier=student).running():
