@@ -77,6 +77,7 @@ def model_identity(model_path: Any) -> dict[str, Any]:
 
 def prediction_key(adapter: Any, task: TaskSpec, engine_config: Any) -> str:
     """Hash of everything that changes an answer of `adapter` (None: the base model)."""
+    from services.student.calibration_record import ANSWER_SETTINGS
     from services.student.outputs import PREDICTION_SEMANTICS
     from services.student.prompting import PromptStyle, prompt_fingerprint
 
@@ -90,7 +91,7 @@ def prediction_key(adapter: Any, task: TaskSpec, engine_config: Any) -> str:
         "decoding": [entity.name, entity.max_entities, entity.max_span_chars] if entity is not None else None,
         "engine": {
             "model": model_identity(getattr(engine_config, "model_path", None)),
-            **{name: getattr(engine_config, name, None) for name in ("dtype", "max_model_len", "entity_span_grammar")},
+            **{name: getattr(engine_config, name, None) for name in ANSWER_SETTINGS},
         },
         "semantics": PREDICTION_SEMANTICS,
         "vllm": vllm_version(),

@@ -14,14 +14,14 @@ it in the serving configuration. Never silently used.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 from typing import Any
 
-log = logging.getLogger(__name__)
-
 # Adapters certified before the record existed were all evaluated in float32.
 LEGACY_RECORD = {"dtype": "float32"}
+# The engine settings that change an answer (the prediction cache keys on them too:
+# trainer/predictions.py, which also lists what is left out and why).
+ANSWER_SETTINGS = ("dtype", "max_model_len", "entity_span_grammar")
 
 
 def engine_record(config: Any) -> dict[str, Any]:
@@ -29,8 +29,7 @@ def engine_record(config: Any) -> dict[str, Any]:
     rest and why it does not)."""
     from services.student.outputs import PREDICTION_SEMANTICS
 
-    return {"dtype": config.dtype, "max_model_len": config.max_model_len,
-            "entity_span_grammar": config.entity_span_grammar, "semantics": PREDICTION_SEMANTICS}
+    return {**{name: getattr(config, name) for name in ANSWER_SETTINGS}, "semantics": PREDICTION_SEMANTICS}
 
 
 def certified_record(adapter: Any) -> dict[str, Any] | None:

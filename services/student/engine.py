@@ -203,9 +203,9 @@ class VllmClassifier:
         if adapter is not None:
             check_adapter_servable(adapter, self.task, self.codes, self.config.max_lora_rank)
             refused = record_mismatch(adapter, self.config)
-            if refused:
+            if refused:  # a threshold certified on another engine: served, trusting nothing
                 log.warning("%s", refused)
-            adapter = as_served(adapter, self.config)  # a threshold certified elsewhere: trust nothing
+                adapter = as_served(adapter, self.config)
             # Load before switching so the first live request doesn't pay the load, and a
             # broken adapter fails here instead of in the stream.
             warm = await self._classify_one("warm-up", adapter)
