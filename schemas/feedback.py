@@ -9,6 +9,12 @@ the right spans of the task's entities field, all of them (a list replaces the a
 ticket's text is joined from the training log by `ticket_id`; a ticket the log does not hold
 (the student answered it alone, outside the evaluation sample) needs `text` (and `subject`,
 when it had one) as the ticket was produced, or it is dead-lettered `unknown_ticket`.
+
+`published`: the answer the person corrected or confirmed, as the results topic carried it
+(the whole result record may be passed; only `route`, `fields` and `entities` are kept). The
+service keeps no copy of the answers the student published alone, so this is what lets a
+correction count against the student (services/teacher/quality.py); without it the record
+still labels the ticket and measures the teacher.
 """
 
 from __future__ import annotations
@@ -18,7 +24,18 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from schemas.classification import Route
 from schemas.task import Entity
+
+
+class PublishedAnswer(BaseModel):
+    """The published answer a feedback record is about (a result record's own fields)."""
+
+    model_config = ConfigDict(extra="ignore")  # a whole result record is welcome
+
+    route: Route
+    fields: dict[str, str] = Field(default_factory=dict)
+    entities: list[Entity] | None = None
 
 
 class Feedback(BaseModel):
@@ -34,6 +51,8 @@ class Feedback(BaseModel):
     text: str | None = Field(default=None, min_length=1, description="the ticket's text, for tickets "
                              "the training log does not hold")
     subject: str | None = None
+    published: PublishedAnswer | None = Field(default=None, description="the answer corrected or "
+                                              "confirmed, as the results topic carried it")
 
     @model_validator(mode="after")
     def _says_something(self) -> Feedback:

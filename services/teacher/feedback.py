@@ -11,6 +11,8 @@ The ticket's text is joined from the training log by ticket id (what the teacher
 escalation and every evaluation-sample ticket); else from the record's own `text`. A new row's
 source keeps the evaluation sample's rule (`schemas.training.eval_sample_source`): a text in the
 steady-state sample is held out (and its human label is the gold), any other text trains.
+The record's `published` (the answer it is about) is kept beside it: the only copy of what the
+student answered alone (services/teacher/quality.py measures the student with it).
 Why a person outranks the teacher and what that certifies: README, "Feedback".
 
 No Kafka here: services/stream/feedback_lane.py consumes the topic, `triage feedback --tsv`
@@ -92,7 +94,8 @@ class FeedbackDesk:
         outcome = self.training_log.record_feedback(
             text, labels, ticket_id=ticket_id, labelled_by=feedback.source, record_key=record_key(feedback),
             new_row_source=eval_sample_source(text, self.eval_share, self.eval_share, cold=False) or "feedback",
-            author=feedback.author, at=feedback.at.isoformat() if feedback.at else None)
+            author=feedback.author, at=feedback.at.isoformat() if feedback.at else None,
+            published=feedback.published.model_dump_json(exclude_none=True) if feedback.published else None)
         return Verdict(outcome, "", ticket_id)
 
     def _labels(self, feedback: Feedback, text: str) -> dict[str, Any]:
@@ -116,8 +119,9 @@ class FeedbackDesk:
 
 
 def record_key(feedback: Feedback) -> str:
-    """One key per feedback record (a re-delivery is the same record: stored once)."""
-    body = feedback.model_dump_json(exclude={"text", "subject"})
+    """One key per feedback record (a re-delivery is the same record: stored once). The
+    joined and quoted parts stay out, so keys of records from before `published` hold."""
+    body = feedback.model_dump_json(exclude={"text", "subject", "published"})
     return hashlib.sha256(body.encode()).hexdigest()
 
 

@@ -22,7 +22,8 @@
   held out and its label is now the gold. A text the log lacks becomes a new row. A teacher
   answer arriving later keeps the person's fields (a different value goes to `conflicts`), and
   a system's label never replaces a person's. Every accepted feedback record is kept in
-  `feedback` with the labels it replaced (what the teacher said, for measuring the teacher).
+  `feedback` with the labels it replaced (what the teacher said, for measuring the teacher)
+  and the published answer it was about, when it names one (services/teacher/quality.py).
 - Tickets the teacher has not answered yet wait in Kafka (the escalations topic), not here:
   the training log holds teacher answers only. (Logs written by older releases may still
   hold a `pending` table; it is left alone.)
@@ -93,7 +94,8 @@ CREATE TABLE IF NOT EXISTS feedback (
     author        TEXT,
     at            TEXT,
     outcome       TEXT NOT NULL,
-    created_at    TEXT NOT NULL
+    created_at    TEXT NOT NULL,
+    published     TEXT
 );
 CREATE TABLE IF NOT EXISTS conflicts (
     id            INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -137,7 +139,11 @@ class TrainingLog:
         self._conn.executescript(_SCHEMA)
         if _lacks_labelled_by(self._conn):  # a log from before people could label
             self._write(_add_labelled_by)
+        if "published" not in _columns(self._conn, "feedback"):  # feedback from before quality.py
+            self._write(_add_published)
         self._conn.execute("CREATE INDEX IF NOT EXISTS examples_ticket_id ON examples (ticket_id)")
+        # The teacher's answer behind a person's label is a superseded row (quality.py reads it).
+        self._conn.execute("CREATE INDEX IF NOT EXISTS superseded_hash ON superseded (content_hash)")
         if stale_keys(self._conn):  # written under an older normaliser: services/teacher/log_keys.py
             self._write(rekey)
 
@@ -268,11 +274,12 @@ class TrainingLog:
 
     def record_feedback(self, text: str, labels: dict[str, Any], *, ticket_id: str, labelled_by: str,
                         record_key: str, new_row_source: str, author: str | None = None,
-                        at: str | None = None) -> str:
+                        at: str | None = None, published: str | None = None) -> str:
         """Store a person's (`labelled_by` "human") or a system's labels for `text`; returns
         "added" (a new row, source `new_row_source`), "corrected", "confirmed" (the row already
         said so) or "outranked" (a system's label on a person's row: kept in `feedback` only).
-        Idempotent per `record_key`: a re-delivered record returns its first outcome."""
+        Idempotent per `record_key`: a re-delivered record returns its first outcome.
+        `published`: the answer the feedback is about (JSON), kept beside it."""
         rank = LABEL_RANK[labelled_by]
 
         def record(conn: sqlite3.Connection) -> str:
@@ -301,8 +308,9 @@ class TrainingLog:
                         self._grow(conn, version, {**stored, **labels}, labelled_by)
             conn.execute(
                 "INSERT INTO feedback (record_key, ticket_id, content_hash, labels, replaced, source, author,"
-                f" at, outcome, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, {_NOW})",
-                (record_key, ticket_id, key, _labels_json(labels), replaced, labelled_by, author, at, outcome))
+                f" at, outcome, created_at, published) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, {_NOW}, ?)",
+                (record_key, ticket_id, key, _labels_json(labels), replaced, labelled_by, author, at, outcome,
+                 published))
             return outcome
 
         return self._write(record)
@@ -362,8 +370,12 @@ def _example(row: Sequence[Any]) -> TrainingExample:
                            labelled_by=labelled_by)
 
 
+def _columns(conn: sqlite3.Connection, table: str) -> set[str]:
+    return {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
+
+
 def _lacks_labelled_by(conn: sqlite3.Connection, table: str = "examples") -> bool:
-    return "labelled_by" not in {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
+    return "labelled_by" not in _columns(conn, table)
 
 
 def _add_labelled_by(conn: sqlite3.Connection) -> None:
@@ -372,3 +384,8 @@ def _add_labelled_by(conn: sqlite3.Connection) -> None:
     for table in ("examples", "superseded"):
         if _lacks_labelled_by(conn, table):
             conn.execute(f"ALTER TABLE {table} ADD COLUMN labelled_by TEXT NOT NULL DEFAULT 'teacher'")
+
+
+def _add_published(conn: sqlite3.Connection) -> None:
+    if "published" not in _columns(conn, "feedback"):  # checked again inside the transaction
+        conn.execute("ALTER TABLE feedback ADD COLUMN published TEXT")
