@@ -151,6 +151,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         evaluation = heldout_status(s, cold=ref is None or ref.threshold is None or refused is not None)
     except (OSError, ValueError) as exc:  # an unreadable task file: the registry part still helps
         evaluation = {"error": str(exc)}
+    try:
+        quality = _quality(s)
+    except Exception as exc:  # a locked or odd log: the rest of status still helps
+        quality = {"error": f"{type(exc).__name__}: {exc}"}
     print(json.dumps({
         "registry": str(registry.root),
         "current": ref.adapter_id if ref else None,
@@ -161,8 +165,18 @@ def cmd_status(args: argparse.Namespace) -> int:
         "adapters": [a.adapter_id for a in registry.list()],
         "history": registry.history()[-10:],
         "evaluation": evaluation,
+        "quality": quality,
     }, indent=1))
     return 0
+
+
+def _quality(s) -> dict[str, Any]:
+    """Agreement with people, per scope, with n and Wilson 95% bounds (services/teacher/quality.py)."""
+    from schemas.task import TaskSpec
+    from services.teacher.quality import quality_from_log
+
+    entity_field = TaskSpec.from_file(s.task_path).entity_field
+    return quality_from_log(s.training_log_path, entity_field.name if entity_field else None)
 
 
 def cmd_promote(args: argparse.Namespace) -> int:

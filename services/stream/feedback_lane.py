@@ -8,6 +8,10 @@ after every outcome is durable (the log's transaction, the broker's ack). A bad 
 stalls the partition: what the desk refuses, and a record whose handling fails for a reason of
 its own, is dead-lettered. Only an unavailable log or broker rewinds the batch and retries it
 (the log stores a re-delivered record once: `record_key`).
+
+After a batch that stored something (and once at start) it re-reads the quality people
+measure (services/teacher/quality.py) into the `triage_agreement*` gauges: a small read of the
+feedback rows; a failure of it is logged and never holds feedback back.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from services.stream.kafka_io import group_batch_options
 from services.stream.publisher import HEADERS
 from services.stream.teacher_lane import _unavailable as unavailable  # one rule for both lanes
 from services.teacher.feedback import FeedbackDesk, Verdict
+from services.teacher.quality import quality_from_log
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +57,7 @@ class FeedbackLane:
                 training_log = TrainingLog(self.settings.training_log_path)
                 stack.callback(training_log.close)
             self.desk = FeedbackDesk(self.task, training_log, eval_share=self.settings.eval_share)
+            await self._measure()
             yield self
 
     async def _handle_batch(self, msg: KafkaMessage) -> None:
@@ -76,6 +82,17 @@ class FeedbackLane:
         await msg.ack()  # every record of the batch has a durable outcome
         for verdict in verdicts:
             self.metrics.feedback_received(verdict.outcome)
+        if any(not v.refused for v in verdicts):
+            await self._measure()
+
+    async def _measure(self) -> None:
+        assert self.desk is not None
+        entity_field = self.task.entity_field.name if self.task.entity_field is not None else None
+        try:
+            report = await asyncio.to_thread(quality_from_log, self.desk.training_log.path, entity_field)
+            self.metrics.set_quality(report)
+        except Exception as exc:  # the gauges go stale; the feedback itself is stored
+            log.warning("could not measure quality from feedback: %s: %s", type(exc).__name__, str(exc)[:300])
 
     async def _judge(self, record: Any) -> Verdict:
         """The desk's verdict; a failure of the record's own (not the log being unavailable)

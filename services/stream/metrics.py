@@ -139,6 +139,16 @@ class ServiceMetrics:
             "triage_feedback_total", "Feedback records (people's corrections or confirmations), by "
             "outcome: stored (added, corrected, confirmed, outranked) or the dead-letter reason "
             "(services/teacher/feedback.py).", ["outcome"])
+        # Quality measured by people (services/teacher/quality.py), set by the feedback consumer.
+        quality = ["measure", "scope"]  # student_vs_people | teacher_vs_people | student_vs_teacher; sample | all
+        self.agreement = gauge("triage_agreement", "Share of judged tickets that agree (NaN: none judged yet).",
+                               quality)
+        self.agreement_low = gauge("triage_agreement_low", "Wilson 95% lower bound of triage_agreement.", quality)
+        self.agreement_high = gauge("triage_agreement_high", "Wilson 95% upper bound of triage_agreement.", quality)
+        self.agreement_samples = gauge("triage_agreement_samples", "Tickets behind triage_agreement.", quality)
+        self.human_corrections = gauge(
+            "triage_human_corrections", "Tickets where people gave `label` and `who` said `said`, for the "
+            "most corrected labels only.", ["who", "field", "label", "said"])
         self.ready = gauge("triage_ready", "1 when this replica is ready to consume.")
         self.engine_info = gauge(
             "triage_engine_info", "1, labelled with the student engine's number format and why it was chosen.",
@@ -262,6 +272,23 @@ class ServiceMetrics:
 
     def feedback_received(self, outcome: str) -> None:
         self.feedback.labels(outcome=outcome).inc()
+
+    def set_quality(self, report: dict[str, Any]) -> None:
+        """Gauges from services.teacher.quality.measure's report (the corrections replaced whole)."""
+        for scope in ("sample", "all"):
+            for measure, figure in report[scope].items():
+                if not isinstance(figure, dict):  # the scope's ticket count
+                    continue
+                rate = figure["rate"]
+                self.agreement.labels(measure, scope).set(float("nan") if rate is None else rate)
+                self.agreement_low.labels(measure, scope).set(figure["low"])
+                self.agreement_high.labels(measure, scope).set(figure["high"])
+                self.agreement_samples.labels(measure, scope).set(figure["n"])
+        self.human_corrections.clear()
+        for who, labels in report["corrections"].items():
+            for item in labels:
+                for said, n in list(item["said"].items())[:3]:  # most frequent first: bounded series
+                    self.human_corrections.labels(who, item["field"], item["label"], said).set(n)
 
     def batch_failed(self, reason: str) -> None:
         self.batch_failures.labels(reason=reason).inc()

@@ -47,6 +47,11 @@ CONTRACT = {
     "triage_rejected_answers": "counter",
     "triage_forwarded": "counter",
     "triage_feedback": "counter",
+    "triage_agreement": "gauge",
+    "triage_agreement_low": "gauge",
+    "triage_agreement_high": "gauge",
+    "triage_agreement_samples": "gauge",
+    "triage_human_corrections": "gauge",
 }
 
 
