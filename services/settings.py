@@ -229,6 +229,13 @@ class Settings(BaseSettings):
     # dead-letter topic's retention.ms when `--create-topics` creates it (and in deploy/).
     dead_letter_retention_days: float = Field(default=30.0, gt=0)
 
+    # --- Drift (services/stream/drift.py) ----------------------------------------------
+    # Consumed tickets per drift window: its escalation rate, audited accuracy and share of
+    # teacher labels the adapter never trained on are compared with the adapter's distil.
+    drift_window: int = Field(default=1_000, ge=10)
+    # A window alerts on new labels when that share's lower 95% bound passes this floor.
+    drift_novel_floor: float = Field(default=0.01, ge=0.0, lt=1.0)
+
     # --- Observability -----------------------------------------------------------------
     # Port for /metrics, /healthz, /readyz. 0 = disabled.
     metrics_port: int = Field(default=9464, ge=0, le=65535)
@@ -260,3 +267,8 @@ class Settings(BaseSettings):
     @property
     def training_log_path(self) -> Path:
         return self.data_dir / "training_log.sqlite3"
+
+    @property
+    def drift_log_path(self) -> Path:
+        """One JSON line per closed drift window (`triage status` reads the last ones)."""
+        return self.data_dir / "drift.jsonl"

@@ -61,7 +61,16 @@ class TrainingData:
     counts: dict[str, int]
 
     def describe(self) -> dict[str, Any]:
-        return {"data_version": self.data_version, "data_hash": self.data_hash, **self.counts}
+        # `labels`: the training rows per label of each categorical field, so the service can
+        # tell a label this adapter never trained on (services/stream/drift.py).
+        labels: dict[str, dict[str, int]] = {}
+        for row in self.train:
+            for name, value in row.labels.items():
+                if isinstance(value, str):
+                    per_field = labels.setdefault(name, {})
+                    per_field[value] = per_field.get(value, 0) + 1
+        return {"data_version": self.data_version, "data_hash": self.data_hash, **self.counts,
+                "labels": {name: dict(sorted(c.items())) for name, c in labels.items()}}
 
 
 # --- sources -----------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from typing import Any, Literal, get_args
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from services.stream.drift import REASONS as DRIFT_REASONS
 from services.teacher.client import TEACHER_OUTCOMES  # the teacher's own outcome names
 
 log = logging.getLogger(__name__)
@@ -163,6 +164,19 @@ class ServiceMetrics:
             ["reason"])
         self.batch_retry_streak = gauge(
             "triage_batch_retry_streak", "Consecutive failed attempts of the current batch (0 = healthy).")
+        # --- drift (services/stream/drift.py): the last closed window vs its adapter's distil ---
+        self.drift_alert = gauge(
+            "triage_drift_alert", "1 while the last closed drift window departs from the live adapter's "
+            "distil beyond both Wilson intervals, by reason (escalation, accuracy, novel_labels).", ["reason"])
+        self.drift_window = gauge(
+            "triage_drift_window", "The last closed drift window's figure (escalation_rate, accuracy = "
+            "audited agreement with the teacher, novel_share = teacher labels never trained on) and its "
+            "Wilson 95% bounds (bound: value, low, high).", ["figure", "bound"])
+        self.drift_baseline = gauge(
+            "triage_drift_baseline", "The same figures on the distil's held-out certification rows "
+            "(escalation_rate, accuracy), with Wilson 95% bounds.", ["figure", "bound"])
+        self.drift_windows = counter(
+            "triage_drift_windows_total", "Drift windows closed (every TRIAGE_DRIFT_WINDOW tickets).")
         self._ready, self._ready_reason = False, "starting"
         self._readiness_notes: dict[str, str] = {}  # standing facts /readyz tells (no teacher, dtype)
         # Known label values start at 0 so rate() and dashboards see them from the first scrape.
@@ -172,6 +186,8 @@ class ServiceMetrics:
             self.teacher_requests.labels(outcome=outcome)
         for kind in TOKEN_KINDS:
             self.teacher_tokens.labels(kind=kind)
+        for reason in DRIFT_REASONS:
+            self.drift_alert.labels(reason=reason).set(0)
         self.set_live_adapter(None)
 
     # --- helpers for call sites ------------------------------------------------------------
