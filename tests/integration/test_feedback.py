@@ -109,9 +109,19 @@ async def test_feedback_outranks_the_teacher_and_bad_feedback_is_dead_lettered(k
                 await asyncio.sleep(0.2)
             outcomes = {o: service.metrics.registry.get_sample_value("triage_feedback_total", {"outcome": o})
                         for o in ("corrected", "confirmed", *BAD.values())}
+            # The teacher measured by people (services/teacher/quality.py), set after the batch.
+            gauge = service.metrics.registry.get_sample_value
+            judged = {"measure": "teacher_vs_people", "scope": "all"}
+            while gauge("triage_agreement_samples", judged) != N:
+                assert time.monotonic() - started < 70, "the agreement gauges never counted the feedback"
+                await asyncio.sleep(0.2)
+            measured = {scope: gauge("triage_agreement", {"measure": "teacher_vs_people", "scope": scope})
+                        for scope in ("all", "sample")}
 
     # Exactly one outcome per record: counted once each, in the expected mix.
     assert outcomes == {"corrected": len(wrong), "confirmed": N - len(wrong) + 1, **{r: 1.0 for r in BAD.values()}}
+    assert measured["all"] == pytest.approx(1 - len(wrong) / N)
+    assert measured["sample"] == pytest.approx(1 - len(wrong & {f"fb-{i}" for i in SAMPLED}) / len(SAMPLED))
     dead = await read_topic(settings.bootstrap_servers, settings.dead_letter_topic, timeout_s=20,
                             until=lambda got: len(got) >= len(BAD))
     letters = [DeadLetter.model_validate_json(r.value) for r in dead]
