@@ -141,6 +141,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     from services.student.calibration_record import certified_record, record_mismatch
     from services.student.engine import EngineConfig
+    from services.stream.drift_log import drift_status
 
     s = _task_settings(args)
     registry = AdapterRegistry(s.registry_dir)
@@ -164,6 +165,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         "threshold_refused": refused,
         "adapters": [a.adapter_id for a in registry.list()],
         "history": registry.history()[-10:],
+        "drift": drift_status(s),  # the service's last windows vs the live adapter's distil
         "evaluation": evaluation,
         "quality": quality,
     }, indent=1))

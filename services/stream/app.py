@@ -29,6 +29,7 @@ from schemas.task import TaskSpec
 from services.student.calibration_record import as_served, record_mismatch
 from services.student.engine import Classifier, EngineConfig
 from services.student.shared_engine import started_classifier
+from services.stream.drift_log import drift_tracker
 from services.stream.feedback_lane import FeedbackLane
 from services.stream.kafka_io import group_batch_options, report_lag
 from services.stream.pipeline import EscalationConfig, InboundRecord, Outcome, TicketPipeline
@@ -72,6 +73,8 @@ class TriageService:
 
             metrics = ServiceMetrics()
         self.metrics = metrics
+        # windows of the stream vs the live adapter's distil: a metric, a log line, `triage status`
+        self.drift = drift_tracker(settings, metrics, unit="tickets" if self.runs_student else "teacher", name=self.name)
         self.pipeline: TicketPipeline | None = None
         self.metrics_port: int | None = None
         # Who answered: sent as the `triage-replica` header on every outcome (pod name in k8s).
@@ -96,7 +99,8 @@ class TriageService:
         self.feedback: FeedbackLane | None = None  # people's corrections, beside the log's writer
         if settings.role in ("all", "teacher"):
             self.worker = TeacherWorker(self.broker, settings, self.task, metrics, replica_id=self.replica_id,
-                                        teacher=teacher, training_log=training_log, router=router)
+                                        teacher=teacher, training_log=training_log, router=router,
+                                        drift=self.drift)
             self.feedback = FeedbackLane(self.broker, settings, self.task, metrics, replica_id=self.replica_id,
                                          training_log=training_log)
         self.app: Any = None
@@ -150,6 +154,7 @@ class TriageService:
                     max_text_chars=s.max_text_chars,
                     dead_letter_copy_bytes=s.dead_letter_copy_bytes,
                     router=self.router,
+                    drift=self.drift,
                 )
                 self.metrics.set_live_adapter(getattr(classifier.live_adapter, "adapter_id", None))
                 self._note_engine(classifier)

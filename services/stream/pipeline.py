@@ -27,6 +27,7 @@ from schemas.forwarding import Router, forwarded_result
 from services.stream.validation import Rejection, parse_ticket
 
 if TYPE_CHECKING:
+    from services.stream.drift import DriftTracker
     from services.stream.metrics import ServiceMetrics
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,7 @@ class TicketPipeline:
         router: Router | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        drift: DriftTracker | None = None,
     ) -> None:
         self.classifier = classifier
         self.escalation = escalation or EscalationConfig()
@@ -106,6 +108,7 @@ class TicketPipeline:
         self.wall_clock = wall_clock
         self.stats = PipelineStats()
         self.escalation_rate = RollingRate(window=1000)
+        self.drift = drift  # per-window figures vs the adapter's distil (services/stream/drift.py)
         task = getattr(classifier, "task", None)  # the task's extra ticket fields shown to the models
         self.inputs = list(task.inputs) if task is not None else []
 
@@ -194,6 +197,9 @@ class TicketPipeline:
         self.escalation_rate.record(escalate)
         audit = not escalate and sample is not None  # the sample's confident tickets: an audit
         self.stats.sampled += sample is not None
+        if self.drift is not None:
+            self.drift.decided(ticket.id, pred.adapter_id, {n: p.label for n, p in pred.fields.items()},
+                               escalate, audited=audit, cold=cold)
         if self.metrics:
             self.metrics.set_escalation_rate(self.escalation_rate.rate())
             if escalate:

@@ -54,9 +54,11 @@ NO_TEACHER = "none configured — escalations are published unverified and nothi
 
 class TeacherWorker:
     def __init__(self, broker: Any, settings: Any, task: Any, metrics: Any, *, replica_id: str,
-                 teacher: Any | None = None, training_log: Any | None = None, router: Any | None = None) -> None:
+                 teacher: Any | None = None, training_log: Any | None = None, router: Any | None = None,
+                 drift: Any | None = None) -> None:
         self.broker, self.settings, self.task, self.metrics = broker, settings, task, metrics
         self.router = router  # a router task: forwards each ticket after its first answer
+        self.drift = drift  # services.stream.drift.DriftTracker, fed each teacher answer
         self.replica_id = replica_id
         self._injected = {"teacher": teacher, "training_log": training_log}
         self.tracker = OffsetTracker()
@@ -104,7 +106,7 @@ class TeacherWorker:
                 deadline_s=s.escalation_deadline_s,
                 slots=TeacherSlots(s.teacher_concurrency, max(1, s.teacher_concurrency // 4)),
                 metrics=self.metrics, retry_max_s=s.teacher_retry_max_s,
-                router=self.router, send_forward=self._send_forward,
+                router=self.router, send_forward=self._send_forward, drift=self.drift,
             )
             upkeep = asyncio.create_task(self._upkeep(), name="teacher-lane-upkeep")
             try:

@@ -186,7 +186,7 @@ class EscalationResolver:
         deadline_s: float, slots: TeacherSlots, metrics: WorkerMetrics | None = None,
         max_ticket_attempts: int = 3, retry_base_s: float = 0.5, retry_max_s: float = 10.0,
         wall_clock: Callable[[], float] = time.time,
-        router: Router | None = None, send_forward: SendForward | None = None,
+        router: Router | None = None, send_forward: SendForward | None = None, drift: Any = None,
     ) -> None:
         self.teacher, self.training_log, self.publish = teacher, training_log, publish
         self.router, self.send_forward = router, send_forward
@@ -196,6 +196,7 @@ class EscalationResolver:
         self.wall_clock = wall_clock
         self.stats = WorkerStats()
         self.audit = AuditEstimator()
+        self.drift = drift  # services.stream.drift.DriftTracker: teacher answers per window
         self._rng = random.Random()
 
     async def resolve(self, request: Escalation) -> None:
@@ -235,6 +236,8 @@ class EscalationResolver:
         if not answer.logged:
             await self._log(request, answer, source=request.sample or "live")
         student = request.student_result
+        if self.drift is not None:
+            self.drift.taught(request.ticket_id, student.adapter_id, answer.labels, student.fields)
         result = student.model_copy(update={
             **merge_answer(student, answer.labels), "route": Route.teacher, "model": answer.model,
             "teacher": answer.labels, "teacher_model": answer.model,
@@ -290,6 +293,9 @@ class EscalationResolver:
         self.stats.audits += 1
         agree = agrees(request.student_result, answer.labels)
         self.audit.record(agree)
+        if self.drift is not None:
+            student = request.student_result
+            self.drift.taught(request.ticket_id, student.adapter_id, answer.labels, student.fields, agree)
         if self.metrics:
             accuracy, n, _, _ = self.audit.estimate()
             self.metrics.set_audit(accuracy, n)
