@@ -254,6 +254,11 @@ class DriftTracker:
             if window.tickets >= self.size:
                 self._filled(window)
 
+    def flush(self) -> None:
+        """Close the full window now, answers missing or not (a bench between phases)."""
+        if self._full is not None:
+            self._close(self._full)
+
     def baseline(self, adapter_id: str | None) -> Baseline | None:
         if adapter_id not in self._baselines:
             self._baselines[adapter_id] = self._baseline_of(adapter_id) if adapter_id else None
