@@ -20,9 +20,10 @@ Store by store (settings TRIAGE_RETENTION_*):
   that are kept stay (the newest per adapter: an older key is an engine or code that changed);
   the rest are the answers of adapters that are gone.
 - training log: examples, superseded states (a run's data set stays reproducible) and
-  conflicts are labels and their audit: kept forever. A router task's `forwards` rows are the
-  teacher worker's memory against re-delivered escalations; the escalations topic keeps
-  records 7 days, so rows older than `forwards_days` can never be asked for again: pruned.
+  conflicts are labels and their audit: kept forever. A router task's `forwards` rows and the
+  `answered` rows (escalations whose teacher result was published) are the teacher worker's
+  memory against re-delivered escalations; the escalations topic keeps records 7 days, so rows
+  older than `forwards_days` can never be asked for again: pruned (counted as forwards rows).
 - dead-letter copies live only in Kafka: the topic's retention.ms (TRIAGE_DEAD_LETTER_RETENTION_DAYS,
   services/stream/kafka_io.py plan_topics) bounds them; nothing to do here.
 
@@ -304,16 +305,23 @@ def _plan_predictions(out: Plan, folder: Path, root: Path, kept_ids: set[str], g
             out.delete.append(_entry(path, why, EVAL_CACHE))
 
 
+REDELIVERY_TABLES = ("forwards", "answered")  # the training log's memory against re-deliveries
+
+
 def _plan_forwards(out: Plan, log_path: Path, days: float, now: float) -> None:
     if not log_path.is_file():
         return
     before = (datetime.fromtimestamp(now, timezone.utc) - timedelta(days=days)).strftime("%Y-%m-%dT%H:%M:%S.000Z")
+    rows, found = 0, False
     with _log(log_path) as conn:
-        try:
-            rows = conn.execute("SELECT COUNT(*) FROM forwards WHERE created_at < ?", (before,)).fetchone()[0]
-        except sqlite3.OperationalError:  # no forwards table: not a router task's log
-            return
-    out.log_path, out.forwards_before, out.forwards_rows = str(log_path), before, int(rows)
+        for table in REDELIVERY_TABLES:
+            try:
+                rows += conn.execute(f"SELECT COUNT(*) FROM {table} WHERE created_at < ?", (before,)).fetchone()[0]
+                found = True
+            except sqlite3.OperationalError:  # a log from before that table
+                pass
+    if found:
+        out.log_path, out.forwards_before, out.forwards_rows = str(log_path), before, int(rows)
 
 
 @contextmanager
@@ -352,7 +360,12 @@ def apply(plan_: Plan, registry: AdapterRegistry, work_dir: Path, *, reason: str
     forwards = 0
     if plan_.forwards_rows and plan_.log_path and plan_.forwards_before:
         with _log(Path(plan_.log_path)) as conn:
-            forwards = conn.execute("DELETE FROM forwards WHERE created_at < ?", (plan_.forwards_before,)).rowcount
+            for table in REDELIVERY_TABLES:
+                try:
+                    forwards += conn.execute(f"DELETE FROM {table} WHERE created_at < ?",
+                                             (plan_.forwards_before,)).rowcount
+                except sqlite3.OperationalError:  # a log from before that table
+                    pass
     return {"deleted": [asdict(e) for e in deleted], "skipped": [asdict(e) for e in skipped],
             "bytes": sum(e.bytes for e in deleted), "forwards_rows": forwards,
             "forgot_rollbacks": plan_.forget_rollbacks}

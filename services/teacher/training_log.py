@@ -16,6 +16,10 @@
   published answer, and whether its forward was sent. It is the teacher worker's memory across
   re-deliveries (services/teacher/worker.py): a correction or a re-delivered escalation
   forwards nothing new and names the same `forwarded_to`.
+- `answered`: the escalations (ticket id @ ticket time) whose teacher result the broker
+  acknowledged. An answered record stays uncommitted while an older one of its partition is
+  still in flight; a re-delivery (kill, rebalance) finds it here and publishes nothing again.
+  Pruned with `forwards` (`triage gc`): a re-delivery older than that cannot happen.
 - People outrank the teacher (`record_feedback`, services/teacher/feedback.py): a correction or
   confirmation replaces the row's fields it names, under a new version, and marks the row
   `labelled_by` human (or system); the row keeps its source, so an evaluation-sample row stays
@@ -81,6 +85,10 @@ CREATE TABLE IF NOT EXISTS forwards (
     label         TEXT,
     route         TEXT NOT NULL,
     sent          INTEGER NOT NULL DEFAULT 0,
+    created_at    TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS answered (
+    escalation    TEXT PRIMARY KEY,
     created_at    TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS feedback (
@@ -333,6 +341,14 @@ class TrainingLog:
     def forward_sent(self, ticket_id: str) -> None:
         """The ticket's forward was acknowledged by the broker: a re-delivery sends it no more."""
         self._write(lambda conn: conn.execute("UPDATE forwards SET sent = 1 WHERE ticket_id = ?", (ticket_id,)))
+
+    # --- escalations whose teacher result was published ------------------------------------
+    def answer_published(self, escalation: str) -> bool:
+        return bool(self._read("SELECT 1 FROM answered WHERE escalation = ?", (escalation,)))
+
+    def mark_answer_published(self, escalation: str) -> None:
+        self._write(lambda conn: conn.execute(
+            f"INSERT OR IGNORE INTO answered (escalation, created_at) VALUES (?, {_NOW})", (escalation,)))
 
     def contains(self, text: str) -> bool:
         return bool(self.existing_hashes([content_hash(text)]))

@@ -21,6 +21,9 @@ waits for a slot, so they never starve escalations.
 
 Every teacher answer is logged before its result is published: a crash in between re-delivers
 the escalation and `resolve` republishes the logged answer without asking the teacher again.
+Once the broker acknowledged the teacher's result, the escalation is marked answered in the
+log: a re-delivery of a record that was answered but not yet committed (its partition's commit
+waits for an older record still in flight; a kill -9, a rebalance) publishes nothing again.
 A logged answer is reused only where it holds for this ticket's text: the log's dedup key folds
 case, so a span of another spelling may not occur here (then the teacher is asked).
 
@@ -131,11 +134,18 @@ class WorkerStats:
     unverified: int = 0
     corrections: int = 0  # teacher results that replaced an unverified one
     reused: int = 0  # answered from the training log (a re-delivery, or a known text)
+    redelivered_answered: int = 0  # re-deliveries of escalations answered already: nothing published
     gave_up: Counter[str] = field(default_factory=Counter)  # ticket refused by the teacher
     audits: int = 0
     audits_skipped: int = 0  # no teacher configured
     examples_logged: int = 0
     teacher_failures: Counter[str] = field(default_factory=Counter)
+
+
+def escalation_key(request: Escalation) -> str:
+    """One escalation record, as its re-deliveries carry it: a ticket sent again under its id
+    has another ticket time and is answered again."""
+    return f"{request.ticket_id}@{request.ticket_time_ms}"
 
 
 @dataclass
@@ -209,6 +219,11 @@ class EscalationResolver:
 
     # ---- escalations ----------------------------------------------------------------------
     async def _escalation(self, request: Escalation) -> None:
+        if await self._answered(request):
+            self.stats.redelivered_answered += 1
+            log.info("escalation of ticket %s re-delivered after its teacher result was published: "
+                     "nothing published again", request.ticket_id)
+            return
         asked = self._fields_to_ask(request)
         answer = await self._known_answer(request.text, asked or self._all_fields(request))
         if answer is None and self.teacher is None:
@@ -244,6 +259,8 @@ class EscalationResolver:
             "latency_ms": self._since_ticket_ms(request),
         })
         await self._publish(request, result)  # a correction names the first answer's forward
+        if self.training_log is not None:
+            await asyncio.to_thread(self.training_log.mark_answer_published, escalation_key(request))
         self.stats.teacher_results += 1
         self.stats.corrections += int(unverified_sent)
         if self.metrics:
@@ -251,6 +268,12 @@ class EscalationResolver:
                                         else self._since_ticket_ms(request) / 1000)
             if unverified_sent:
                 self.metrics.corrected()
+
+    async def _answered(self, request: Escalation) -> bool:
+        """This very escalation's teacher result was published already (a re-delivery)."""
+        if self.training_log is None:
+            return False
+        return await asyncio.to_thread(self.training_log.answer_published, escalation_key(request))
 
     async def _publish_unverified(self, request: Escalation) -> None:
         result = request.student_result.model_copy(update={
@@ -367,7 +390,8 @@ class EscalationResolver:
         s = self.stats
         return {
             "teacher_results": s.teacher_results, "unverified": s.unverified, "corrections": s.corrections,
-            "reused": s.reused, "gave_up": dict(s.gave_up), "audits": s.audits,
+            "reused": s.reused, "redelivered_answered": s.redelivered_answered,
+            "gave_up": dict(s.gave_up), "audits": s.audits,
             "audits_skipped": s.audits_skipped, "examples_logged": s.examples_logged,
             "teacher_failures": dict(s.teacher_failures),
             "audited_accuracy": accuracy, "audited_samples": n, "audited_ci95": (low, high),

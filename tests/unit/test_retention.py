@@ -272,6 +272,23 @@ def test_old_forwards_pruned_labels_kept(tmp_path, promoted):
         assert log.first_forward("old-ticket", "x", "y") == ("x", "y", False)  # forgotten: recorded anew
 
 
+def test_old_answered_escalations_pruned_with_the_forwards(tmp_path, promoted):
+    from services.teacher.training_log import TrainingLog
+
+    reg, _ = promoted
+    path = tmp_path / "data" / "training_log.sqlite3"
+    with TrainingLog(path) as log:
+        log.mark_answer_published("old@1")
+        log.mark_answer_published("new@2")
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE answered SET created_at = '2020-01-01T00:00:00.000Z' WHERE escalation = 'old@1'")
+    the_plan = plan(reg, tmp_path / "work", policy(), log_path=path)
+    assert the_plan.forwards_rows == 1
+    assert apply(the_plan, reg, tmp_path / "work")["forwards_rows"] == 1
+    with TrainingLog(path) as log:
+        assert log.answer_published("new@2") and not log.answer_published("old@1")
+
+
 def test_dead_letter_topic_has_a_retention():
     s = Settings(_env_file=None)
     assert dict(plan_topics(s)[s.dead_letter_topic].config) == {"retention.ms": str(30 * 86_400_000)}

@@ -134,14 +134,43 @@ async def test_a_ticket_the_teacher_refuses_keeps_its_unverified_answer(training
     assert training_log.count() == 0 and r.summary()["gave_up"] == {"invalid_answer": 1}
 
 
-async def test_a_redelivered_escalation_is_answered_from_the_log_not_the_teacher(training_log):
+async def test_a_resent_ticket_is_answered_from_the_log_not_the_teacher(training_log):
     teacher = Teacher()
     r, published = resolver(teacher, training_log)
-    await r.resolve(request())
-    await r.resolve(request())  # after a crash between publish and commit
+    await r.resolve(request(age_s=1.0))
+    await r.resolve(request())  # the same ticket sent again: another ticket time
     assert len(teacher.asked) == 1
     assert [p.route.value for p in published] == ["teacher", "teacher"]
     assert published[0].fields == published[1].fields and training_log.count() == 1
+
+
+async def test_a_redelivered_escalation_answered_already_publishes_nothing(tmp_path):
+    # Answered and acknowledged, not yet committed (an older record of its partition was still
+    # in flight), then a kill -9 or a rebalance: the new owner reads it again (issue 27).
+    teacher, record = Teacher(), request()
+    with TrainingLog(tmp_path / "log.sqlite3") as log:
+        r, published = resolver(teacher, log)
+        await r.resolve(record)
+    with TrainingLog(tmp_path / "log.sqlite3") as log:  # the other replica, same durable log
+        again, republished = resolver(teacher, log)
+        await again.resolve(record)
+    assert [p.route.value for p in published] == ["teacher"] and republished == []
+    assert len(teacher.asked) == 1 and again.summary()["redelivered_answered"] == 1
+
+
+async def test_a_redelivery_after_the_unverified_answer_still_gets_the_correction(training_log):
+    teacher, record = Teacher(script=["error"] * 3 + ["ok"]), request()
+
+    async def dies(result):
+        raise ConnectionError("killed before the broker acknowledged")
+
+    crashed = EscalationResolver(teacher=teacher, training_log=training_log, publish=dies, deadline_s=0.0,
+                                 slots=TeacherSlots(4, 1), retry_base_s=0.01, retry_max_s=0.02)
+    with pytest.raises(ConnectionError):
+        await crashed.resolve(record)  # the unverified answer never made it
+    r, published = resolver(teacher, training_log, deadline_s=0.0)
+    await r.resolve(record)
+    assert [p.route.value for p in published] == ["unverified", "teacher"]
 
 
 async def test_without_a_teacher_escalations_are_unverified_at_once(training_log):
