@@ -3,7 +3,7 @@ PY := .venv/bin/python
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install model demo test test-unit bench faults clean
+.PHONY: install model demo test test-unit bench faults soak clean
 
 install:
 	@bash scripts/install.sh
@@ -27,6 +27,12 @@ bench: model
 
 faults: model
 	$(PY) bench/faults.py --json var/bench/faults.json
+
+# An hour under load with a nightly distil, a teacher outage, a kill -9 and a rollback (issue 27);
+# starts from var/demo/registry (`make demo` first). `SOAK_MINUTES=10 make soak`: the short mode.
+SOAK_MINUTES ?= 60
+soak: model
+	$(PY) bench/soak.py --minutes $(SOAK_MINUTES) --json var/bench/soak.json --png var/bench/soak.png
 
 clean:
 	rm -rf var .pytest_cache
