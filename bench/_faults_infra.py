@@ -41,6 +41,7 @@ class Replica:
     expected_down: bool = False  # killed on purpose: the supervisor leaves it down
     events: list[str] = field(default_factory=list)
     args: tuple[str, ...] = ()  # after `serve`, e.g. ("--role", "teacher")
+    command: tuple[str, ...] = ("-m", "services.cli", "serve")  # after the interpreter
 
     @property
     def log_path(self) -> Path:
@@ -55,7 +56,7 @@ class Replica:
         self.workdir.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "wb") as log_file:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "services.cli", "serve", *self.args],
+                [sys.executable, *self.command, *self.args],
                 cwd=self.workdir,  # no stray .env from the repository
                 env=self.env, stdin=subprocess.DEVNULL, stdout=log_file,
                 stderr=subprocess.STDOUT, start_new_session=True,

@@ -32,6 +32,10 @@ that log plus what this run escalates.
    distil; the training log's, registry's, run dirs' and caches' bytes; each replica's live
    adapter (its /metrics).
 
+`--fake-student` (bench/_soak_fake.py): the same run with a fake classifier in each replica and
+a stand-in distil (a copy of the live adapter under a new id, promoted): the plumbing without an
+engine, e.g. `--fake-student --minutes 2 --load 0.2`.
+
 Per window: tickets in / out, lost, duplicated keys (`dup` = keys breaking "unverified...,
 then one answer" + `c` corrections after `unverified`), lag max (tickets / escalations),
 student-route p50 / p99 (produce -> first result), escalation rate, memory and fds per
@@ -87,6 +91,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workdir", default="var/soak", help="replica logs, registry copy, log, distil runs (wiped)")
     p.add_argument("--json", dest="json_path", default="var/bench/soak.json")
     p.add_argument("--png", default="var/bench/soak.png")
+    p.add_argument("--fake-student", action="store_true",
+                   help="replicas with a fake classifier and a stand-in distil (bench/_soak_fake.py): "
+                        "the plumbing in minutes, no engine")
     p.add_argument("--verbatim-texts", action="store_true",
                    help="tickets as BANKING77 has them (texts repeat) instead of each with its own ' (ref N)'")
     p.add_argument("--max-batch", type=int, default=64, help="TRIAGE_MAX_BATCH of the replicas")
@@ -186,7 +193,8 @@ def dir_bytes(path: Path, pattern: str | None = None) -> int:
 
 
 def disk(workdir: Path) -> dict[str, int]:
-    return {"training_log": dir_bytes(workdir / "data", "training_log.sqlite3*"),
+    return {"training_log": dir_bytes(workdir / "data", "training_log.sqlite3"),
+            "training_log_wal": dir_bytes(workdir / "data", "training_log.sqlite3-*"),  # WAL + shm: reused, not grown
             "data_dir": dir_bytes(workdir / "data"),
             "registry": dir_bytes(workdir / "registry"),
             "run_dirs": dir_bytes(workdir / "distill", "run-*"),
@@ -330,6 +338,7 @@ class Soak:
         self.distil_pid: int | None = None
         self.distil: dict[str, Any] = {}
         self.stop_at = 0.0
+        self.schedule_done = False  # the producer runs until both this and stop_at say so
         self.reader: infra.OutcomeReader | None = None
         self.sampler: Sampler | None = None
         self.texts = ticket_texts()
@@ -356,7 +365,9 @@ class Soak:
         cores = {"A": "0", "B": "1"} if (os.cpu_count() or 1) >= 2 else {}
         for name in REPLICAS:
             port = free_port()
-            r = infra.Replica(name, self.env(port, cores.get(name)), self.workdir / name, port).start()
+            command = ("-m", "bench._soak_fake") if self.args.fake_student else ("-m", "services.cli", "serve")
+            r = infra.Replica(name, self.env(port, cores.get(name)), self.workdir / name, port,
+                              command=command).start()
             _PROCS.append(r)
             self.replicas[name] = r
         progress(f"started replicas {list(REPLICAS)} (cores {cores or 'unpinned'}); waiting for /readyz")
@@ -384,10 +395,11 @@ class Soak:
         return capacity
 
     async def produce_loop(self, rate: float, t0: float) -> None:
-        """Open loop at `rate` until `stop_at` (which the schedule may push back), in chunks."""
+        """Open loop at `rate`, in chunks, until the schedule is done and `stop_at` has passed (a
+        distil slower than the run keeps the load on through its swap and the rollback)."""
         i, first = 0, 0 if self.args.capacity else self.args.calibration_tickets  # texts after calibration's
         chunk_s = min(30.0, self.schedule.window_s)
-        while time.time() < self.stop_at:
+        while not self.schedule_done or time.time() < self.stop_at:
             n = max(1, round(rate * chunk_s))
             produced = await infra.produce(self.bootstrap, self.topics["tickets"],
                                            messages("s", self.texts, first + i, n,
@@ -443,6 +455,18 @@ class Soak:
         text = log.read_text(errors="replace") if log else (stdout or b"").decode(errors="replace")
         return proc.returncode, text
 
+    async def fake_distil(self) -> tuple[int, str]:
+        """--fake-student: a copy of the live adapter under a new id, promoted after a pause."""
+        from bench._soak_fake import fake_candidate
+        from services.student.registry import AdapterRegistry
+
+        await asyncio.sleep(min(10.0, self.schedule.window_s))
+        run_dir = self.workdir / "distill" / f"run-fake-{int(time.time())}"
+        run_dir.mkdir(parents=True)
+        added = AdapterRegistry(self.workdir / "registry").add(fake_candidate(self.workdir / "registry", run_dir))
+        rc, out = await self.cli("promote", added.adapter_id, "--reason", "soak --fake-student: stand-in distil")
+        return rc, f"PROMOTED (fake distil) {added.adapter_id}\n{out}"
+
     def hand_promote_target(self, rc: int, out: str) -> tuple[str | None, str]:
         """What a person promotes when the nightly distil did not: its rejected candidate
         (added to the registry with the certificate the distil wrote), else another adapter."""
@@ -466,6 +490,16 @@ class Soak:
                           "for the hot-swap")
 
     async def run_schedule(self, t0: float) -> None:
+        try:
+            await self._schedule(t0)
+        except Exception as exc:  # noqa: BLE001 - the report of what ran still counts
+            self.notes.append(f"schedule stopped: {type(exc).__name__}: {exc}")
+            progress(f"schedule stopped: {type(exc).__name__}: {exc}")
+            self.stop_at = max(self.stop_at, time.time() + 2 * self.schedule.window_s)
+        finally:
+            self.schedule_done = True
+
+    async def _schedule(self, t0: float) -> None:
         sc, w = self.schedule, self.schedule.window_s
         await self.at(t0, sc.outage_at)
         start = time.time()
@@ -498,7 +532,10 @@ class Soak:
         progress(f"nightly: triage distill (nice {self.args.nice}, {self.args.distil_minutes:g} min budget)")
         argv = ["distill", "--work-dir", str(self.workdir / "distill"), "--max-minutes", f"{self.args.distil_minutes:g}",
                 "--report-tsv", "none", "--eval-limit", str(self.args.distil_eval_limit), *self.args.distil_arg]
-        rc, out = await self.cli(*argv, nice=self.args.nice, log=self.workdir / "distil.log", track=True)
+        if self.args.fake_student:
+            rc, out = await self.fake_distil()
+        else:
+            rc, out = await self.cli(*argv, nice=self.args.nice, log=self.workdir / "distil.log", track=True)
         after = self.registry_current()
         promoted = rc == 0 and after != before and "NOT PROMOTED" not in out
         verdict = next((ln for ln in out.splitlines() if "PROMOTED" in ln), f"rc {rc}")
@@ -628,7 +665,9 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{(report['produced_until'] - report['t0']) / 60:.1f} min: {report['produced']} tickets")
     print(f"distil: {report['distil'].get('verdict', '-')}; {report['distil'].get('gc') or 'no gc line'}")
     print("disk start -> end: " + ", ".join(f"{k} {d0.get(k, 0) / 1e6:.1f} -> {d1.get(k, 0) / 1e6:.1f} MB" for k in d1)
-          + f"; training-log rows {rows['start']} -> {rows['end']}")
+          + f"; training-log rows {rows['start']} -> {rows['end']}"
+          + (f" ({(d1['training_log'] - d0['training_log']) / (rows['end'] - rows['start']):.0f} bytes a new row)"
+             if rows["start"] is not None and rows["end"] and rows["end"] > rows["start"] and d0 else ""))
     for n in report["notes"]:
         print(f"note: {n}")
     print("\n".join(lines), flush=True)
