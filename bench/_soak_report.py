@@ -183,11 +183,16 @@ def lag_band(samples: Sequence[dict[str, Any]], steady: Sequence[dict[str, Any]]
 
 def lag_recovery(samples: Sequence[dict[str, Any]], events: Sequence[dict[str, Any]],
                  band: dict[str, int], cap_s: float = 60.0) -> list[dict[str, Any]]:
-    """Per fault (FAULT_KINDS, with an end): seconds from its end to the first sample with every
-    topic's lag inside the steady band, and to the first sample with every lag at 0."""
+    """Per fault (FAULT_KINDS): seconds from its end to the first sample with every topic's lag
+    inside the steady band, and to the first sample with every lag at 0. One that never ended
+    (a replica not back, a swap not seen everywhere) fails."""
     out = []
     for ev in events:
-        if ev["kind"] not in FAULT_KINDS or ev.get("end") is None:
+        if ev["kind"] not in FAULT_KINDS:
+            continue
+        if ev.get("end") is None:  # B never back, a swap never seen on every replica
+            out.append({"event": ev["name"], "to_band_s": None, "to_zero_s": None, "ok": False,
+                        "why": "the fault never ended"})
             continue
         after = [s for s in samples if s["t"] >= ev["end"]]
 
@@ -250,7 +255,7 @@ def swap_latency(keys: dict[bytes, dict[str, Any]], events: Sequence[dict[str, A
         p99 = percentile(lat, 0.99)
         ratio = p99 / steady_p99 if p99 is not None and steady_p99 else None
         swaps.append({"event": ev["name"], "n": len(lat), "p99_s": _round(p99), "ratio": _round(ratio, 2),
-                      "ok": ratio is not None and ratio <= 2.0})
+                      "ok": None if ratio is None else ratio <= 2.0})  # None: no steady window or no ticket
     return {"steady_n": len(base), "steady_p99_s": _round(steady_p99), "swaps": swaps}
 
 
@@ -276,10 +281,15 @@ def checks(keys: dict[bytes, dict[str, Any]], rows: Sequence[dict[str, Any]],
         "lag_drained": {"band": band, "cap_s": lag_cap_s, "events": recov,
                         "ok": all(r["ok"] for r in recov) if recov else None},
         "rss_growth": {"processes": growth, "ok": all(g["ok"] for g in judged_growth) if judged_growth else None},
-        "swap_p99": {**swap, "ok": all(s["ok"] for s in swap["swaps"]) if swap["swaps"] else None},
+        "swap_p99": {**swap, "ok": _all([s["ok"] for s in swap["swaps"]])},
         "steady_windows": [r["window"] for r in steady],
     }
     return out
+
+
+def _all(oks: Sequence[bool | None]) -> bool | None:
+    """False if any failed, else True if any passed, else None (nothing judged)."""
+    return False if False in oks else True if True in oks else None
 
 
 def verdict(ok: bool | None) -> str:

@@ -81,9 +81,10 @@ def test_lag_recovery_to_the_steady_band():
                [(0, (4, 0)), (10, (5, 0)), (20, (300, 9)), (30, (200, 0)), (40, (5, 0)), (50, (0, 0))]]
     events = [{"name": "teacher outage", "kind": "outage", "start": T0 + 15, "end": T0 + 25},
               {"name": "distil", "kind": "distil", "start": T0, "end": T0 + 5},  # not a fault
-              {"name": "kill -9 B", "kind": "kill", "start": T0 + 45, "end": None}]  # never back: no end
-    (out,) = rep.lag_recovery(samples, events, {"tickets": 5, "escalations": 0}, cap_s=60)
+              {"name": "kill -9 B", "kind": "kill", "start": T0 + 45, "end": None}]  # never back
+    out, never_back = rep.lag_recovery(samples, events, {"tickets": 5, "escalations": 0}, cap_s=60)
     assert out == {"event": "teacher outage", "to_band_s": 15.0, "to_zero_s": 25.0, "ok": True}
+    assert never_back["event"] == "kill -9 B" and not never_back["ok"]
     (late,) = rep.lag_recovery(samples, events[:1], {"tickets": 5, "escalations": 0}, cap_s=10)
     assert not late["ok"]
     (never,) = rep.lag_recovery(samples[:4], events[:1], {"tickets": 5, "escalations": 0})
@@ -137,7 +138,9 @@ def test_swap_latency_against_steady():
     out = rep.swap_latency(keys, events, steady, T0, width=10)
     assert out["steady_n"] == 100 and out["steady_p99_s"] == 1.0
     (swap,) = out["swaps"]
-    assert swap["n"] == 20 and swap["p99_s"] == 3.0 and swap["ratio"] == 3.0 and not swap["ok"]
+    assert swap["n"] == 20 and swap["p99_s"] == 3.0 and swap["ratio"] == 3.0 and swap["ok"] is False
+    (unjudged,) = rep.swap_latency(keys, events, [], T0, width=10)["swaps"]  # no steady window
+    assert unjudged["ok"] is None and unjudged["p99_s"] == 3.0
 
 
 def test_checks_and_table():
