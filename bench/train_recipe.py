@@ -35,13 +35,22 @@ RUNS: dict[str, dict] = {
     "epochs3": dict(epochs=3),
     "fp32": dict(cpu_bf16="off"),
     "attn-only": dict(target_modules="q_proj,k_proj,v_proj,o_proj"),
+    # issue 24: top-8 for 4 epochs, then regularisers one at a time on top of it
+    "k8e4": dict(lora_layers=8, epochs=4),
+    "k8e4-ls": dict(lora_layers=8, epochs=4, label_smoothing=0.1),
+    "k8e4-drop": dict(lora_layers=8, epochs=4, lora_dropout=0.1, weight_decay=0.01),
+    "k8e4-rdrop": dict(lora_layers=8, epochs=4, lora_dropout=0.1, rdrop=1.0),
+    "k8e4-reg": dict(lora_layers=8, epochs=4, label_smoothing=0.1, lora_dropout=0.1, weight_decay=0.01),
 }
 
 
 def run(name: str, minutes: float, examples: int) -> dict:
+    overrides = RUNS[name]
+    # runs with the same frozen layers share their outputs (trainer/reuse.py PrefixCache)
+    cache = str(OUT / f"prefix-k{overrides.get('lora_layers', T.TrainArgs.lora_layers)}")
     args = T.TrainArgs(out_dir=str(OUT / "runs" / f"{name}-{int(time.time())}"),
                        train_tsv=str(banking77_dir() / "train.tsv"), max_minutes=minutes,
-                       max_examples=examples, **RUNS[name])
+                       max_examples=examples, prefix_cache=cache, **overrides)
     m = T.main(args)["meta"]["train_metrics"]
     record = {"run": name, **RUNS[name], "minutes": minutes, "out_dir": args.out_dir,
               "examples_used": m["examples_used"], "epochs": round(m["epochs"], 2), "steps": m["steps"],

@@ -83,7 +83,7 @@ class TrainArgs:
         "help": "entities field: 'sum' of the answer's token losses (the few tokens that decide "
                 "an entity weigh as much as a categorical code each) or 'mean' per example",
         "choices": ["sum", "mean"]})
-    lora_layers: int = field(default=4, metadata={"help": "LoRA on the top K layers; 0 = all"})
+    lora_layers: int = field(default=8, metadata={"help": "LoRA on the top K layers; 0 = all"})
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.0
@@ -91,7 +91,12 @@ class TrainArgs:
     lr: float = 2e-3
     warmup: float = field(default=0.05, metadata={"help": "fraction of the run"})
     weight_decay: float = 0.0
-    epochs: float = 6.0
+    label_smoothing: float = field(default=0.0, metadata={
+        "help": "categorical codes: share of the target's probability spread over the other codes"})
+    rdrop: float = field(default=0.0, metadata={
+        "help": "R-Drop: weight of the symmetric KL between two dropout passes' code distributions "
+                "(needs lora_dropout > 0; doubles the LoRA layers' cost)"})
+    epochs: float = 4.0
     batch_size: int = 32
     max_tokens: int = field(default=256, metadata={"help": "prompt tokens: longer tickets are cut head+tail "
                             "to fit; recorded with the adapter, serving cuts them the same way"})
@@ -112,7 +117,8 @@ class TrainArgs:
 
 
 # --- the loss ---------------------------------------------------------------------------------
-def code_loss(inner, head_rows, code_ids, hidden, lengths, batch, entity_loss: str = "sum"):
+def code_loss(inner, head_rows, code_ids, hidden, lengths, batch, entity_loss: str = "sum",
+              label_smoothing: float = 0.0, logits_out: list | None = None):
     """Cross-entropy over each field's code tokens at the last real position, and for the
     entities field the next-token cross-entropy over the answer's JSON tokens (full vocabulary:
     a span can be any text), summed or averaged per answer by `entity_loss`:
@@ -127,7 +133,9 @@ def code_loss(inner, head_rows, code_ids, hidden, lengths, batch, entity_loss: s
             continue
         logits = last[rows].float() @ head_rows[ids].float().T  # [n, n_codes]
         targets = torch.tensor([batch[r].target for r in rows], device=logits.device)
-        loss = loss + F.cross_entropy(logits, targets, reduction="sum")
+        loss = loss + F.cross_entropy(logits, targets, reduction="sum", label_smoothing=label_smoothing)
+        if logits_out is not None:
+            logits_out.append(logits)
         correct += int((logits.argmax(-1) == targets).sum())
     answers = [(r, e) for r, e in enumerate(batch) if e.answer_len]
     if answers:  # one matmul for every answer token of the batch
@@ -263,11 +271,21 @@ def main(args: TrainArgs) -> dict:
     def step_on(idx, lr: float):
         for group in opt.param_groups:
             group["lr"] = lr
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            hidden, lengths = batch_hidden(inner, cut, states, train, idx, pad_id, device)
-            hidden = run_layers(inner, inner.layers[cut:], hidden)
-        loss, right = code_loss(inner, head_rows, code_ids, hidden.float(), lengths, [train[i] for i in idx],
-                                args.entity_loss)
+        passes = []
+        for _ in range(2 if args.rdrop > 0 else 1):  # R-Drop: two passes, different dropout masks
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                hidden, lengths = batch_hidden(inner, cut, states, train, idx, pad_id, device)
+                hidden = run_layers(inner, inner.layers[cut:], hidden)
+            logits = []
+            passes.append((*code_loss(inner, head_rows, code_ids, hidden.float(), lengths, [train[i] for i in idx],
+                                      args.entity_loss, args.label_smoothing, logits), logits))
+        loss, right = passes[0][0], passes[0][1]
+        if len(passes) == 2:
+            loss = (loss + passes[1][0]) / 2
+            for a, b in zip(passes[0][2], passes[1][2]):
+                la, lb = F.log_softmax(a, -1), F.log_softmax(b, -1)
+                kl = F.kl_div(la, lb, log_target=True, reduction="sum") + F.kl_div(lb, la, log_target=True, reduction="sum")
+                loss = loss + args.rdrop * kl / 2
         (loss / len(idx)).backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         opt.step()
