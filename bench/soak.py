@@ -201,13 +201,13 @@ def disk(workdir: Path) -> dict[str, int]:
             "caches": dir_bytes(workdir / "distill", "*-cache")}
 
 
-def tree_memory(pid: int) -> dict[str, Any] | None:
+def tree_memory(pid: int, *, children: bool = True) -> dict[str, Any] | None:
     """RSS, USS and open fds of a process and its descendants (None if it is gone)."""
     import psutil
 
     try:
         root = psutil.Process(pid)
-        procs = [root] + root.children(recursive=True)
+        procs = [root] + (root.children(recursive=True) if children else [])
     except psutil.Error:
         return None
     rss = uss = fds = 0
@@ -289,7 +289,8 @@ class Sampler:
                   "distil": run.distil_pid}
         for name, pid in others.items():
             if pid:
-                m = await asyncio.to_thread(tree_memory, pid)
+                # this process alone: its children are the replicas, the broker and the distil
+                m = await asyncio.to_thread(tree_memory, pid, children=name != "soak")
                 if m:
                     procs[name] = {**m, "inc": 1}
         s = {"t": t, "lag": {k: await self.lag(k) for k in rep.LAG_TOPICS}, "procs": procs,
