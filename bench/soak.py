@@ -94,6 +94,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fake-student", action="store_true",
                    help="replicas with a fake classifier and a stand-in distil (bench/_soak_fake.py): "
                         "the plumbing in minutes, no engine")
+    p.add_argument("--stub-distil", action="store_true",
+                   help="the real engine, but the nightly distil is the stand-in of --fake-student (the live "
+                        "adapter under a new id, promoted): the hot-swap and rollback without a training run")
     p.add_argument("--verbatim-texts", action="store_true",
                    help="tickets as BANKING77 has them (texts repeat) instead of each with its own ' (ref N)'")
     p.add_argument("--max-batch", type=int, default=64, help="TRIAGE_MAX_BATCH of the replicas")
@@ -533,7 +536,7 @@ class Soak:
         progress(f"nightly: triage distill (nice {self.args.nice}, {self.args.distil_minutes:g} min budget)")
         argv = ["distill", "--work-dir", str(self.workdir / "distill"), "--max-minutes", f"{self.args.distil_minutes:g}",
                 "--report-tsv", "none", "--eval-limit", str(self.args.distil_eval_limit), *self.args.distil_arg]
-        if self.args.fake_student:
+        if self.args.fake_student or self.args.stub_distil:
             rc, out = await self.fake_distil()
         else:
             rc, out = await self.cli(*argv, nice=self.args.nice, log=self.workdir / "distil.log", track=True)
