@@ -184,6 +184,30 @@ class Supervisor:
             await asyncio.gather(self._task, return_exceptions=True)
 
 
+PROCS: list[Replica] = []  # every replica a bench started: killed on any exit path
+
+
+def kill_all() -> None:
+    for r in PROCS:
+        r.kill()
+
+
+def run_then_kill_all(main: Any) -> tuple[Any, float]:
+    """`asyncio.run(main)` with SIGTERM unwinding like Ctrl-C (through every `finally`), then
+    every started replica killed: a bench stopped by its caller leaves no orphan. Returns
+    main's result and the seconds it took."""
+    def on_term(*_: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    started = time.monotonic()
+    try:
+        result = asyncio.run(main)
+    finally:
+        kill_all()
+    return result, round(time.monotonic() - started, 1)
+
+
 async def wait_ready(replicas: Sequence[Replica], timeout_s: float) -> list[Replica]:
     """Wait until every replica answers /readyz 200 (or died, or timeout); the ready ones."""
     deadline = time.monotonic() + timeout_s

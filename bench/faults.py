@@ -29,7 +29,6 @@ import asyncio
 import json
 import os
 import random
-import signal
 import sys
 import tempfile
 import time
@@ -55,7 +54,6 @@ SCENARIOS = ("poison", "kill", "teacher_outage", "teacher_rebalance", "teacher_i
 RUN_ORDER = ("kill", "teacher_outage", "teacher_rebalance", "teacher_invalid", "poison", "broker_restart")
 PARTITIONS = 4
 HUGE_UNDER, HUGE_OVER = 1_000_000, 1_100_000  # around aiokafka's / Kafka's 1 MiB defaults
-_PROCS: list[infra.Replica] = []  # every started replica: killed on any exit path
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -288,7 +286,7 @@ async def scenario_broker_restart(d: Deployment) -> list[dict[str, Any]]:
 RUNNERS: dict[str, Callable[[Deployment], Any]] = {
     "poison": scenario_poison, "kill": scenario_kill, "teacher_outage": scenario_teacher_outage,
     "teacher_invalid": scenario_teacher_invalid, "broker_restart": scenario_broker_restart,
-    "teacher_rebalance": lambda d: scenario_teacher_rebalance(d, _PROCS),
+    "teacher_rebalance": lambda d: scenario_teacher_rebalance(d, infra.PROCS),
 }
 
 
@@ -322,7 +320,7 @@ async def deploy(d: Deployment, stack: AsyncExitStack) -> None:
             threshold=d.args.threshold, max_batch=d.args.max_batch, partitions=PARTITIONS,
             task_path=task_path, core=cores.get(name))
         replica = infra.Replica(name, env, d.workdir / name, port).start()
-        _PROCS.append(replica)
+        infra.PROCS.append(replica)
         d.replicas[name] = replica
     progress(f"started `triage serve` replicas {wanted} (cores {cores or 'unpinned'}); waiting for /readyz")
     t0 = time.monotonic()
@@ -347,7 +345,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         teacher = await stack.enter_async_context(run_standin())
         d = Deployment(args, workdir, broker, teacher, rng=random.Random(args.seed))
         stack.callback(lambda: d.broker.stop())  # the current broker (restarts replace it)
-        stack.callback(_kill_all)
+        stack.callback(infra.kill_all)
         progress(f"broker {d.bootstrap}, teacher stand-in {teacher.base_url}, workdir {workdir}")
         await deploy(d, stack)
         stack.push_async_callback(d.supervisor.stop)
@@ -373,27 +371,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
-def _kill_all() -> None:
-    for r in _PROCS:
-        r.kill()
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     from bench import _common
 
     _common.setup()
 
-    def on_term(*_: Any) -> None:
-        raise KeyboardInterrupt  # unwind through every `finally`, then _kill_all below
-
-    signal.signal(signal.SIGTERM, on_term)
-    started = time.monotonic()
-    try:
-        report = asyncio.run(run(args))
-    finally:
-        _kill_all()
-    report["seconds"] = round(time.monotonic() - started, 1)
+    report, seconds = infra.run_then_kill_all(run(args))
+    report["seconds"] = seconds
     report["machine"] = _common.machine()
     print(table(report["scenarios"]), flush=True)
     progress(f"done in {report['seconds']} s; target {'met' if report['target_met'] else 'NOT met'}")

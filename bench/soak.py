@@ -51,7 +51,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import sqlite3
 import sys
 import time
@@ -70,7 +69,6 @@ from bench._soak_report import Schedule  # noqa: E402
 
 PARTITIONS = 4
 REPLICAS = ("A", "B")
-_PROCS: list[infra.Replica] = []
 REF = re.compile(r" ref \d+$")  # what messages() appends, as dedup_key folds it
 ADAPTER_GAUGE = re.compile(r'^triage_live_adapter_info\{[^}]*adapter_id="([^"]+)"[^}]*\}\s+1(\.0)?\s*$', re.M)
 
@@ -372,7 +370,7 @@ class Soak:
             command = ("-m", "bench._soak_fake") if self.args.fake_student else ("-m", "services.cli", "serve")
             r = infra.Replica(name, self.env(port, cores.get(name)), self.workdir / name, port,
                               command=command).start()
-            _PROCS.append(r)
+            infra.PROCS.append(r)
             self.replicas[name] = r
         progress(f"started replicas {list(REPLICAS)} (cores {cores or 'unpinned'}); waiting for /readyz")
         t = time.monotonic()
@@ -587,7 +585,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
         teacher = await stack.enter_async_context(run_standin(gold=RefGold(load_gold(None))))
         soak = Soak(args, workdir, broker, teacher)
-        stack.callback(_kill_all)
+        stack.callback(infra.kill_all)
         progress(f"broker {soak.bootstrap}, stand-in {teacher.base_url}, workdir {workdir}")
         await soak.deploy()
         supervisor = infra.Supervisor(soak.replicas.values(), max_restarts=10).start()
@@ -639,10 +637,6 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
-def _kill_all() -> None:
-    for r in _PROCS:
-        r.kill()
-
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
@@ -650,16 +644,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     _common.setup()
 
-    def on_term(*_: Any) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_term)
-    started = time.monotonic()
-    try:
-        report = asyncio.run(run(args))
-    finally:
-        _kill_all()
-    report["seconds"] = round(time.monotonic() - started, 1)
+    report, seconds = infra.run_then_kill_all(run(args))
+    report["seconds"] = seconds
     report["machine"] = _common.machine()
     print(rep.table(report["windows"], REPLICAS), flush=True)
     lines = rep.check_lines(report["checks"])
