@@ -132,8 +132,10 @@ def read_feedback_file(path: str | Path, task: TaskSpec) -> Iterator[tuple[int, 
     `ticket_id` and/or `text` (a ticket the log lacks needs `text`; no `ticket_id`: the text's
     content hash names it), optional `subject`, a column per categorical field (or `label` for
     a one-field task; an empty cell leaves that field alone), optional `author`, `source`
-    (human | system, default human) and `at`. A row that is not valid comes out as a record the
-    desk refuses with its reason, never as an exception: one bad row does not stop the file."""
+    (human | system, default human) and `at`; the answer corrected, for quality figures: optional
+    `published_route` (student | teacher | unverified) and `published_<field>` per field (or
+    `published_label`). A row that is not valid comes out as a record the desk refuses with its
+    reason, never as an exception: one bad row does not stop the file."""
     path = Path(path)
     if path.suffix in (".jsonl", ".json"):
         with open(path, "rb") as f:
@@ -156,9 +158,16 @@ def _tsv_record(row: dict[str, Any], fields: list[str]) -> dict[str, Any]:
     labels = {name: cells[name] for name in fields if name in cells}
     if not labels and len(fields) == 1 and "label" in cells:
         labels = {fields[0]: cells["label"]}
-    extra = {k: v for k, v in cells.items() if k not in {*fields, "label", "ticket_id"}}
+    published = {name: cells[f"published_{name}"] for name in fields if f"published_{name}" in cells}
+    if not published and len(fields) == 1 and "published_label" in cells:
+        published = {fields[0]: cells["published_label"]}
+    quoted = {"published_route", "published_label", *(f"published_{name}" for name in fields)}
+    extra = {k: v for k, v in cells.items() if k not in {*fields, "label", "ticket_id", *quoted}}
     unknown = sorted(set(extra) - {"text", "subject", "author", "source", "at"})
     record: dict[str, Any] = {"fields": labels, **{k: extra[k] for k in extra if k not in unknown}}
+    if "published_route" in cells or published:  # no route: the schema says what is missing
+        record["published"] = {"fields": published, **({"route": cells["published_route"]}
+                                                       if "published_route" in cells else {})}
     if unknown:  # a misspelt field column: say so through the schema (invalid_feedback)
         record["columns_not_in_task"] = unknown
     text = cells.get("text")

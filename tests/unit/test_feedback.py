@@ -147,6 +147,23 @@ def test_a_file_of_corrections_goes_through_the_same_desk(log, desk, tmp_path):
     assert log.answer_for("a brand new complaint").labels == {"team": "account"}
 
 
+
+def test_a_file_can_quote_the_answer_it_corrects(log, desk, tmp_path):
+    """The TSV's `published_route` / `published_<field>` reach the log like the topic's
+    `published`: what lets a correction count against the student's accepted answer."""
+    log.append([teacher_row("card stuck in the ATM", "payments", ticket_id="T-1")])
+    path = tmp_path / "corrections.tsv"
+    path.write_text("ticket_id\ttext\tteam\tpublished_route\tpublished_team\n"
+                    "T-1\t\tcards\tteacher\tpayments\n"
+                    "T-9\tmy card was eaten\tcards\tstudent\taccount\n"
+                    "T-8\tanother card question\tcards\t\taccount\n", encoding="utf-8")
+    report = load_feedback_file(desk, path)
+    assert report["stored"] == {"corrected": 1, "added": 1}
+    assert report["refused"] == {"invalid_feedback": 1}  # a quoted answer without its route
+    quoted = dict(log._read("SELECT ticket_id, published FROM feedback"))
+    assert json.loads(quoted["T-9"]) == {"route": "student", "fields": {"team": "account"}}
+    assert json.loads(quoted["T-1"])["route"] == "teacher"
+
 def test_a_log_from_before_feedback_gets_the_column(tmp_path):
     path = tmp_path / "old.sqlite3"
     with TrainingLog(path) as log:
