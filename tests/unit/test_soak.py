@@ -181,7 +181,7 @@ def test_plot_writes_a_png(tmp_path):
 def test_unique_ticket_texts_keep_their_gold_label():
     import json
 
-    from bench.soak import RefGold, messages
+    from bench._soak_procs import RefGold, messages
     from schemas.text import dedup_key
 
     msgs = messages("s", ["My card is lost!", "Where is my money?"], 3, 3)
