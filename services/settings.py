@@ -235,6 +235,11 @@ class Settings(BaseSettings):
     drift_window: int = Field(default=1_000, ge=10)
     # A window alerts on new labels when that share's lower 95% bound passes this floor.
     drift_novel_floor: float = Field(default=0.01, ge=0.0, lt=1.0)
+    # Novelty guard (services/stream/novelty_guard.py): a student label escalates while at least
+    # `min_novel` of the teacher's last `history` answers on tickets given it were labels the
+    # adapter never trained on (a launch the threshold never certified). 0 turns it off.
+    novelty_guard_min_novel: int = Field(default=2, ge=0)
+    novelty_guard_history: int = Field(default=50, ge=1)
 
     # --- Observability -----------------------------------------------------------------
     # Port for /metrics, /healthz, /readyz. 0 = disabled.

@@ -191,7 +191,7 @@ class DriftTracker:
     def __init__(self, size: int = 1000, *, unit: str = "tickets",
                  baseline_of: Callable[[str | None], Baseline | None] = lambda _: None,
                  novel_floor: float = 0.01, on_close: OnClose | None = None,
-                 clock: Callable[[], float] | None = None, keep: int = 50) -> None:
+                 clock: Callable[[], float] | None = None, keep: int = 50, guard: Any = None) -> None:
         if size < 1:
             raise ValueError("size must be >= 1")
         if unit not in ("tickets", "teacher"):
@@ -205,6 +205,7 @@ class DriftTracker:
         self._full: Window | None = None  # full, waiting for its teacher answers
         self.closed: list[dict[str, Any]] = []  # the last `keep` summaries
         self.keep = keep
+        self.guard = guard  # services/stream/novelty_guard.py: fed here, asked by the pipeline
 
     # ---- the feeds -------------------------------------------------------------------------
     def decided(self, ticket_id: str, adapter_id: str | None, labels: Mapping[str, Any], escalated: bool,
@@ -230,16 +231,19 @@ class DriftTracker:
         window = self._owner(ticket_id) or self._open or self._window(adapter_id, False)
         known = self._known(adapter_id)
         self._labels(student, adapter_id)  # what the student predicted is known from now on
-        novel = False
+        novel, fresh_by_field = False, {}
         for key, name, label in self._teacher_labels(teacher):
             counts = window.label(key)
             counts.taught += 1
             fresh = known is not None and label not in known.get(name, ())
             counts.novel += fresh
             novel = novel or fresh
+            fresh_by_field[name] = fresh
             if agree is not None:
                 counts.audited += 1
                 counts.agree += bool(agree)
+        if self.guard is not None and known is not None:
+            self.guard.observe(adapter_id, student, fresh_by_field)
         if known is not None:  # the base model trained on nothing: no novel share to speak of
             window.taught += 1
             window.novel += novel
@@ -294,7 +298,8 @@ class DriftTracker:
             self._full = None
         baseline = self.baseline(window.adapter_id)
         alerts = check(window, baseline, novel_floor=self.novel_floor)
-        self.closed.append(summary(window, baseline, alerts, self.unit))
+        self.closed.append({**summary(window, baseline, alerts, self.unit),
+                            "guarded": self.guard.active(window.adapter_id) if self.guard is not None else []})
         del self.closed[:-self.keep]
         if self.on_close is not None:
             self.on_close(window, baseline, alerts)

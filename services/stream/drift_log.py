@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from services.stream.drift import Alert, Baseline, DriftTracker, Window, summary, top_labels
+from services.stream.novelty_guard import NoveltyGuard
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +78,11 @@ def drift_tracker(settings: Any, metrics: Any, *, unit: str = "tickets", name: s
     drift_log = DriftLog(settings.drift_log_path)
     replica = f"{socket.gethostname()}:{os.getpid()}"
 
+    guard = novelty_guard(settings, metrics)
+
     def on_close(window: Window, baseline: Baseline | None, alerts: list[Alert]) -> None:
-        record = {**summary(window, baseline, alerts, unit), "replica": replica, "task": name or None}
+        record = {**summary(window, baseline, alerts, unit), "replica": replica, "task": name or None,
+                  "guarded": guard.active(window.adapter_id) if guard is not None else []}
         if metrics is not None and hasattr(metrics, "drift_alert"):
             set_gauges(metrics, record)
         if alerts:
@@ -94,7 +98,27 @@ def drift_tracker(settings: Any, metrics: Any, *, unit: str = "tickets", name: s
             log.exception("drift log %s: append failed", drift_log.path)
 
     return DriftTracker(settings.drift_window, unit=unit, baseline_of=registry_baselines(settings.registry_dir),
-                        novel_floor=settings.drift_novel_floor, on_close=on_close, clock=time.time)
+                        novel_floor=settings.drift_novel_floor, on_close=on_close, clock=time.time, guard=guard)
+
+
+def novelty_guard(settings: Any, metrics: Any) -> NoveltyGuard | None:
+    """The replica's guard (None when TRIAGE_NOVELTY_GUARD_MIN_NOVEL is 0), saying each change."""
+    if not settings.novelty_guard_min_novel:
+        return None
+
+    def on_change(adapter_id: str | None, field: str, label: str, guarded: bool, novel: int, seen: int) -> None:
+        if guarded:
+            log.warning("novelty guard: tickets the student labels %s=%s now escalate: %d of the teacher's "
+                        "last %d answers on them were labels adapter %s never trained on", field, label,
+                        novel, seen, adapter_id, extra={"drift": ["novelty_guard"]})
+        else:
+            log.info("novelty guard lifted for %s=%s (%d novel of the last %d)", field, label, novel, seen)
+        if metrics is not None and hasattr(metrics, "guarded_labels"):
+            metrics.guarded_labels.set(len(guard.active(adapter_id)))
+
+    guard = NoveltyGuard(settings.novelty_guard_history, min(settings.novelty_guard_min_novel,
+                                                              settings.novelty_guard_history), on_change=on_change)
+    return guard
 
 
 def set_gauges(metrics: Any, record: dict[str, Any]) -> None:
@@ -128,7 +152,7 @@ def drift_status(settings: Any, n: int = 5) -> dict[str, Any]:
         "index": w.get("index"), "unit": w.get("unit"), "replica": w.get("replica"),
         "adapter_id": w.get("adapter_id"), "ended_at": _when(w.get("ended_at")), "tickets": w.get("tickets"),
         **{k: _short(w[k]) for k in ("escalation_rate", "accuracy", "novel_share") if k in w},
-        "alerts": [a["reason"] for a in w.get("alerts", [])],
+        "alerts": [a["reason"] for a in w.get("alerts", [])], "guarded": w.get("guarded", []),
     } for w in windows]
     last = windows[-1] if windows else None
     return {

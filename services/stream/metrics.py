@@ -177,6 +177,9 @@ class ServiceMetrics:
             "(escalation_rate, accuracy), with Wilson 95% bounds.", ["figure", "bound"])
         self.drift_windows = counter(
             "triage_drift_windows_total", "Drift windows closed (every TRIAGE_DRIFT_WINDOW tickets).")
+        self.guarded_labels = gauge(
+            "triage_guarded_labels", "Student labels whose tickets escalate because the teacher keeps "
+            "answering them with labels the adapter never trained on (services/stream/novelty_guard.py).")
         self._ready, self._ready_reason = False, "starting"
         self._readiness_notes: dict[str, str] = {}  # standing facts /readyz tells (no teacher, dtype)
         # Known label values start at 0 so rate() and dashboards see them from the first scrape.

@@ -183,6 +183,10 @@ class TicketPipeline:
                 threshold: float | dict[str, float], cold: bool = False) -> list[Outcome]:
         scores = pred.scores()
         unsure = unsure_fields(scores, threshold)
+        guard = getattr(self.drift, "guard", None)
+        if guard is not None:  # a label the teacher keeps replacing with a never-trained one
+            unsure += [n for n in guard.guarded(pred.adapter_id, {n: p.label for n, p in pred.fields.items()})
+                       if n not in unsure]
         escalate = bool(unsure) or not scores
         text = ticket.full_text(self.inputs)
         sample = eval_sample_source(text, self.escalation.eval_share, self.escalation.eval_share_cold, cold=cold)

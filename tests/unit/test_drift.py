@@ -197,6 +197,9 @@ def test_the_drift_log_status_and_gauges(tmp_path):
     status = drift_status(s)
     assert status["windows"][0]["alerts"] == ["escalation", "novel_labels"] and len(status["alert"]) == 2
     assert status["windows"][0]["escalation_rate"] == "100.0% (n 10)"
+    assert status["windows"][0]["guarded"] == ["lost_card"]  # the novelty guard, on by default
+    assert t.guard.guarded(A, {"intent": "lost_card"}) == ["intent"]
+    assert "triage_guarded_labels 1.0" in metrics.exposition().decode()
     text = metrics.exposition().decode()
     assert 'triage_drift_alert{reason="escalation"} 1.0' in text
     assert 'triage_drift_alert{reason="accuracy"} 0.0' in text

@@ -47,6 +47,7 @@ CONTRACT = {
     "triage_drift_window": "gauge",
     "triage_drift_baseline": "gauge",
     "triage_drift_windows": "counter",
+    "triage_guarded_labels": "gauge",
     "triage_field_escalations": "counter",
     "triage_rejected_answers": "counter",
     "triage_forwarded": "counter",
