@@ -212,11 +212,11 @@ def rss_growth(samples: Sequence[dict[str, Any]], warmup_s: float, width: float,
                names: Sequence[str]) -> list[dict[str, Any]]:
     """Per process incarnation (a restarted replica is a new one): mean RSS of the first window
     after its warm-up vs of its last window. Too short to tell if the two would overlap."""
-    series: dict[tuple[str, int], list[tuple[float, int, int]]] = defaultdict(list)
+    series: dict[tuple[str, int], list[tuple[float, int, int, int]]] = defaultdict(list)
     for s in samples:
         for name, p in s["procs"].items():
             if name in names:
-                series[(name, p.get("inc", 1))].append((s["t"], p["rss"], p["uss"]))
+                series[(name, p.get("inc", 1))].append((s["t"], p["rss"], p["uss"], p.get("anon", 0)))
     out = []
     for (name, inc), pts in sorted(series.items()):
         start, stop = pts[0][0], pts[-1][0]
@@ -231,8 +231,11 @@ def rss_growth(samples: Sequence[dict[str, Any]], warmup_s: float, width: float,
         b_rss, l_rss = mean(p[1] for p in base), mean(p[1] for p in last)
         b_uss, l_uss = mean(p[2] for p in base), mean(p[2] for p in last)
         growth = l_rss / b_rss - 1 if b_rss else None
+        b_anon, l_anon = mean(p[3] for p in base), mean(p[3] for p in last)
         out.append({**row, "rss_base_mib": round(b_rss / MiB, 1), "rss_last_mib": round(l_rss / MiB, 1),
                     "uss_base_mib": round(b_uss / MiB, 1), "uss_last_mib": round(l_uss / MiB, 1),
+                    "anon_base_mib": round(b_anon / MiB, 1), "anon_last_mib": round(l_anon / MiB, 1),
+                    "anon_growth": round(l_anon / b_anon - 1, 4) if b_anon else None,
                     "growth": None if growth is None else round(growth, 4),
                     "ok": growth is not None and growth <= 0.05})
     return out
@@ -310,6 +313,10 @@ def check_lines(c: dict[str, Any]) -> list[str]:
                                                               else g.get("why", "?"))
                       for g in c["rss_growth"]["processes"])
     lines.append(f"RSS growth after warm-up <= 5%: {verdict(c['rss_growth']['ok'])} ({parts or 'no samples'})")
+    anon = ", ".join(f"{g['process']}#{g['incarnation']} {g['anon_growth']:+.1%}"
+                     for g in c["rss_growth"]["processes"] if g.get("anon_growth") is not None)
+    if anon:  # the part a leak would grow; the rest is file-backed pages the kernel re-reads
+        lines.append(f"  of which anonymous memory (heap, KV cache, tensors): {anon}")
     sw = c["swap_p99"]
     parts = ", ".join(f"{s['event']} p99 {_s(s['p99_s'])} n={s['n']} ({s['ratio']}x)" for s in sw["swaps"])
     lines.append(f"hot-swap p99 <= 2x steady ({_s(sw['steady_p99_s'])}, n={sw['steady_n']}): "

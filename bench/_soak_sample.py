@@ -57,14 +57,29 @@ def tree_memory(pid: int, *, children: bool = True) -> dict[str, Any] | None:
         procs = [root] + (root.children(recursive=True) if children else [])
     except psutil.Error:
         return None
-    rss = uss = fds = 0
+    rss = uss = fds = anon = 0
     for p in procs:
         try:
             m = p.memory_full_info()
             rss, uss, fds = rss + m.rss, uss + m.uss, fds + p.num_fds()
+            anon += rss_anon(p.pid)
         except psutil.Error:
             pass
-    return {"rss": rss, "uss": uss, "fds": fds, "pids": len(procs)}
+    return {"rss": rss, "uss": uss, "anon": anon, "fds": fds, "pids": len(procs)}
+
+
+def rss_anon(pid: int) -> int:
+    """Resident anonymous bytes (heap, KV cache, tensors): what a leak grows. The rest of RSS
+    is file-backed (libtorch's code, the model's mmapped weights), which the kernel may drop and
+    re-read: this VM's DAMON `pageout` scheme does, so RSS alone climbs back after each drop."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 def log_rows(path: Path) -> int | None:

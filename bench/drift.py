@@ -106,6 +106,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "task_path": data.task_path, "registry_dir": workdir / "registry", "data_dir": workdir / "data",
             "teacher_base_url": standin.base_url, "teacher_model": standin.model, "registry_poll_s": 1.0,
             "metrics_port": 0, "drift_window": args.window, "eval_share": args.eval_share,
+            "novelty_guard_min_novel": 0 if args.no_guard else Settings(_env_file=None).novelty_guard_min_novel,
         })
         report["dtype"] = served_dtype(settings)
         await create_topics(settings.bootstrap_servers, plan_topics(settings))
@@ -163,7 +164,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 "never_trained_share": round(never / len(rows), 4),
                 "student_accuracy": d["student_accuracy"],
                 "service_window": {k: own.get(k) for k in ("index", "tickets", "escalation_rate", "accuracy",
-                                                            "novel_share", "alerts", "teacher_answers_missing")},
+                                                            "novel_share", "alerts", "teacher_answers_missing", "guarded")},
             }
             # consistent with epsilon: its interval reaches down to it (None: the student answered none)
             row["within_epsilon"] = row["accepted_error_ci95"][0] <= args.epsilon if stream.student_answered else None
@@ -176,7 +177,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 HEADER = ("window phase   tickets launch escalated  accepted error vs gold [95%]   never-trained "
-          "teacher-novel [95%]     audited acc    alerts")
+          "teacher-novel [95%]     audited acc    guarded  alerts")
 
 
 def line(r: dict[str, Any]) -> str:
@@ -188,8 +189,9 @@ def line(r: dict[str, Any]) -> str:
     acc = own.get("accuracy") or {}
     audited = "-" if acc.get("value") is None else f"{acc['value']:.1%} of {acc['n']}"
     alerts = ",".join(a["reason"] for a in own.get("alerts") or []) or "-"
+    guarded = len(own.get("guarded") or [])
     return (f"{r['window']:<7}{r['phase']:<8}{r['tickets']:>7}{r['held_back_tickets']:>7}{r['escalation_rate']:>10.1%}  "
-            f"{err:<31}{r['never_trained_share']:>13.1%}  {novel:<23} {audited:<14} {alerts}")
+            f"{err:<31}{r['never_trained_share']:>13.1%}  {novel:<23} {audited:<14} {guarded:>7}  {alerts}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -202,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
                             "window's tickets, the held-back intents'" if name == "new_share" else
                             f"default {value} (quick: {QUICK[name]})")
     parser.add_argument("--eval-share", type=float, default=0.05, help="TRIAGE_EVAL_SHARE while streaming")
+    parser.add_argument("--no-guard", action="store_true", help="TRIAGE_NOVELTY_GUARD_MIN_NOVEL=0: "
+                        "the launch without the novelty guard (services/stream/novelty_guard.py)")
     parser.add_argument("--epsilon", type=float, default=0.03)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", default="var/bench/drift")

@@ -17,7 +17,8 @@ def rec(key: str, at: float, route: str | None = "student", kind: str = "result"
 
 def sample(t: float, *, lag: tuple[int | None, int | None] = (0, 0), rss: dict[str, float] | None = None,
            inc: dict[str, int] | None = None, disk: int = 100) -> dict:
-    procs = {n: {"rss": int(v * MiB), "uss": int(v * MiB * 0.8), "fds": 40, "inc": (inc or {}).get(n, 1)}
+    procs = {n: {"rss": int(v * MiB), "uss": int(v * MiB * 0.8), "anon": int(min(v, 600) * MiB), "fds": 40,
+                 "inc": (inc or {}).get(n, 1)}
              for n, v in (rss or {"A": 1000.0}).items()}
     return {"t": t, "lag": {"tickets": lag[0], "escalations": lag[1]}, "procs": procs,
             "disk": {"training_log": disk, "registry": 10, "run_dirs": 0, "caches": 5}, "adapters": {}}
@@ -117,6 +118,7 @@ def test_rss_growth_per_incarnation():
     out = {(g["process"], g["incarnation"]): g for g in rep.rss_growth(samples, warmup_s=20, width=20, names=["A", "B"])}
     a = out[("A", 1)]
     assert a["rss_base_mib"] == 1000 and a["ok"] and 0.02 < a["growth"] < 0.04  # warm-up spike ignored
+    assert a["anon_base_mib"] == 600 and a["anon_growth"] == 0  # the growth was file-backed pages
     b1 = out[("B", 1)]
     assert not b1["ok"] and b1["growth"] > 0.05
     b2 = out[("B", 2)]
