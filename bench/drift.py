@@ -106,7 +106,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "task_path": data.task_path, "registry_dir": workdir / "registry", "data_dir": workdir / "data",
             "teacher_base_url": standin.base_url, "teacher_model": standin.model, "registry_poll_s": 1.0,
             "metrics_port": 0, "drift_window": args.window, "eval_share": args.eval_share,
-            "novelty_guard_min_novel": 0 if args.no_guard else Settings(_env_file=None).novelty_guard_min_novel,
+            "novelty_guard_min_novel": Settings(_env_file=None).novelty_guard_min_novel
+            if args.guard_min_novel is None else args.guard_min_novel,
         })
         report["dtype"] = served_dtype(settings)
         await create_topics(settings.bootstrap_servers, plan_topics(settings))
@@ -204,8 +205,8 @@ def main(argv: list[str] | None = None) -> int:
                             "window's tickets, the held-back intents'" if name == "new_share" else
                             f"default {value} (quick: {QUICK[name]})")
     parser.add_argument("--eval-share", type=float, default=0.05, help="TRIAGE_EVAL_SHARE while streaming")
-    parser.add_argument("--no-guard", action="store_true", help="TRIAGE_NOVELTY_GUARD_MIN_NOVEL=0: "
-                        "the launch without the novelty guard (services/stream/novelty_guard.py)")
+    parser.add_argument("--guard-min-novel", type=int, default=None, help="TRIAGE_NOVELTY_GUARD_MIN_NOVEL "
+                        "(services/stream/novelty_guard.py); 0: the launch without the guard")
     parser.add_argument("--epsilon", type=float, default=0.03)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", default="var/bench/drift")

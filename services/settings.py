@@ -238,7 +238,7 @@ class Settings(BaseSettings):
     # Novelty guard (services/stream/novelty_guard.py): a student label escalates while at least
     # `min_novel` of the teacher's last `history` answers on tickets given it were labels the
     # adapter never trained on (a launch the threshold never certified). 0 turns it off.
-    novelty_guard_min_novel: int = Field(default=2, ge=0)
+    novelty_guard_min_novel: int = Field(default=1, ge=0)
     novelty_guard_history: int = Field(default=50, ge=1)
 
     # --- Observability -----------------------------------------------------------------

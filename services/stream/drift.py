@@ -231,19 +231,21 @@ class DriftTracker:
         window = self._owner(ticket_id) or self._open or self._window(adapter_id, False)
         known = self._known(adapter_id)
         self._labels(student, adapter_id)  # what the student predicted is known from now on
-        novel, fresh_by_field = False, {}
+        novel = False
         for key, name, label in self._teacher_labels(teacher):
             counts = window.label(key)
             counts.taught += 1
             fresh = known is not None and label not in known.get(name, ())
             counts.novel += fresh
             novel = novel or fresh
-            fresh_by_field[name] = fresh
             if agree is not None:
                 counts.audited += 1
                 counts.agree += bool(agree)
-        if self.guard is not None and known is not None:
-            self.guard.observe(adapter_id, student, fresh_by_field)
+        base = self.baseline(adapter_id)
+        if self.guard is not None and base is not None and base.trained is not None:
+            # only against the distil's record: "not predicted yet" is no evidence to escalate on
+            self.guard.observe(adapter_id, student, {name: label not in base.trained.get(name, ())
+                                                     for _, name, label in self._teacher_labels(teacher)})
         if known is not None:  # the base model trained on nothing: no novel share to speak of
             window.taught += 1
             window.novel += novel

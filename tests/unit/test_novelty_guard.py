@@ -60,7 +60,9 @@ def test_the_drift_tracker_feeds_it_with_the_adapters_training_labels():
         t.decided(f"t{i}", A, {"intent": "lost_card"}, escalated=True)
         t.taught(f"t{i}", A, {"intent": teacher}, {"intent": "lost_card"})
     assert g.guarded(A, {"intent": "lost_card"}) == ["intent"]  # two labels A never trained on
-    t.flush()
+    t.decided("t9", B, {"intent": "lost_card"}, escalated=True)  # B: no training record
+    t.taught("t9", B, {"intent": "exchange_rate"}, {"intent": "lost_card"})
+    assert g.guarded(B, {"intent": "lost_card"}) == []  # "not predicted yet" is no evidence
 
 
 def test_the_pipeline_escalates_a_guarded_label_whatever_its_confidence():
