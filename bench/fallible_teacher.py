@@ -129,7 +129,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                                model_path=settings.model_path, task_path=settings.task_path,
                                work_dir=workdir / "distill", max_minutes=args.train_minutes, report_tsv="none",
                                heldout_fraction=settings.heldout_fraction,
-                               heldout_cold_rows_until=settings.heldout_cold_rows_until)
+                               heldout_cold_rows_until=settings.heldout_cold_rows_until, epsilon=args.epsilon)
 
         async def distil(name: str) -> None:
             say(f"{name}: training log v{worker.training_log.version()}")
@@ -155,12 +155,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                                        until=lambda r: set(ids) <= {x.key.decode() for x in r if x.key})
             latest = {r.key.decode(): r for r in records if r.key and r.key.decode() in ids}
             tally = dict(accepted=0, wrong_vs_teacher=0, wrong_vs_gold=0, teacher_right=0, reviewed=0,
-                         corrected=0)
+                         corrected=0, student_agrees_teacher=0)
             sent = []
             for tid, (text, gold) in ids.items():
                 result = Classification.model_validate_json(latest[tid].value)
                 said = result.fields.get(field)
                 tally["teacher_right"] += teacher_says(text, gold[field]) == gold[field]
+                own = result.student.get(field) if result.student else None  # its answer, escalated or not
+                tally["student_agrees_teacher"] += own is not None and own.label == teacher_says(text, gold[field])
                 if result.route.value == "student":
                     tally["accepted"] += 1
                     tally["wrong_vs_teacher"] += said != teacher_says(text, gold[field])
@@ -186,8 +188,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 "accepted_error_vs_gold_ci95": wilson(tally["wrong_vs_gold"], acc),
                 "teacher_accuracy_vs_gold": round(tally["teacher_right"] / n, 4),
                 "teacher_accuracy_vs_gold_ci95": wilson(tally["teacher_right"], n),
-                "published_accuracy_vs_gold": stream.as_dict()["published_accuracy"]
-                if "published_accuracy" in stream.as_dict() else None,
+                "published_accuracy_vs_gold": stream.as_dict()["published_accuracy"],
+                "student_accuracy_vs_gold": stream.as_dict()["student_accuracy"],  # every ticket's own answer
+                "student_agreement_with_teacher": round(tally["student_agrees_teacher"] / n, 4),
                 "feedback_sent": len(sent), "feedback_corrections": tally["corrected"],
                 "people_say": quality_from_log(settings.training_log_path),
             }
@@ -269,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
                             help=f"default {value} (quick: {QUICK[name]})")
     parser.add_argument("--error-rate", type=float, default=0.10, help="the stand-in's wrong-label share")
     parser.add_argument("--eval-share", type=float, default=0.05, help="TRIAGE_EVAL_SHARE while streaming")
+    parser.add_argument("--epsilon", type=float, default=0.03, help="the distils' target error (vs the "
+                        "teacher); below the teacher's own error rate nothing certifies")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", default="var/bench/fallible")
     parser.add_argument("--out", default=None, help="also write the JSON report here")
@@ -280,6 +285,10 @@ def main(argv: list[str] | None = None) -> int:
     say(f"\n{HEADER}")
     for row in report["phases"]:
         print(line(row))
+    for row in report["phases"]:
+        print(f"phase {row['phase']}: the student's own answer on every ticket (escalated or not): "
+              f"{row['student_accuracy_vs_gold']:.1%} vs gold, {row['student_agreement_with_teacher']:.1%} "
+              f"agreement with the teacher; published {row['published_accuracy_vs_gold']:.1%} vs gold")
     for row in report["phases"]:
         print(people_line(row))
     for d in report["distil"]:
