@@ -238,6 +238,42 @@ def teacher_rule_check(log_path: Path, data: Any, field: str, teacher_says: Any)
     return {"checked": checked, "same": same}
 
 
+def heldout_curve(workdir: Path, coverages: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8, 1.0)) -> list[dict[str, Any]]:
+    """What a threshold would certify and what gold says, from a finished run's files: each
+    adapter's cached predictions on the held-out slice (`distill/eval-cache`), most confident
+    first, against the log's label (the teacher's, or a person's) and against gold."""
+    from schemas.task import TaskSpec
+    from schemas.training import content_hash
+    from services.dev.demo_data import banking77
+    from services.teacher.training_log import TrainingLog
+
+    data = banking77()
+    field = TaskSpec.from_file(data.task_path).fields[0].name
+    gold = {content_hash(text): g[field] for text, g in data.train + data.test}
+    with TrainingLog(workdir / "data" / "training_log.sqlite3") as log:
+        logged = {ex.content_hash: ex.labels.get(field) for ex in log.examples()}
+    out = []
+    for cache in sorted((workdir / "distill" / "eval-cache").glob("a-*.jsonl")):
+        rows = []
+        for line in cache.read_text(encoding="utf-8").splitlines():
+            row = json.loads(line)
+            label, confidence = row["f"][field]
+            if row["h"] in logged and row["h"] in gold:
+                rows.append((confidence, label, logged[row["h"]], gold[row["h"]]))
+        rows.sort(key=lambda r: -r[0])
+        for share in coverages:
+            top = rows[:max(1, round(share * len(rows)))]
+            vs_teacher = sum(label != said for _, label, said, _ in top)
+            vs_gold = sum(label != right for _, label, _, right in top)
+            out.append({"adapter": "-".join(cache.stem.split("-")[:2]), "rows": len(rows), "coverage": share,
+                        "accepted": len(top), "min_confidence": round(top[-1][0], 4),
+                        "error_vs_teacher": round(vs_teacher / len(top), 4),
+                        "error_vs_teacher_ci95": wilson(vs_teacher, len(top)),
+                        "error_vs_gold": round(vs_gold / len(top), 4), "error_vs_gold_ci95": wilson(vs_gold, len(top)),
+                        "teacher_wrong": round(sum(s != r for _, _, s, r in top) / len(top), 4)})
+    return out
+
+
 HEADER = ("phase tickets escalated  certified  accepted  error vs teacher [95%]     error vs gold [95%]"
           "        teacher vs gold   feedback (corrections)")
 
@@ -277,7 +313,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", default="var/bench/fallible")
     parser.add_argument("--out", default=None, help="also write the JSON report here")
+    parser.add_argument("--curve-from", default=None, metavar="WORKDIR", help="no run: from a finished "
+                        "run's folder, each adapter's held-out predictions by confidence vs teacher and gold")
     args = parser.parse_args(argv)
+    if args.curve_from:
+        print("adapter              held-out coverage accepted  min conf  error vs teacher [95%]    "
+              "error vs gold [95%]       teacher wrong")
+        for c in heldout_curve(Path(args.curve_from)):
+            vt, vg = c["error_vs_teacher_ci95"], c["error_vs_gold_ci95"]
+            print(f"{c['adapter']:<21}{c['rows']:>8}{c['coverage']:>9.0%}{c['accepted']:>9}{c['min_confidence']:>10.3f}  "
+                  f"{c['error_vs_teacher']:>5.1%} [{vt[0]:.1%}, {vt[1]:.1%}]     {c['error_vs_gold']:>5.1%} "
+                  f"[{vg[0]:.1%}, {vg[1]:.1%}]    {c['teacher_wrong']:>6.1%}")
+        return 0
     for name, value in (QUICK if args.quick else FULL).items():
         if getattr(args, name) is None:
             setattr(args, name, value)

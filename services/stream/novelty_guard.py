@@ -12,15 +12,16 @@ Rule, per (adapter, field, student label P): P is *guarded* while at least `min_
 last `history` teacher answers on tickets the student called P were novel; a guarded P's
 tickets escalate whatever their confidence. Without drift a novel teacher label cannot occur
 (the adapter trained on every label its training log held; a fallible teacher still answers
-from the task's labels), so one is evidence, not noise (the default, `min_novel` 1: with 2,
-bench/drift.py's first launch window still had 5.2% accepted error, the wrong answers given
-before each label's second novel answer). Escalating P sends every P
-ticket to the teacher, so P's history refreshes fast: the guard lifts itself once P's tickets
-stop being novel, and a new adapter (the distil that learns the launch) starts unguarded.
+from the task's labels), so one is evidence, not noise (`min_novel` 1, the default; bench/drift.py
+could not tell 1 from 2). Escalating P sends every P ticket to the teacher, so P's history
+refreshes fast: the guard lifts itself once P's tickets stop being novel, and a new adapter
+(the distil that learns the launch) starts unguarded. What it cannot see: the launch tickets a
+label takes before the teacher has answered anything novel on it (the first launch window
+stays above ε, bench/README.md).
 
 Pure: no I/O. The drift tracker feeds it teacher answers (`observe`); the pipeline asks it
 (`guarded`). It sees what its own replica's teacher worker sees: a student-only replica
-(`--role student`) has no teacher answers and guards nothing (README, "Drift").
+(`--role student`) has no teacher answers and guards nothing (README, "8. Drift and launches").
 """
 
 from __future__ import annotations
