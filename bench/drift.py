@@ -24,13 +24,12 @@ import argparse
 import asyncio
 import json
 import random
-import shutil
 import time
 from contextlib import AsyncExitStack
-from pathlib import Path
 from typing import Any
 
-from bench._common import machine, say, served_dtype, setup, write_json
+from bench._common import machine, say, setup
+from bench._loop import add_sizes, apply_sizes, finish, fresh_workdir, start_loop
 
 QUICK = dict(bootstrap=2400, hold_out=6, window=200, before=1, during=2, after=2, epochs=2.0,
              epochs_warm=1.0, train_minutes=8.0, new_share=0.3)
@@ -70,25 +69,12 @@ def wilson(k: int, n: int) -> list[float]:
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     from schemas.task import TaskSpec
-    from services.dev.broker import EmbeddedBroker
     from services.dev.demo_data import banking77
-    from services.dev.demo_flywheel import _wait_for_swap
     from services.dev.demo_stream import stream_tickets
-    from services.dev.standin import load_gold, run_standin
     from services.settings import Settings
-    from services.stream.app import TriageService
-    from services.stream.kafka_io import create_topics, plan_topics
-    from services.student.model_store import ensure_student_model
     from services.student.registry import AdapterRegistry
-    from services.teacher.bootstrap import run_bootstrap
-    from trainer.distill import DistillConfig, run_distill_async
 
-    workdir = Path(args.workdir).resolve()
-    if workdir.is_dir() and not {p.name for p in workdir.iterdir()} <= {"data", "registry", "distill",
-                                                                          "drift-report.json"}:
-        raise SystemExit(f"{workdir} is not empty and not a drift bench's folder: pick another --workdir")
-    shutil.rmtree(workdir, ignore_errors=True)  # each run starts from an empty log and registry
-    workdir.mkdir(parents=True)
+    workdir = fresh_workdir(args.workdir, {"data", "registry", "distill", "drift-report.json"})
     data = banking77()
     task = TaskSpec.from_file(data.task_path)
     field = task.fields[0].name
@@ -98,44 +84,16 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                               "windows": [], "distil": []}
     started = time.monotonic()
     async with AsyncExitStack() as stack:
-        broker = stack.enter_context(EmbeddedBroker())
-        standin = await stack.enter_async_context(run_standin(gold=load_gold(data.gold_paths), latency_ms=0))
-        settings = Settings(_env_file=None).model_copy(update={
-            "bootstrap_servers": broker.bootstrap_servers, "session_timeout_ms": 3000,
-            "heartbeat_interval_ms": 500, "model_path": ensure_student_model(Settings(_env_file=None).model_path),
-            "task_path": data.task_path, "registry_dir": workdir / "registry", "data_dir": workdir / "data",
-            "teacher_base_url": standin.base_url, "teacher_model": standin.model, "registry_poll_s": 1.0,
-            "metrics_port": 0, "drift_window": args.window, "eval_share": args.eval_share,
-            "novelty_guard_min_novel": Settings(_env_file=None).novelty_guard_min_novel
-            if args.guard_min_novel is None else args.guard_min_novel,
-        })
-        report["dtype"] = served_dtype(settings)
-        await create_topics(settings.bootstrap_servers, plan_topics(settings))
-        say("starting the service (real vLLM student)")
-        service = TriageService(settings)
-        await stack.enter_async_context(service.running())
-        worker, pipeline = service.worker, service.pipeline
+        guard = Settings(_env_file=None).novelty_guard_min_novel if args.guard_min_novel is None else args.guard_min_novel
+        loop = await start_loop(stack, workdir, data, report, train_minutes=args.train_minutes, settings={
+            "drift_window": args.window, "eval_share": args.eval_share, "novelty_guard_min_novel": guard})
+        settings, service, worker, pipeline = loop.settings, loop.service, loop.worker, loop.pipeline
         say(f"bootstrap: the teacher labels {len(scenario['bootstrap'])} train tickets of the known intents")
-        boot = await run_bootstrap(teacher=worker.teacher, log=worker.training_log, texts=scenario["bootstrap"],
-                                   concurrency=16, progress=False)
-        report["bootstrap"] = boot.summary()
-        config = DistillConfig(registry_dir=settings.registry_dir, log_path=settings.training_log_path,
-                               model_path=settings.model_path, task_path=settings.task_path,
-                               work_dir=workdir / "distill", max_minutes=args.train_minutes, report_tsv="none",
-                               heldout_fraction=settings.heldout_fraction,
-                               heldout_cold_rows_until=settings.heldout_cold_rows_until)
+        await loop.bootstrap(scenario["bootstrap"], report)
 
         async def distil(name: str, epochs: float) -> None:
-            config.train_args = {"epochs": epochs}
-            say(f"{name}: training log v{worker.training_log.version()}")
-            summary = await run_distill_async(config, classifier=pipeline.classifier)
-            say(f"  {'PROMOTED' if summary['promoted'] else 'REJECTED'}: {summary['reason']} "
-                f"({summary['total_minutes']} min)")
-            report["distil"].append({"name": name, "after_window": len(report["windows"]) - 1,
-                                     **{k: summary.get(k) for k in ("data_version", "promoted", "reason",
-                                                                    "threshold", "train_minutes", "total_minutes")}})
-            if summary["promoted"]:
-                await _wait_for_swap(service, summary["current_id"])
+            after = len(report["windows"]) - 1
+            report["distil"].append({**await loop.distil(name, epochs=epochs), "after_window": after})
 
         await distil("distil #1 (without the held-back intents)", args.epochs)
         registry = AdapterRegistry(settings.registry_dir)
@@ -198,12 +156,7 @@ def line(r: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     setup()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small sizes, to check that it works")
-    for name, value in FULL.items():
-        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=None,
-                            help=f"default {value} (quick: {QUICK[name]}); new_share: of a launch "
-                            "window's tickets, the held-back intents'" if name == "new_share" else
-                            f"default {value} (quick: {QUICK[name]})")
+    add_sizes(parser, FULL, QUICK, {"new_share": "of a launch window's tickets, the held-back intents'"})
     parser.add_argument("--eval-share", type=float, default=0.05, help="TRIAGE_EVAL_SHARE while streaming")
     parser.add_argument("--guard-min-novel", type=int, default=None, help="TRIAGE_NOVELTY_GUARD_MIN_NOVEL "
                         "(services/stream/novelty_guard.py); 0: the launch without the guard")
@@ -212,9 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", default="var/bench/drift")
     parser.add_argument("--out", default=None, help="also write the JSON report here")
     args = parser.parse_args(argv)
-    for name, value in (QUICK if args.quick else FULL).items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
+    apply_sizes(args, FULL, QUICK)
     report = asyncio.run(run(args))
     say(f"\n{HEADER}")
     for row in report["windows"]:
@@ -222,10 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     for d in report["distil"]:
         say(f"{d['name']} after window {d['after_window']}: {'promoted' if d['promoted'] else 'rejected'}, "
             f"{d['total_minutes']} min; {d['reason']}")
-    say(f"{report['minutes']} min in all, dtype {report['dtype']}, {report['machine']['cpus']} cores")
-    if args.out:
-        write_json(args.out, report)
-    return 0
+    return finish(report, args.out)
 
 
 if __name__ == "__main__":

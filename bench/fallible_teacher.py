@@ -28,13 +28,13 @@ import argparse
 import asyncio
 import json
 import random
-import shutil
 import time
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
-from bench._common import machine, say, served_dtype, setup, write_json
+from bench._common import machine, say, setup
+from bench._loop import add_sizes, apply_sizes, finish, fresh_workdir, start_loop
 from bench.drift import wilson
 
 QUICK = dict(bootstrap=2400, stream=300, feedback_share=0.10, train_minutes=4.0)
@@ -78,24 +78,12 @@ def reviewed(ticket_id: str, share: float, seed: int) -> bool:
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     from schemas.classification import Classification
     from schemas.task import TaskSpec
-    from services.dev.broker import EmbeddedBroker
     from services.dev.demo_data import banking77
-    from services.dev.demo_flywheel import _wait_for_swap
     from services.dev.demo_stream import stream_tickets
-    from services.dev.standin import load_gold, run_standin
-    from services.settings import Settings
-    from services.stream.app import TriageService
-    from services.stream.kafka_io import create_topics, plan_topics, produce, read_topic
-    from services.student.model_store import ensure_student_model
-    from services.teacher.bootstrap import run_bootstrap
+    from services.stream.kafka_io import produce, read_topic
     from services.teacher.quality import quality_from_log
-    from trainer.distill import DistillConfig, run_distill_async
 
-    workdir = Path(args.workdir).resolve()
-    if workdir.is_dir() and not {p.name for p in workdir.iterdir()} <= FOLDER:
-        raise SystemExit(f"{workdir} is not empty and not this bench's folder: pick another --workdir")
-    shutil.rmtree(workdir, ignore_errors=True)  # each run starts from an empty log and registry
-    workdir.mkdir(parents=True)
+    workdir = fresh_workdir(args.workdir, FOLDER)
     data = banking77()
     task = TaskSpec.from_file(data.task_path)
     field = task.fields[0].name
@@ -103,43 +91,16 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     report: dict[str, Any] = {"args": vars(args), "machine": machine(), "phases": [], "distil": []}
     started = time.monotonic()
     async with AsyncExitStack() as stack:
-        broker = stack.enter_context(EmbeddedBroker())
-        standin = await stack.enter_async_context(run_standin(
-            gold=load_gold(data.gold_paths), latency_ms=0, label_error_rate=args.error_rate, seed=args.seed))
-        say(standin.banner)
-        teacher_says = teacher_label_rule(standin, task, args.error_rate)
-        settings = Settings(_env_file=None).model_copy(update={
-            "bootstrap_servers": broker.bootstrap_servers, "session_timeout_ms": 3000,
-            "heartbeat_interval_ms": 500, "model_path": ensure_student_model(Settings(_env_file=None).model_path),
-            "task_path": data.task_path, "registry_dir": workdir / "registry", "data_dir": workdir / "data",
-            "teacher_base_url": standin.base_url, "teacher_model": standin.model, "registry_poll_s": 1.0,
-            "metrics_port": 0, "eval_share": args.eval_share,
-        })
-        report["dtype"] = served_dtype(settings)
-        await create_topics(settings.bootstrap_servers, plan_topics(settings))
-        say("starting the service (real vLLM student)")
-        service = TriageService(settings)
-        await stack.enter_async_context(service.running())
-        worker, pipeline = service.worker, service.pipeline
+        loop = await start_loop(stack, workdir, data, report, train_minutes=args.train_minutes,
+                                standin={"label_error_rate": args.error_rate, "seed": args.seed},
+                                settings={"eval_share": args.eval_share}, epsilon=args.epsilon)
+        settings, service, worker, pipeline = loop.settings, loop.service, loop.worker, loop.pipeline
+        teacher_says = teacher_label_rule(loop.standin, task, args.error_rate)
         say(f"bootstrap: the fallible teacher labels {len(scenario['bootstrap'])} train texts")
-        boot = await run_bootstrap(teacher=worker.teacher, log=worker.training_log, texts=scenario["bootstrap"],
-                                   concurrency=16, progress=False)
-        report["bootstrap"] = boot.summary()
-        config = DistillConfig(registry_dir=settings.registry_dir, log_path=settings.training_log_path,
-                               model_path=settings.model_path, task_path=settings.task_path,
-                               work_dir=workdir / "distill", max_minutes=args.train_minutes, report_tsv="none",
-                               heldout_fraction=settings.heldout_fraction,
-                               heldout_cold_rows_until=settings.heldout_cold_rows_until, epsilon=args.epsilon)
+        await loop.bootstrap(scenario["bootstrap"], report)
 
         async def distil(name: str) -> None:
-            say(f"{name}: training log v{worker.training_log.version()}")
-            summary = await run_distill_async(config, classifier=pipeline.classifier)
-            say(f"  {'PROMOTED' if summary['promoted'] else 'REJECTED'}: {summary['reason']} "
-                f"({summary['total_minutes']} min)")
-            report["distil"].append({"name": name, **{k: summary.get(k) for k in (
-                "data_version", "promoted", "reason", "threshold", "train_minutes", "total_minutes")}})
-            if summary["promoted"]:
-                await _wait_for_swap(service, summary["current_id"])
+            report["distil"].append(await loop.distil(name))
 
         async def phase(name: str, rows: list[tuple[str, dict[str, Any]]], *, feedback: bool) -> None:
             live = pipeline.classifier.live_adapter
@@ -302,10 +263,7 @@ def people_line(r: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     setup()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small sizes, to check that it works")
-    for name, value in FULL.items():
-        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=None,
-                            help=f"default {value} (quick: {QUICK[name]})")
+    add_sizes(parser, FULL, QUICK)
     parser.add_argument("--error-rate", type=float, default=0.10, help="the stand-in's wrong-label share")
     parser.add_argument("--eval-share", type=float, default=0.05, help="TRIAGE_EVAL_SHARE while streaming")
     parser.add_argument("--epsilon", type=float, default=0.03, help="the distils' target error (vs the "
@@ -325,9 +283,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{c['error_vs_teacher']:>5.1%} [{vt[0]:.1%}, {vt[1]:.1%}]     {c['error_vs_gold']:>5.1%} "
                   f"[{vg[0]:.1%}, {vg[1]:.1%}]    {c['teacher_wrong']:>6.1%}")
         return 0
-    for name, value in (QUICK if args.quick else FULL).items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
+    apply_sizes(args, FULL, QUICK)
     report = asyncio.run(run(args))
     say(f"\n{HEADER}")
     for row in report["phases"]:
@@ -342,10 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         say(f"{d['name']}: {'promoted' if d['promoted'] else 'rejected'}, {d['total_minutes']} min; {d['reason']}")
     check = report["teacher_rule_check"]
     say(f"teacher rule vs its logged answers: {check['same']} / {check['checked']} the same")
-    say(f"{report['minutes']} min in all, dtype {report['dtype']}, {report['machine']['cpus']} cores")
-    if args.out:
-        write_json(args.out, report)
-    return 0
+    return finish(report, args.out)
 
 
 if __name__ == "__main__":
