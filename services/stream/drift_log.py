@@ -20,7 +20,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from services.stream.drift import Alert, Baseline, DriftTracker, Window, summary, top_labels
+from services.stream.drift import Alert, Baseline, DriftTracker, Window, top_labels
 from services.stream.novelty_guard import NoveltyGuard
 
 log = logging.getLogger(__name__)
@@ -78,11 +78,9 @@ def drift_tracker(settings: Any, metrics: Any, *, unit: str = "tickets", name: s
     drift_log = DriftLog(settings.drift_log_path)
     replica = f"{socket.gethostname()}:{os.getpid()}"
 
-    guard = novelty_guard(settings, metrics)
-
     def on_close(window: Window, baseline: Baseline | None, alerts: list[Alert]) -> None:
-        record = {**summary(window, baseline, alerts, unit), "replica": replica, "task": name or None,
-                  "guarded": guard.active(window.adapter_id) if guard is not None else []}
+        # the tracker has just summarised this window (with its guarded labels): not again here
+        record = {**tracker.closed[-1], "replica": replica, "task": name or None}
         if metrics is not None and hasattr(metrics, "drift_alert"):
             set_gauges(metrics, record)
         if alerts:
@@ -97,8 +95,10 @@ def drift_tracker(settings: Any, metrics: Any, *, unit: str = "tickets", name: s
         except OSError:  # a full or read-only disk must not stop the stream
             log.exception("drift log %s: append failed", drift_log.path)
 
-    return DriftTracker(settings.drift_window, unit=unit, baseline_of=registry_baselines(settings.registry_dir),
-                        novel_floor=settings.drift_novel_floor, on_close=on_close, clock=time.time, guard=guard)
+    tracker = DriftTracker(settings.drift_window, unit=unit, baseline_of=registry_baselines(settings.registry_dir),
+                           novel_floor=settings.drift_novel_floor, on_close=on_close, clock=time.time,
+                           guard=novelty_guard(settings, metrics))
+    return tracker
 
 
 def novelty_guard(settings: Any, metrics: Any) -> NoveltyGuard | None:

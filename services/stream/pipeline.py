@@ -183,10 +183,10 @@ class TicketPipeline:
                 threshold: float | dict[str, float], cold: bool = False) -> list[Outcome]:
         scores = pred.scores()
         unsure = unsure_fields(scores, threshold)
+        labels = {n: p.label for n, p in pred.fields.items()}
         guard = getattr(self.drift, "guard", None)
         if guard is not None:  # a label the teacher keeps replacing with a never-trained one
-            unsure += [n for n in guard.guarded(pred.adapter_id, {n: p.label for n, p in pred.fields.items()})
-                       if n not in unsure]
+            unsure += [n for n in guard.guarded(pred.adapter_id, labels) if n not in unsure]
         escalate = bool(unsure) or not scores
         text = ticket.full_text(self.inputs)
         sample = eval_sample_source(text, self.escalation.eval_share, self.escalation.eval_share_cold, cold=cold)
@@ -202,7 +202,7 @@ class TicketPipeline:
         audit = not escalate and sample is not None  # the sample's confident tickets: an audit
         self.stats.sampled += sample is not None
         if self.drift is not None:
-            self.drift.decided(ticket.id, pred.adapter_id, {n: p.label for n, p in pred.fields.items()},
+            self.drift.decided(ticket.id, pred.adapter_id, labels,
                                escalate, audited=audit, cold=cold)
         if self.metrics:
             self.metrics.set_escalation_rate(self.escalation_rate.rate())
@@ -214,7 +214,7 @@ class TicketPipeline:
                 self.metrics.sampled("escalated" if escalate else "student")
         result = Classification(
             ticket_id=ticket.id,
-            fields={name: p.label for name, p in pred.fields.items()},
+            fields=dict(labels),
             entities=list(pred.entities.entities) if pred.entities is not None else None,
             sources={name: "student" for name in scores},
             confidence=pred.confidence,
