@@ -10,9 +10,12 @@ mostly the same tickets). This simulates many promote cycles on synthetic draws 
 every promotion, how often the stored threshold's true error exceeds epsilon:
 
 - `reuse`: one slice selects and certifies (the gate before issue 23);
-- `split`: the product's gate (trainer/distill.py): the slice's selection part
-  (`trainer.dataset.split_gate`, a third by content hash) decides, the certification part
-  certifies, and never the other way round.
+- `split`: the slice's selection part (`trainer.dataset.split_gate`, a third by content hash)
+  decides, the certification part certifies, and never the other way round (issue 23);
+- `first-whole`: the product's gate (trainer/distill.py): `split`, except that the first
+  adapter, gated against no adapter (nothing to select between), is certified on the whole
+  slice, and re-certified on the certification part when a later gate keeps it;
+- `first-whole-kept`: the same without that re-certification (why it is there).
 
 The world, per draw: a held-out slice that grows each cycle (`n0` rows, `growth` more per
 cycle); each ticket a confidence from Beta(a, b) (a good student: mean 0.95, a long tail of
@@ -94,9 +97,12 @@ def _promote(cand: tuple, live: tuple | None, n: np.ndarray, world: World) -> np
                      for i in range(len(n))])
 
 
+PROTOCOLS = ("reuse", "split", "first-whole", "first-whole-kept")
+
+
 def simulate(world: World, draws: int, protocol: str, seed: int = 0) -> dict:
-    """Violations of promoted adapters' thresholds under `protocol` ("reuse" | "split")."""
-    if protocol not in ("reuse", "split"):
+    """Violations of stored thresholds (promotions and re-certifications) under `protocol`."""
+    if protocol not in PROTOCOLS:
         raise ValueError(protocol)
     rng = np.random.default_rng(seed)
     error = true_error(world.a, world.b)
@@ -112,12 +118,14 @@ def simulate(world: World, draws: int, protocol: str, seed: int = 0) -> dict:
 
     live_u, live_oc = rng.random((draws, n_max)), np.full(draws, world.overconfidence)
     live_t = None
-    promotions = violations = 0
+    live_whole = np.zeros(draws, bool)  # the live threshold was certified on rows that now select
+    promotions = violations = recertified = recert_violations = 0
     per_cycle = []
     for cycle in range(world.cycles + 1):
         in_slice = arrival < world.n0 + world.growth * cycle
-        select = in_slice & ~certify_row if protocol == "split" else in_slice
-        certify = in_slice & certify_row if protocol == "split" else in_slice
+        whole = protocol == "reuse" or (protocol.startswith("first-whole") and cycle == 0)
+        select = in_slice if whole else in_slice & ~certify_row
+        certify = in_slice if whole else in_slice & certify_row
         if cycle == 0:  # the first adapter: a fresh model, gated against no adapter
             cand_u, cand_oc = live_u, live_oc
         else:
@@ -126,17 +134,27 @@ def simulate(world: World, draws: int, protocol: str, seed: int = 0) -> dict:
         models = [errs(cand_u, cand_oc)] + ([errs(live_u, live_oc)] if cycle else [])
         chosen = _choose(conf, models, select, world)
         won = _promote(chosen[0], chosen[1] if cycle else None, select.sum(axis=1), world)
-        stored = chosen[0][0] if protocol == "reuse" else _choose(conf, models[:1], certify, world)[0][0]
+        certified = chosen[0] if protocol == "reuse" else _choose(conf, models[:1], certify, world)[0]
+        stored = certified[0]
         bad = won & (error(stored, cand_oc) > world.epsilon)
         promotions, violations = promotions + int(won.sum()), violations + int(bad.sum())
-        per_cycle.append({"cycle": cycle, "promoted": int(won.sum()), "violations": int(bad.sum())})
+        kept = live_whole & ~won if protocol == "first-whole" else np.zeros(draws, bool)
+        if kept.any():  # distill: a kept adapter certified on selecting rows is re-certified apart
+            recert = _choose(conf, models[1:], certify, world)[0][0]
+            live_t = np.where(kept, recert, live_t)
+            recertified += int(kept.sum())
+            recert_violations += int((kept & (error(recert, live_oc) > world.epsilon)).sum())
+        per_cycle.append({"cycle": cycle, "promoted": int(won.sum()), "violations": int(bad.sum()),
+                          "recertified": int(kept.sum()),  # the candidate's certified coverage:
+                          "certified_coverage": float(np.where(np.isfinite(stored), certified[1], 0).mean())})
         live_u = np.where(won[:, None], cand_u, live_u)
         live_oc = np.where(won, cand_oc, live_oc)
         live_t = stored if live_t is None else np.where(won, stored, live_t)
+        live_whole = np.where(won, whole, live_whole & ~kept)
     live_bad = error(live_t, live_oc) > world.epsilon
     rate = violations / promotions if promotions else 0.0
     return {"protocol": protocol, "draws": draws, "promotions": promotions, "violations": violations,
-            "violation_rate": rate, "mc_se": math.sqrt(max(rate * (1 - rate), 1e-12) / max(promotions, 1)),
+            "violation_rate": rate, "recertified": recertified, "recert_violations": recert_violations, "mc_se": math.sqrt(max(rate * (1 - rate), 1e-12) / max(promotions, 1)),
             "live_violation_rate_at_end": float(live_bad.mean()),
             "infeasible_live_at_end": float(np.isinf(live_t).mean()), "per_cycle": per_cycle}
 
@@ -150,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     opts = parser.parse_args(argv)
     world = World(cycles=opts.cycles)
     results = {"world": asdict(world)}
-    for protocol in ("reuse", "split"):
+    for protocol in PROTOCOLS:
         started = time.perf_counter()
         results[protocol] = {**simulate(world, opts.draws, protocol, opts.seed),
                              "seconds": round(time.perf_counter() - started, 1)}

@@ -149,7 +149,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     engine = EngineConfig.from_settings(s)  # the dtype a service started here serves in
     refused = record_mismatch(ref, engine)
     try:
-        evaluation = heldout_status(s, cold=ref is None or ref.threshold is None or refused is not None)
+        evaluation = heldout_status(s, cold=ref is None or ref.threshold is None or refused is not None,
+                                    selecting=ref is not None)
     except (OSError, ValueError) as exc:  # an unreadable task file: the registry part still helps
         evaluation = {"error": str(exc)}
     try:

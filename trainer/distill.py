@@ -16,8 +16,10 @@
 3. start ONE serving engine and evaluate the candidate and the live adapter on the held-out
    slice's selection part (a third, by content hash: what the gate compares) and the candidate
    on its certification part (the rest: where its stored threshold at target error epsilon is
-   chosen, so that the rows that picked it never certify it); a gold file (--report-tsv) only
-   adds a report. The trainer's manifest is checked against the slice first.
+   chosen, so that the rows that picked it never certify it; with no adapter live, nothing is
+   selected and the whole slice certifies; a kept adapter certified that way is re-certified
+   on the certification part); a gold file (--report-tsv) only adds a report. The trainer's
+   manifest is checked against the slice first.
    With no adapter live the service trusts nothing the base model says (no calibrated
    threshold: it escalates every ticket), so there is nothing to beat and the base model is
    only scored with --score-base. Each adapter's predictions are cached per text
@@ -112,7 +114,8 @@ async def run_distill_async(
     live_at_start = registry.current_id()  # promotion is a compare-and-swap against this
     with TrainingLog(cfg.log_path) as log:
         version = log.version()  # pinned: rows appended meanwhile wait for the next cycle
-    calib = load_calibration(cfg, task, version)  # before training: raises if it cannot gate
+    # before training: raises if it cannot gate (with no adapter live the whole slice certifies)
+    calib = load_calibration(cfg, task, version, selecting=live_at_start is not None)
     final = None if cfg.report_tsv in ("", "none") else HeldOut.from_tsv(
         "report", cfg.report_tsv, task, cfg.eval_limit)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
@@ -147,12 +150,14 @@ async def run_distill_async(
         adapters["live"] = live
     engine = fit_lora_rank(cfg.engine or EngineConfig(model_path=Path(cfg.model_path)), adapters)
     # The selection part decides, the certification part certifies the stored threshold: never
-    # the same rows (trainer/README.md, "Selection and certification").
-    select, certify = calib.split_gate()
+    # the same rows (trainer/README.md, "Selection and certification"). With no adapter live
+    # there is nothing to select between: the whole slice certifies the first adapter.
+    select, certify = calib.split_gate(selecting=live is not None)
     served = getattr(classifier, "config", None) or engine  # the configuration answers come from
-    # A live adapter certified on another engine (another dtype) is re-certified on this one
-    # unless it is replaced: the service refuses its stored threshold meanwhile.
-    stale = live is not None and record_mismatch(live, served) is not None
+    # A live adapter certified on another engine (another dtype), or on rows that now select
+    # (the first adapter, certified on the whole slice), is re-certified on the certification
+    # part unless it is replaced: a kept adapter's certificate never rests on the rows that kept it.
+    stale = live is not None and bool(record_mismatch(live, served) or certified_on_selection_rows(live))
     results = await evaluate(engine, task, adapters, select, final,
                              epsilon=cfg.epsilon, delta=cfg.delta, out_dir=run_dir / "eval",
                              final_names={"candidate"}, classifier=classifier,
@@ -181,8 +186,8 @@ async def run_distill_async(
     recertified = None
     if stale and not promoted and registry.current_id() == live.adapter_id:
         recertified = recertify(registry, live, results["live"], served, run_dir).adapter_id
-        print(f"live adapter {recertified} re-certified on this engine ({served.dtype}): threshold "
-              f"{results['live']['certification']['threshold']['threshold']}")
+        print(f"live adapter {recertified} re-certified on this engine ({served.dtype}) and the "
+              f"certification part: threshold {results['live']['certification']['threshold']['threshold']}")
     summary = {
         "run_dir": str(run_dir),
         "recertified": recertified,
@@ -209,18 +214,30 @@ async def run_distill_async(
     return summary
 
 
-def load_calibration(cfg: DistillConfig, task: TaskSpec, version: int) -> HeldOut:
+def certified_on_selection_rows(live: AdapterRef) -> str | None:
+    """Why `live`'s certificate rests on rows the gate now selects on (its certification report
+    was on a whole slice: the first adapter's), or None. A certificate with no report (made by
+    hand, or before reports were kept) is left alone: nothing says where it came from."""
+    data = ((live.meta.get("eval") or {}).get("certification") or {}).get("data") or {}
+    name = data.get("name")
+    if name is None or name.endswith("-certification"):
+        return None
+    return f"adapter {live.adapter_id} was certified on the whole slice ({name}, {data.get('n')} rows)"
+
+
+def load_calibration(cfg: DistillConfig, task: TaskSpec, version: int, *, selecting: bool = True) -> HeldOut:
     """The gate's data: a curated file when given, else the log's held-out slice at `version`.
-    ValueError when it is too small to certify epsilon: a run nobody can gate is waste."""
+    ValueError when it is too small to certify epsilon: a run nobody can gate is waste.
+    `selecting=False` (no adapter live): the whole slice certifies."""
     if cfg.calibration_tsv:
         calib = HeldOut.from_tsv("calibration", cfg.calibration_tsv, task, cfg.eval_limit)
     else:
         calib = HeldOut.from_log(cfg.log_path, task, version=version, fraction=cfg.heldout_fraction,
                                  limit=cfg.eval_limit, cold_rows_until=cfg.heldout_cold_rows_until)
     start = min_heldout(cfg.epsilon, cfg.delta, len(task.fields))  # what the certification part needs
-    certifying = len(calib.split_gate()[1].rows)
+    certifying = len(calib.split_gate(selecting)[1].rows)
     if certifying < start:
-        need = min_heldout(cfg.epsilon, cfg.delta, len(task.fields), CERTIFY_SHARE)
+        need = min_heldout(cfg.epsilon, cfg.delta, len(task.fields), CERTIFY_SHARE if selecting else 1.0)
         where = (cfg.calibration_tsv if cfg.calibration_tsv else
                  f"the training log's held-out slice (v{version}: {cfg.heldout_fraction:.0%} of "
                  f"bootstrap rows + the evaluation sample of live tickets; sources "
@@ -249,26 +266,29 @@ def check_never_trained_on(manifest: Path, calib: HeldOut) -> None:
                            f"(first: {leaked[0][:80]!r}); refusing to gate on them")
 
 
-def heldout_status(settings: Any, *, cold: bool, epsilon: float = 0.03, delta: float = 0.05) -> dict[str, Any]:
+def heldout_status(settings: Any, *, cold: bool, selecting: bool = True, epsilon: float = 0.03,
+                   delta: float = 0.05) -> dict[str, Any]:
     """How far the training log is from a distil that can gate (`triage status`): held-out
     rows held vs needed, and about how many more live tickets the evaluation sample needs
-    (`cold`: no calibrated adapter live, so the sample takes the cold-start share)."""
+    (`cold`: no calibrated adapter live, so the sample takes the cold-start share;
+    `selecting=False`: no adapter live at all, so the whole slice certifies)."""
     from math import ceil
 
     task = TaskSpec.from_file(settings.task_path)
+    share_certifying = CERTIFY_SHARE if selecting else 1.0
     start = min_heldout(epsilon, delta, len(task.fields))  # rows of the certification part
-    need = min_heldout(epsilon, delta, len(task.fields), CERTIFY_SHARE)  # about, in all
+    need = min_heldout(epsilon, delta, len(task.fields), share_certifying)  # about, in all
     path = Path(settings.training_log_path)
     calib = (HeldOut.from_log(path, task, fraction=settings.heldout_fraction,
                               cold_rows_until=settings.heldout_cold_rows_until)
              if path.exists() else HeldOut("heldout", str(path), []))
     held, share = len(calib.rows), settings.eval_share_cold if cold else settings.eval_share
-    certifying = len(calib.split_gate()[1].rows)
+    certifying = len(calib.split_gate(selecting)[1].rows)
     status = {"training_log": str(path), "heldout_rows": held, "heldout_sources": calib.sources,
               "certification_rows": certifying, "needed_to_distil": need,
               "distil_can_run": certifying >= start}
     if certifying < start:
-        more = max(need - held, ceil((start - certifying) / CERTIFY_SHARE))
+        more = max(need - held, ceil((start - certifying) / share_certifying))
         status["next"] = (f"{more} more held-out rows before `triage distill` can gate: about "
                           f"{ceil(more / share)} more tickets at the evaluation sample's {share:.0%}"
                           if share > 0 else f"{more} more held-out rows (TRIAGE_EVAL_SHARE is 0: "
@@ -286,8 +306,12 @@ def run_distill(cfg: DistillConfig, **kwargs: Any) -> dict[str, Any]:
 def heldout_line(heldout: dict[str, Any]) -> str:
     sources = ", ".join(f"{n} {k}" for k, n in sorted(heldout["sources"].items()))
     origin = f"training log v{heldout['version']}" if heldout["version"] is not None else heldout["path"]
-    parts = (f" ({heldout['selection']} select, {heldout['certification']} certify)"
-             if "certification" in heldout else "")
+    if "certification" not in heldout:
+        parts = ""
+    elif heldout["selection"] == heldout["certification"] == heldout["n"]:
+        parts = " (no adapter live: all of them certify)"
+    else:
+        parts = f" ({heldout['selection']} select, {heldout['certification']} certify)"
     return f"held-out: {heldout['n']} rows ({sources}) from {origin}, never trained on{parts}"
 
 

@@ -78,8 +78,12 @@ class HeldOut:
         _, heldout = split_heldout(dedup(rows), fraction, cold_rows_until)  # the trainer's split
         return cls("heldout", str(path), uniform_subsample(valid_rows(heldout, task), limit), version)
 
-    def split_gate(self) -> tuple[HeldOut, HeldOut]:
-        """(selection, certification) parts, disjoint by content hash (`dataset.split_gate`)."""
+    def split_gate(self, selecting: bool = True) -> tuple[HeldOut, HeldOut]:
+        """(selection, certification) parts, disjoint by content hash (`dataset.split_gate`).
+        `selecting=False` (no adapter live: nothing to choose between, the candidate is gated
+        against "escalate everything"): the whole slice certifies, as (self, self)."""
+        if not selecting:
+            return self, self
         select, certify = split_gate(self.rows)
         return (HeldOut(f"{self.name}-selection", self.path, select, self.version),
                 HeldOut(f"{self.name}-certification", self.path, certify, self.version))

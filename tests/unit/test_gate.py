@@ -260,6 +260,47 @@ async def test_the_gate_selects_on_one_part_and_certifies_on_the_other(tmp_path,
     assert summary["threshold"]["feasible"] is False and registry.current().threshold == math.inf
 
 
+async def test_the_first_adapter_is_certified_on_the_whole_slice_and_re_certified_when_kept(
+    tmp_path, distill_setup
+):
+    """No adapter live: nothing to select between, so every held-out row certifies the first
+    adapter (more coverage from a young slice). Kept by the next cycle's gate, it is re-certified
+    on the certification part: a certificate never rests on the rows that just kept it."""
+    from trainer.distill import heldout_line, run_distill_async
+
+    gold, registry, _, config = distill_setup
+    registry.rollback("start cold")
+    assert registry.current_id() is None
+    first = fake_adapter(tmp_path / "first", b"first")
+    confident = {"selection": 0.6, "certification": 0.9}
+    right_everywhere = {"selection", "certification"}
+    summary = await run_distill_async(config(), train_fn=trains(first), classifier=ByPart(
+        gold, content_id(first), right_everywhere, confident))
+    # every row right: the whole slice's walk accepts down to 0.6 (the certification part alone: 0.9)
+    assert summary["promoted"] and summary["threshold"]["value"] == 0.6
+    held = summary["heldout"]
+    assert held["selection"] == held["certification"] == held["n"] == len(gold)
+    assert "no adapter live: all of them certify" in heldout_line(held)
+    live = registry.current()
+    assert live.threshold == 0.6 and live.meta["eval"]["certification"]["data"]["name"] == "calibration"
+    # a worse candidate is rejected; the kept adapter gets its certificate from the certification part
+    worse = fake_adapter(tmp_path / "worse", b"worse")
+    summary = await run_distill_async(config(), train_fn=trains(worse), classifier=ByPart(
+        gold, live.adapter_id, right_everywhere, confident))
+    assert not summary["promoted"] and summary["recertified"] == live.adapter_id
+    assert summary["heldout"]["certification"] < len(gold)
+    kept = registry.current()
+    assert kept.adapter_id == live.adapter_id and kept.threshold == 0.9
+    assert kept.meta["eval"]["certification"]["data"]["name"] == "calibration-certification"
+    assert [h["event"] for h in registry.history()][-1] == "meta"
+    # certified apart now: the next rejection leaves its certificate alone
+    again = fake_adapter(tmp_path / "again", b"again")
+    summary = await run_distill_async(config(), train_fn=trains(again), classifier=ByPart(
+        gold, live.adapter_id, right_everywhere, confident))
+    assert not summary["promoted"] and summary["recertified"] is None
+    assert registry.current().meta == kept.meta
+
+
 async def test_distill_never_trains_on_its_calibration_file_and_checks_the_manifest(tmp_path, distill_setup):
     from schemas.training import content_hash
     from trainer.distill import run_distill_async

@@ -113,7 +113,7 @@ async def test_distill_without_any_file_trains_off_the_slice_and_gates_on_it(tmp
     from trainer.distill import DistillConfig, run_distill_async
 
     log_path = tmp_path / "log.sqlite3"
-    # ~400 held out: its certification part (about 2/3) must reach the walk's start (258)
+    # ~400 held out: no adapter live, so all of them certify (the walk starts at 258)
     examples = [example(i, "bootstrap") for i in range(2000)] + [example(i, "live") for i in range(50)]
     with TrainingLog(log_path) as log:
         log.append(examples)
@@ -134,11 +134,11 @@ async def test_distill_without_any_file_trains_off_the_slice_and_gates_on_it(tmp
     assert str(seen_flags["rows_manifest"]).endswith("trained_rows.txt")
     held = summary["heldout"]
     assert held["sources"] == {"bootstrap": held["n"]} and 340 < held["n"] < 460  # ~20%, no escalations
-    assert held["selection"] + held["certification"] == held["n"]
+    assert held["selection"] == held["certification"] == held["n"]  # nothing to select between
     assert held["version"] == summary["data_version"]
     assert summary["promoted"] and AdapterRegistry(tmp_path / "reg").current_id() == content_id(candidate)
-    assert summary["candidate"]["calibration"]["data"]["name"] == "heldout-selection"
-    assert summary["candidate"]["certification"]["data"]["name"] == "heldout-certification"
+    assert summary["candidate"]["calibration"]["data"]["name"] == "heldout"
+    assert summary["candidate"]["certification"]["data"]["name"] == "heldout"
 
 
 async def test_the_gate_scores_each_adapter_once_per_text_across_cycles(tmp_path):
@@ -201,6 +201,10 @@ def test_status_says_how_far_the_first_distil_is(tmp_path):
     more = max(need - len(rows), ceil(10 / CERTIFY_SHARE))
     assert f"{more} more held-out rows" in almost["next"]
     assert f"about {ceil(more / 0.05)} more tickets at the evaluation sample's 5%" in almost["next"]
+    # no adapter live: nothing to select between, every held-out row certifies the first one
+    whole = heldout_status(s, cold=True, selecting=False)
+    assert whole["certification_rows"] == len(rows) > start and whole["distil_can_run"]
+    assert heldout_status(s, cold=True, selecting=False)["needed_to_distil"] == start
     with TrainingLog(s.training_log_path) as log:
         log.append([example(i, "sample") for i in range(40)])  # ~27 more certify
     assert heldout_status(s, cold=False)["distil_can_run"]

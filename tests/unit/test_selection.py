@@ -30,3 +30,19 @@ def test_promoted_thresholds_fail_at_most_delta_with_disjoint_selection_and_cert
     # the same world with one slice for both: a winner is a candidate the rows were kind to
     rate, se, promoted = rates(reuse)
     assert promoted > 300 and rate > world.delta + 2 * se, reuse
+
+
+def test_the_first_adapter_certified_on_the_whole_slice_holds_once_re_certified_when_kept():
+    """The product's gate: no adapter live, so the whole slice certifies the first one; a later
+    gate that keeps it re-certifies it on the certification part. Every stored threshold
+    (promotions and re-certifications) fails at most delta; without the re-certification the
+    kept first adapter keeps rows' luck that also selected it."""
+    world = World(cycles=4)
+    result = simulate(world, 600, "first-whole", seed=1)
+    stored = result["promotions"] + result["recertified"]
+    failed = result["violations"] + result["recert_violations"]
+    assert result["recertified"] > 50 and stored > 600, result  # the first adapter is often kept
+    assert failed / stored <= world.delta + 2 * math.sqrt(0.05 * 0.95 / stored), result
+    first = result["per_cycle"][0]
+    assert first["violations"] / first["promoted"] <= world.delta + 2 * math.sqrt(0.05 * 0.95 / first["promoted"])
+    assert result["live_violation_rate_at_end"] <= world.delta + 2 * math.sqrt(0.05 * 0.95 / 600), result
