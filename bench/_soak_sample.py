@@ -58,14 +58,51 @@ def tree_memory(pid: int, *, children: bool = True) -> dict[str, Any] | None:
     except psutil.Error:
         return None
     rss = uss = fds = anon = 0
+    cpu = cpu_engine = 0.0  # user + system seconds so far: the tree's, and its vLLM processes'
     for p in procs:
         try:
             m = p.memory_full_info()
             rss, uss, fds = rss + m.rss, uss + m.uss, fds + p.num_fds()
             anon += rss_anon(p.pid)
+            t = p.cpu_times()
+            cpu += t.user + t.system
+            if "VLLM" in p.name() or "VLLM" in " ".join(p.cmdline()[:1]):
+                cpu_engine += t.user + t.system
         except psutil.Error:
             pass
-    return {"rss": rss, "uss": uss, "anon": anon, "fds": fds, "pids": len(procs)}
+    return {"rss": rss, "uss": uss, "anon": anon, "fds": fds, "pids": len(procs),
+            "cpu_s": round(cpu, 2), "cpu_engine_s": round(cpu_engine, 2)}
+
+
+def cpu_per_window(samples: list[dict[str, Any]], bounds: list[tuple[float, float]]) -> list[dict[str, Any]]:
+    """Per window, each process's CPU use in % of one core (its tree's CPU seconds over the
+    window's span, and its vLLM processes' apart): where the cores went when latency moved.
+    A restarted process (a new incarnation) counts from its restart."""
+    out = []
+    for lo, hi in bounds:
+        inside = [s for s in samples if lo <= s["t"] < hi]
+        row: dict[str, Any] = {}
+        if len(inside) >= 2:
+            first, last = inside[0], inside[-1]
+            span = last["t"] - first["t"]
+            for name, end in last["procs"].items():
+                start = first["procs"].get(name)
+                if not end or not start or start.get("inc") != end.get("inc") or "cpu_s" not in end or span <= 0:
+                    continue
+                row[name] = {"cpu_pct": round(100 * (end["cpu_s"] - start["cpu_s"]) / span, 1),
+                             "engine_pct": round(100 * (end["cpu_engine_s"] - start["cpu_engine_s"]) / span, 1)}
+        out.append(row)
+    return out
+
+
+def cpu_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """One line per window: each process's CPU % of one core (engine share in brackets)."""
+    lines = []
+    for i, row in enumerate(rows):
+        parts = [f"{n} {v['cpu_pct']:.0f}%" + (f" ({v['engine_pct']:.0f}% engine)" if v["engine_pct"] else "")
+                 for n, v in sorted(row.items())]
+        lines.append(f"cpu window {i}: " + (", ".join(parts) if parts else "-"))
+    return lines
 
 
 def rss_anon(pid: int) -> int:

@@ -63,7 +63,7 @@ from bench import _faults_infra as infra  # noqa: E402
 from bench import _soak_report as rep  # noqa: E402
 from bench._soak_procs import REPLICAS, RefGold, Soak, progress  # noqa: E402
 from bench._soak_report import Schedule  # noqa: E402
-from bench._soak_sample import Sampler, log_rows  # noqa: E402
+from bench._soak_sample import Sampler, cpu_lines, cpu_per_window, log_rows  # noqa: E402
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -193,6 +193,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     sc = Schedule.for_minutes(args.minutes)
     rows = rep.windows(keys, samples, soak.events, t0, t_produced, sc.window_s)
     report["windows"] = rows
+    report["cpu_windows"] = cpu_per_window(samples, rep.window_bounds(t0, t_produced, sc.window_s))
     report["checks"] = rep.checks(keys, rows, samples, soak.events, t0=t0, schedule=sc, replicas=REPLICAS,
                                   lag_cap_s=args.lag_cap_s)
     rows_after = log_rows(workdir / "data" / "training_log.sqlite3")
@@ -225,6 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
              if rows["start"] is not None and rows["end"] and rows["end"] > rows["start"] and d0 else ""))
     for n in report["notes"]:
         print(f"note: {n}")
+    print("\n".join(cpu_lines(report.get("cpu_windows", []))))
     print("\n".join(lines), flush=True)
     judged = [c["ok"] for k, c in report["checks"].items() if isinstance(c, dict) and "ok" in c]
     report["target_met"] = all(ok is not False for ok in judged)

@@ -194,3 +194,20 @@ def test_unique_ticket_texts_keep_their_gold_label():
     assert dedup_key(texts[1]) in gold and gold[dedup_key(texts[1])] == "lost_or_stolen_card"
     assert dedup_key(texts[0]) not in gold and dedup_key("My card is lost! ref") not in gold
     assert json.loads(messages("c", ["a b"], 0, 1, unique=False)[0][1])["text"] == "a b"
+
+
+def test_cpu_per_window_is_each_process_share_of_one_core_counted_per_incarnation():
+    from bench._soak_sample import cpu_lines, cpu_per_window
+
+    def sample(t, a_cpu, a_engine, b_cpu, b_inc):
+        return {"t": t, "procs": {"A": {"cpu_s": a_cpu, "cpu_engine_s": a_engine, "inc": 1},
+                                  "B": {"cpu_s": b_cpu, "cpu_engine_s": 0.0, "inc": b_inc}}}
+
+    samples = [sample(0, 0, 0, 0, 1), sample(10, 8, 6, 2, 1),  # window 0: A 80% (60% engine), B 20%
+               sample(20, 9, 6, 50, 1), sample(30, 19, 16, 1, 2)]  # window 1: B restarted inside it
+    rows = cpu_per_window(samples, [(0, 15), (15, 40), (40, 50)])
+    assert rows[0] == {"A": {"cpu_pct": 80.0, "engine_pct": 60.0}, "B": {"cpu_pct": 20.0, "engine_pct": 0.0}}
+    assert rows[1] == {"A": {"cpu_pct": 100.0, "engine_pct": 100.0}}  # B: two lives, no figure
+    assert rows[2] == {}  # no samples
+    assert cpu_lines(rows)[0] == "cpu window 0: A 80% (60% engine), B 20%"
+    assert cpu_lines(rows)[2] == "cpu window 2: -"
