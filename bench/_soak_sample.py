@@ -66,7 +66,7 @@ def tree_memory(pid: int, *, children: bool = True) -> dict[str, Any] | None:
             anon += rss_anon(p.pid)
             t = p.cpu_times()
             cpu += t.user + t.system
-            if "VLLM" in p.name() or "VLLM" in " ".join(p.cmdline()[:1]):
+            if p.name().startswith("VLLM"):  # vLLM titles its processes VLLM::EngineCore / ::Worker
                 cpu_engine += t.user + t.system
         except psutil.Error:
             pass

@@ -26,7 +26,7 @@ async def measure(rounds: int, per_round: int, payload_bytes: int, fetches: int)
     from services.dev.broker import EmbeddedBroker
 
     broker = EmbeddedBroker().start()
-    proc = psutil.Process(broker._proc.pid)  # noqa: SLF001 (a bench reads the child's CPU)
+    proc = psutil.Process(broker.pid)
 
     def cpu() -> float:
         t = proc.cpu_times()

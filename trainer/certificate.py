@@ -4,7 +4,9 @@ configuration it was certified on, and the reports behind it.
 The engine record (services/student/calibration_record.py) is what lets the service refuse a
 threshold certified on another dtype; the same cycle re-certifies the live adapter when it
 was certified elsewhere and is not replaced, so a dtype change (a new machine, `dtype = auto`
-picking bf16) costs one nightly cycle of escalations, never a wrong certificate.
+picking bf16) costs one nightly cycle of escalations, never a wrong certificate. A kept
+first adapter, certified on the whole slice (nothing was live to select against), is
+re-certified the same way on the certification part (`certified_on_selection_rows`).
 """
 
 from __future__ import annotations
@@ -43,3 +45,14 @@ def recertify(registry: AdapterRegistry, live: AdapterRef, reports: dict[str, An
     shutil.copytree(live.path, copy)
     write_meta(copy, with_certificate(read_meta(copy), reports, engine))
     return registry.add(copy)
+
+
+def certified_on_selection_rows(live: AdapterRef) -> str | None:
+    """Why `live`'s certificate rests on rows the gate now selects on (its certification report
+    was on a whole slice: the first adapter's), or None. A certificate with no report (made by
+    hand, or before reports were kept) is left alone: nothing says where it came from."""
+    data = ((live.meta.get("eval") or {}).get("certification") or {}).get("data") or {}
+    name = data.get("name")
+    if name is None or name.endswith("-certification"):
+        return None
+    return f"adapter {live.adapter_id} was certified on the whole slice ({name}, {data.get('n')} rows)"

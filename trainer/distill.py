@@ -55,7 +55,7 @@ from services.student.registry import (
 )
 from services.student.prompting import trained_for_same_prompt
 from services.student.calibration_record import record_mismatch
-from trainer.certificate import recertify, with_certificate
+from trainer.certificate import certified_on_selection_rows, recertify, with_certificate
 from trainer.dataset import CERTIFY_SHARE
 from trainer.evaluate import HeldOut, evaluate, fit_lora_rank, min_heldout, summary_line
 from trainer.promote import decide
@@ -157,7 +157,7 @@ async def run_distill_async(
     # A live adapter certified on another engine (another dtype), or on rows that now select
     # (the first adapter, certified on the whole slice), is re-certified on the certification
     # part unless it is replaced: a kept adapter's certificate never rests on the rows that kept it.
-    stale = live is not None and bool(record_mismatch(live, served) or certified_on_selection_rows(live))
+    stale = None if live is None else record_mismatch(live, served) or certified_on_selection_rows(live)
     results = await evaluate(engine, task, adapters, select, final,
                              epsilon=cfg.epsilon, delta=cfg.delta, out_dir=run_dir / "eval",
                              final_names={"candidate"}, classifier=classifier,
@@ -186,11 +186,11 @@ async def run_distill_async(
     recertified = None
     if stale and not promoted and registry.current_id() == live.adapter_id:
         recertified = recertify(registry, live, results["live"], served, run_dir).adapter_id
-        print(f"live adapter {recertified} re-certified on this engine ({served.dtype}) and the "
-              f"certification part: threshold {results['live']['certification']['threshold']['threshold']}")
     summary = {
         "run_dir": str(run_dir),
         "recertified": recertified,
+        "recertified_because": stale if recertified else None,
+        "recertified_threshold": results["live"]["certification"]["threshold"]["threshold"] if recertified else None,
         "data_version": version,
         "heldout": {**calib.describe(), "selection": len(select.rows), "certification": len(certify.rows)},
         "candidate_id": candidate.adapter_id,
@@ -212,17 +212,6 @@ async def run_distill_async(
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     claim.release()  # a failed run's claim ends with the process (or this object)
     return summary
-
-
-def certified_on_selection_rows(live: AdapterRef) -> str | None:
-    """Why `live`'s certificate rests on rows the gate now selects on (its certification report
-    was on a whole slice: the first adapter's), or None. A certificate with no report (made by
-    hand, or before reports were kept) is left alone: nothing says where it came from."""
-    data = ((live.meta.get("eval") or {}).get("certification") or {}).get("data") or {}
-    name = data.get("name")
-    if name is None or name.endswith("-certification"):
-        return None
-    return f"adapter {live.adapter_id} was certified on the whole slice ({name}, {data.get('n')} rows)"
 
 
 def load_calibration(cfg: DistillConfig, task: TaskSpec, version: int, *, selecting: bool = True) -> HeldOut:
@@ -303,6 +292,16 @@ def run_distill(cfg: DistillConfig, **kwargs: Any) -> dict[str, Any]:
     return asyncio.run(run_distill_async(cfg, **kwargs))
 
 
+def recertified_line(summary: dict[str, Any]) -> str | None:
+    """What a cycle that kept the live adapter did to its certificate, or None."""
+    if not summary.get("recertified"):
+        return None
+    value = summary["recertified_threshold"]
+    threshold = "certifies nothing" if value is None else f"threshold {value:.4f}"
+    return (f"live adapter {summary['recertified']} kept and re-certified on the certification part "
+            f"({threshold}): {summary['recertified_because']}")
+
+
 def heldout_line(heldout: dict[str, Any]) -> str:
     sources = ", ".join(f"{n} {k}" for k, n in sorted(heldout["sources"].items()))
     origin = f"training log v{heldout['version']}" if heldout["version"] is not None else heldout["path"]
@@ -369,6 +368,8 @@ def main(argv: list[str] | None = None) -> int:
     print(heldout_line(summary["heldout"]))
     print("\n".join(summary["lines"]))
     print(("PROMOTED " if summary["promoted"] else "NOT PROMOTED ") + summary["reason"])
+    if recertified_line(summary):
+        print(recertified_line(summary))
     if summary["promoted"] or summary.get("recertified"):  # replicas swap now, not at their next poll
         from services.stream.kafka_io import tell_replicas
 

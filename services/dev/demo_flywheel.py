@@ -23,7 +23,7 @@ async def flywheel(
 ) -> dict[str, Any]:
     from schemas.task import TaskSpec
     from services.teacher.bootstrap import label_coverage, run_bootstrap, sample_texts
-    from trainer.distill import DistillConfig, heldout_line, run_distill_async
+    from trainer.distill import DistillConfig, heldout_line, recertified_line, run_distill_async
 
     pipeline, worker = service.pipeline, service.worker
     out: dict[str, Any] = {"distill": []}
@@ -67,6 +67,8 @@ async def flywheel(
         verdict = "PROMOTED" if summary["promoted"] else "REJECTED"
         print(f"  {verdict}: {summary['reason']} (train {summary['train_minutes']} min, "
               f"total {summary['total_minutes']} min)", flush=True)
+        if recertified_line(summary):
+            print(f"  {recertified_line(summary)}", flush=True)
         out["distill"].append({k: summary[k] for k in (
             "data_version", "heldout", "candidate_id", "live_id", "promoted", "reason", "threshold",
             "candidate", "live", "train_minutes", "total_minutes")})

@@ -266,7 +266,7 @@ async def test_the_first_adapter_is_certified_on_the_whole_slice_and_re_certifie
     """No adapter live: nothing to select between, so every held-out row certifies the first
     adapter (more coverage from a young slice). Kept by the next cycle's gate, it is re-certified
     on the certification part: a certificate never rests on the rows that just kept it."""
-    from trainer.distill import heldout_line, run_distill_async
+    from trainer.distill import heldout_line, recertified_line, run_distill_async
 
     gold, registry, _, config = distill_setup
     registry.rollback("start cold")
@@ -288,6 +288,8 @@ async def test_the_first_adapter_is_certified_on_the_whole_slice_and_re_certifie
     summary = await run_distill_async(config(), train_fn=trains(worse), classifier=ByPart(
         gold, live.adapter_id, right_everywhere, confident))
     assert not summary["promoted"] and summary["recertified"] == live.adapter_id
+    assert "certified on the whole slice (calibration, 450 rows)" in summary["recertified_because"]
+    assert "(threshold 0.9000)" in recertified_line(summary)
     assert summary["heldout"]["certification"] < len(gold)
     kept = registry.current()
     assert kept.adapter_id == live.adapter_id and kept.threshold == 0.9
@@ -297,7 +299,7 @@ async def test_the_first_adapter_is_certified_on_the_whole_slice_and_re_certifie
     again = fake_adapter(tmp_path / "again", b"again")
     summary = await run_distill_async(config(), train_fn=trains(again), classifier=ByPart(
         gold, live.adapter_id, right_everywhere, confident))
-    assert not summary["promoted"] and summary["recertified"] is None
+    assert not summary["promoted"] and summary["recertified"] is None and recertified_line(summary) is None
     assert registry.current().meta == kept.meta
 
 
