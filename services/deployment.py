@@ -45,8 +45,8 @@ if TYPE_CHECKING:
 ENGINE_SETTINGS = frozenset({
     "bootstrap_servers", "model_path", "dtype", "block_size", "enforce_eager", "max_model_len",
     "max_num_seqs", "max_lora_rank", "max_loras", "max_cpu_loras", "gpu_memory_utilization",
-    "cpu_kv_cache_gib", "cpu_reserved_cores", "seed", "metrics_port", "metrics_host", "control_topic", "role",
-    "deployment_path", "log_level", "log_format",
+    "cpu_kv_cache_gib", "cpu_reserved_cores", "cpu_kernel_cache_entries", "seed", "metrics_port",
+    "metrics_host", "control_topic", "role", "deployment_path", "log_level", "log_format",
 })
 
 

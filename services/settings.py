@@ -115,6 +115,12 @@ class Settings(BaseSettings):
     # Cores vLLM-CPU keeps for its scheduler (VLLM_CPU_NUM_OF_RESERVED_CPU if unset); None:
     # 0 on machines with <= 4 cores (the model gets both of a laptop's/CI's 2), else vLLM's 1.
     cpu_reserved_cores: int | None = Field(default=None, ge=0)
+    # Compiled matmul kernels each oneDNN in the engine process keeps, one per batch shape:
+    # vLLM's (ONEDNN_PRIMITIVE_CACHE_CAPACITY) and PyTorch's, which runs the LoRA deltas
+    # (LRU_CACHE_CAPACITY); each only if unset. Nearly every engine step has a new shape, so
+    # the default of 1024 each grew the engine worker by ~1.2 GiB over 9,000 fresh tickets;
+    # bounded, it levels off within ~2,500 at the same speed (bench/README, "Memory").
+    cpu_kernel_cache_entries: int = Field(default=64, ge=1)
     # How the student writes entity spans. "free": any text under the JSON schema, then checked
     # against the ticket (case repaired; a span not in it is dropped and the field escalates).
     # "ticket": a grammar per ticket enumerating its word runs, so every span occurs by

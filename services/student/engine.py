@@ -106,6 +106,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.85
     cpu_kv_cache_gib: int = 1
     cpu_reserved_cores: int | None = None  # None: 0 on machines with <= 4 cores, else vLLM's
+    cpu_kernel_cache_entries: int = 64  # oneDNN's primitive cache (Settings.cpu_kernel_cache_entries)
     entity_span_grammar: str = "free"  # "free" | "ticket" (Settings.entity_span_grammar)
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)

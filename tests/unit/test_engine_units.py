@@ -202,3 +202,20 @@ def test_the_trainer_cuts_a_long_ticket_exactly_as_the_engine_does(tokenizer, co
     assert [e.row for e in encoded] == [0, 1]
     served, truncated = fit_prompt(TASK, "intent", long_text, PromptStyle.compact, codes["intent"], tokenizer, 255)
     assert truncated and list(encoded[1].input_ids) == served and len(served) <= 255
+
+
+def test_the_engine_environment_bounds_onednn_kernels_and_keeps_both_cores_of_a_laptop(tmp_path):
+    from services.settings import Settings
+    from services.student.engine import EngineConfig
+    from services.student.shared_engine import engine_environment
+
+    config = EngineConfig.from_settings(Settings(_env_file=None, model_path=tmp_path))
+    env = engine_environment(config, cores=2)
+    # oneDNN's default (1024 kernels each) grew the soak's engine worker by ~1 GiB
+    assert env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == env["LRU_CACHE_CAPACITY"] == "64"
+    assert env["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0" and env["VLLM_CPU_KVCACHE_SPACE"] == "1"
+    assert "VLLM_CPU_NUM_OF_RESERVED_CPU" not in engine_environment(config, cores=16)  # vLLM's own
+    tuned = EngineConfig.from_settings(Settings(_env_file=None, model_path=tmp_path, cpu_kernel_cache_entries=32,
+                                                cpu_reserved_cores=1))
+    assert engine_environment(tuned, cores=2)["LRU_CACHE_CAPACITY"] == "32"
+    assert engine_environment(tuned, cores=2)["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "1"
