@@ -207,7 +207,10 @@ class Soak:
         run_dir.mkdir(parents=True)
         added = AdapterRegistry(self.workdir / "registry").add(fake_candidate(self.workdir / "registry", run_dir))
         rc, out = await self.cli("promote", added.adapter_id, "--reason", "soak --fake-student: stand-in distil")
-        return rc, f"PROMOTED (fake distil) {added.adapter_id}\n{out}"
+        # The nightly job's retention, as `triage distill` runs it at its end.
+        _, gc_out = await self.cli("gc", "--apply", "--work-dir", str(self.workdir / "distill"))
+        freed = next((ln for ln in gc_out.splitlines() if ln.startswith("total:")), "no plan printed")
+        return rc, f"PROMOTED (fake distil) {added.adapter_id}\n{out}\ngc: {freed}"
 
     def hand_promote_target(self, rc: int, out: str) -> tuple[str | None, str]:
         """What a person promotes when the nightly distil did not: its rejected candidate

@@ -48,6 +48,9 @@ class Settings(BaseSettings):
     # Tansu joins a group in ~session_timeout/2, so dev uses 3000; real Kafka wants >= 6000.
     session_timeout_ms: int = Field(default=10_000, ge=1_000)
     heartbeat_interval_ms: int = Field(default=1_000, ge=100)
+    # On a rebalance the student consumer first lets the batch in flight publish and commit
+    # (the group waits meanwhile), else its records come again and are answered twice.
+    rebalance_batch_wait_s: float = Field(default=30.0, ge=0)
     # Largest batch handed to the engine at once, and how long to wait to fill it. 2 CPU cores,
     # bf16, 900 tickets through Kafka: 256 ~10% faster than 128 (42.8-43.3 vs 38.8-39.1
     # tickets/s, bench.throughput; in float32 128 was best, 0.98 of raw); a GPU wants 256+.

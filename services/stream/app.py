@@ -31,7 +31,7 @@ from services.student.engine import Classifier, EngineConfig
 from services.student.shared_engine import started_classifier
 from services.stream.drift_log import drift_tracker
 from services.stream.feedback_lane import FeedbackLane
-from services.stream.kafka_io import group_batch_options, report_lag
+from services.stream.kafka_io import InFlightBatch, commit_before_revoke, group_batch_options, report_lag
 from services.stream.pipeline import EscalationConfig, InboundRecord, Outcome, TicketPipeline
 from services.stream.teacher_lane import TeacherWorker
 from services.logs import configure_logging, log_context
@@ -89,8 +89,10 @@ class TriageService:
         self.subscriber: Any = None
         if self.runs_student:
             # Manual commits: only after every outcome of the batch is acknowledged.
+            self._in_flight = InFlightBatch()
             self.subscriber = self.broker.subscriber(
-                settings.tickets_topic, group_id=settings.consumer_group, **group_batch_options(settings))
+                settings.tickets_topic, group_id=settings.consumer_group, **group_batch_options(settings),
+                listener=commit_before_revoke(self._in_flight, settings.rebalance_batch_wait_s))
             self.subscriber(self._handle_batch)
             # No group: every replica sees every control message (hot-swap now, not at next poll).
             self.control = self.broker.subscriber(settings.control_topic, auto_offset_reset="latest")
@@ -181,6 +183,10 @@ class TriageService:
 
     # ---- the hot path --------------------------------------------------------------------
     async def _handle_batch(self, msg: KafkaMessage) -> None:
+        with self._in_flight.running():  # a rebalance waits for this batch's commit
+            await self._handle_batch_in_flight(msg)
+
+    async def _handle_batch_in_flight(self, msg: KafkaMessage) -> None:
         assert self.pipeline is not None
         arrived = time.monotonic()
         raw = msg.raw_message if isinstance(msg.raw_message, tuple) else (msg.raw_message,)

@@ -112,6 +112,50 @@ def group_batch_options(settings: Settings) -> dict[str, Any]:
     )
 
 
+class InFlightBatch:
+    """Whether the student consumer is inside a batch (from receipt to commit)."""
+
+    def __init__(self) -> None:
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @contextlib.contextmanager
+    def running(self) -> Any:
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self._idle.set()
+
+    async def finished(self, timeout_s: float) -> bool:
+        """True once no batch is in flight; False if one still is after `timeout_s`."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+
+def commit_before_revoke(batch: InFlightBatch, timeout_s: float) -> Any:
+    """A rebalance listener for the student consumer: a revoke waits (up to `timeout_s`) for
+    the batch in flight to publish and commit. aiokafka calls it before rejoining, while the
+    old assignment stands and heartbeats go on, so that commit lands. Without the wait the
+    batch finished under the new assignment, its commit covered nothing, and its records came
+    again from the last commit: answered twice (46 keys at the soak's kill -9)."""
+    from aiokafka import ConsumerRebalanceListener
+
+    class CommitBeforeRevoke(ConsumerRebalanceListener):  # type: ignore[misc]
+        async def on_partitions_revoked(self, revoked: Any) -> None:
+            if not await batch.finished(timeout_s):
+                log.warning("rebalance: the batch in flight did not finish within %.0f s; its tickets "
+                            "will be answered again by whoever gets their partitions", timeout_s)
+
+        async def on_partitions_assigned(self, assigned: Any) -> None:
+            return None
+
+    return CommitBeforeRevoke()
+
+
 async def report_lag(consumer: Any, metrics: Any, reported: set[Any]) -> set[Any]:
     """`triage_consumer_lag` for the consumer's assigned partitions (log end - position); the
     series of partitions no longer assigned (`reported` - now) are dropped: after a rebalance
