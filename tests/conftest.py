@@ -121,3 +121,27 @@ def make_lora(model_path, out_dir, seed: int, task=None, threshold: float | None
         "threshold": None if threshold is None else {
             "value": threshold, "engine": engine_record(EngineConfig(model_path=Path(model_path)))},
     })
+
+
+async def wait_until(condition, timeout_s: float, what: str) -> None:
+    """Poll `condition` every 50 ms; fail the test after `timeout_s`."""
+    import asyncio
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)
+
+
+async def committed_total(bootstrap: str, group_id: str, topic: str, partitions: int) -> int:
+    """Sum of a group's committed offsets over a topic's partitions (0 where none)."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group_id, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        parts = [TopicPartition(topic, p) for p in range(partitions)]
+        return sum([(await consumer.committed(tp)) or 0 for tp in parts])
+    finally:
+        await consumer.stop()

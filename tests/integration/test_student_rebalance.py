@@ -20,7 +20,7 @@ import pytest
 from services.dev.datasets import load_split
 from services.stream.app import TriageService
 from services.stream.kafka_io import produce, read_topic, ticket_message
-from tests.conftest import create_topics
+from tests.conftest import committed_total, create_topics, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -28,24 +28,9 @@ N = 320
 PARTITIONS = 4
 
 
-async def wait_until(condition, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.05)
-
-
-async def committed_total(settings) -> int:
-    from aiokafka import AIOKafkaConsumer, TopicPartition
-
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers,
-                                group_id=settings.consumer_group, enable_auto_commit=False)
-    await consumer.start()
-    try:
-        parts = [TopicPartition(settings.tickets_topic, p) for p in range(PARTITIONS)]
-        return sum([(await consumer.committed(tp)) or 0 for tp in parts])
-    finally:
-        await consumer.stop()
+def committed(settings):
+    """The group's committed offsets over the topic, summed."""
+    return committed_total(settings.bootstrap_servers, settings.consumer_group, settings.tickets_topic, PARTITIONS)
 
 
 async def test_a_replica_joining_and_leaving_mid_batch_answers_each_ticket_once(make_settings, student):
@@ -66,7 +51,7 @@ async def test_a_replica_joining_and_leaving_mid_batch_answers_each_ticket_once(
         # the second left (a graceful stop): the first takes its partitions back mid-batch
         await wait_until(lambda: first.pipeline.stats.consumed >= at_leave + 48, 120, "the first to go on")
         deadline = time.monotonic() + 300
-        while (committed := await committed_total(settings)) < N and time.monotonic() < deadline:
+        while (at_end := await committed(settings)) < N and time.monotonic() < deadline:
             await asyncio.sleep(1.0)
     # Commits follow the broker's acks: once the group is at the end, every outcome is there.
     per_topic = {}
@@ -79,4 +64,4 @@ async def test_a_replica_joining_and_leaving_mid_batch_answers_each_ticket_once(
     for topic, per_key in per_topic.items():  # a confident ticket may have a result and an audit
         twice = sorted(k for k, n in per_key.items() if n > 1)
         assert not twice, f"{topic}: answered more than once: {twice[:10]} ({len(twice)})"
-    assert committed == N  # every partition committed to its end
+    assert at_end == N  # every partition committed to its end

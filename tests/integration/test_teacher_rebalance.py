@@ -30,7 +30,7 @@ from services.dev.standin import load_gold, run_standin
 from services.stream.app import TriageService
 from services.stream.kafka_io import produce, read_topic
 from services.teacher.training_log import TrainingLog
-from tests.conftest import create_topics
+from tests.conftest import committed_total, create_topics, wait_until
 from tests.integration.test_teacher_worker_kill import escalations as kill_test_escalations
 
 pytestmark = pytest.mark.integration
@@ -41,28 +41,14 @@ CONCURRENCY = 4  # teacher calls in flight per worker: N takes ~12 s on one work
 PARTITIONS = 4
 
 
+def committed(settings):
+    """The group's committed offsets over the topic, summed."""
+    return committed_total(settings.bootstrap_servers, settings.teacher_consumer_group, settings.escalations_topic,
+                           PARTITIONS)
+
+
 def escalations(rows) -> list[tuple[bytes, bytes]]:
     return kill_test_escalations(rows, prefix="rb")
-
-
-async def committed_total(settings) -> int:
-    from aiokafka import AIOKafkaConsumer, TopicPartition
-
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers,
-                                group_id=settings.teacher_consumer_group, enable_auto_commit=False)
-    await consumer.start()
-    try:
-        parts = [TopicPartition(settings.escalations_topic, p) for p in range(PARTITIONS)]
-        return sum([(await consumer.committed(tp)) or 0 for tp in parts])
-    finally:
-        await consumer.stop()
-
-
-async def wait_until(condition, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.1)
 
 
 async def test_a_worker_joining_and_leaving_mid_flight_answers_each_escalation_once(make_settings, caplog):
@@ -108,7 +94,7 @@ async def test_a_worker_joining_and_leaving_mid_flight_answers_each_escalation_o
                 await wait_until(lambda: {r.key for r in published} >= set(map(str.encode, gold_of)), 120,
                                  "every escalation answered")
                 deadline = time.monotonic() + 30
-                while await committed_total(settings) < N:
+                while await committed(settings) < N:
                     assert time.monotonic() < deadline, "offsets did not reach the end of the topic"
                     await asyncio.sleep(0.5)
         finally:
