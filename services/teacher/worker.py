@@ -42,7 +42,7 @@ import random
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Protocol
 
 from schemas.answer import entity_set, fields_holding_for
 from schemas.classification import Classification, Route
@@ -52,6 +52,7 @@ from schemas.task import Entity
 from schemas.training import TrainingExample
 from services.teacher.client import TeacherUnavailable
 from services.teacher.escalation import AuditEstimator
+from services.teacher.slots import TeacherSlots
 
 if TYPE_CHECKING:
     from services.teacher.client import Teacher
@@ -88,44 +89,6 @@ class _ForwardMemory:
 
     def forward_sent(self, ticket_id: str) -> None:
         self._first[ticket_id][2] = True
-
-
-class TeacherSlots:
-    """The teacher's concurrency, shared by escalations and audits with escalations first."""
-
-    def __init__(self, total: int, audit_slots: int) -> None:
-        self.total, self.audit_slots = max(1, total), max(0, min(audit_slots, total))
-        self._busy = Counter[str]()
-        self._waiting_escalations = 0
-        self._changed = asyncio.Condition()
-
-    def _free_for(self, kind: str) -> bool:
-        if sum(self._busy.values()) >= self.total:
-            return False
-        if kind == "audit":
-            return self._busy["audit"] < self.audit_slots and self._waiting_escalations == 0
-        return True
-
-    @contextlib.asynccontextmanager
-    async def hold(self, kind: str) -> AsyncIterator[None]:
-        async with self._changed:
-            if kind != "audit":
-                self._waiting_escalations += 1
-            try:
-                await self._changed.wait_for(lambda: self._free_for(kind))
-            finally:
-                if kind != "audit":
-                    self._waiting_escalations -= 1
-            self._busy[kind] += 1
-        try:
-            yield
-        finally:
-            async with self._changed:
-                self._busy[kind] -= 1
-                self._changed.notify_all()
-
-    def busy(self, kind: str) -> int:
-        return self._busy[kind]
 
 
 @dataclass
@@ -208,6 +171,7 @@ class EscalationResolver:
         self.audit = AuditEstimator()
         self.drift = drift  # services.stream.drift.DriftTracker: teacher answers per window
         self._rng = random.Random()
+        self._teacher_back: asyncio.Event | None = None  # set by the first answer after failures
 
     async def resolve(self, request: Escalation) -> None:
         """Handle one record to its end (see the module docstring). Raises only for a failure
@@ -340,10 +304,12 @@ class EscalationResolver:
             async with self.slots.hold(kind):
                 try:
                     got = await (self.teacher.label(text, fields) if fields else self.teacher.label(text))
+                    self._teacher_answered()
                     return _Answer(got.labels, got.model, got.prompt_hash, logged=False)
                 except TeacherUnavailable as exc:
                     self.stats.teacher_failures[exc.reason] += 1
-                    if exc.scope == "ticket":
+                    scope = exc.scope
+                    if scope == "ticket":
                         refused += 1
                         if refused >= self.max_ticket_attempts:
                             self.stats.gave_up[exc.reason] += 1
@@ -352,7 +318,27 @@ class EscalationResolver:
                             return None
             waits += 1
             delay = min(self.retry_max_s, self.retry_base_s * 2 ** min(waits - 1, 16))
-            await asyncio.sleep(self._rng.uniform(delay / 2, delay))  # jitter: no thundering herd
+            delay = self._rng.uniform(delay / 2, delay)  # jitter: no thundering herd
+            if scope == "ticket":  # this ticket's own problem: back off whatever the others get
+                await asyncio.sleep(delay)
+            else:  # the teacher is out: retry at the backoff, or as soon as any call gets through
+                await self._teacher_back_or(delay)
+
+    async def _teacher_back_or(self, timeout_s: float) -> None:
+        """Wait `timeout_s`, or less: until a call of this worker gets an answer again. After an
+        outage the backlog goes to the teacher once the breaker's probe succeeds, not up to
+        `retry_max_s` later (the soak's outage lag)."""
+        if self._teacher_back is None:
+            self._teacher_back = asyncio.Event()
+        back = self._teacher_back
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                await back.wait()
+
+    def _teacher_answered(self) -> None:
+        if self._teacher_back is not None:
+            self._teacher_back.set()
+            self._teacher_back = None
 
     @staticmethod
     def _all_fields(request: Escalation) -> list[str]:

@@ -48,6 +48,41 @@ async def test_audits_use_at_most_their_share():
     assert peak == 1
 
 
+async def test_a_waiter_cancelled_in_line_leaves_no_slot_behind():
+    slots = TeacherSlots(total=1, audit_slots=1)
+    release, served = asyncio.Event(), []
+
+    async def call(kind: str, name: str) -> None:
+        async with slots.hold(kind):
+            served.append(name)
+            await release.wait()
+
+    holder = asyncio.create_task(call("escalation", "e1"))
+    await asyncio.sleep(0.01)
+    gone = asyncio.create_task(call("escalation", "e2"))  # in line, then cancelled (a rebalance)
+    await asyncio.sleep(0.01)
+    gone.cancel()
+    release.set()
+    await asyncio.gather(holder, gone, return_exceptions=True)
+    assert slots.busy("escalation") == 0
+    # the line is empty again: an audit (which yields to waiting escalations) gets the slot at once
+    await asyncio.wait_for(call("audit", "a1"), timeout=1)
+    assert served == ["e1", "a1"]
+
+
+async def test_a_thousand_waiters_are_served_in_order_of_arrival():
+    slots = TeacherSlots(total=8, audit_slots=2)
+    served: list[int] = []
+
+    async def call(i: int) -> None:
+        async with slots.hold("escalation"):
+            served.append(i)
+            await asyncio.sleep(0)
+
+    await asyncio.gather(*(call(i) for i in range(1000)))
+    assert served == list(range(1000)) and slots.busy("escalation") == 0
+
+
 # ---- the resolver -------------------------------------------------------------------------------
 class Teacher:
     model = "fake-teacher"
@@ -274,3 +309,31 @@ async def test_partial_answers_for_one_text_add_up_instead_of_paying_the_teacher
     assert [p.sources for p in published] == [{"intent": "teacher", "entities": "student"},
                                               {"intent": "student", "entities": "teacher"},
                                               *[{"intent": "teacher", "entities": "teacher"}] * 2]  # the whole row
+
+
+async def test_escalations_waiting_out_an_outage_go_as_soon_as_the_teacher_answers_again(training_log):
+    """The backoff (here 2-4 s) is a ceiling: the first answer after the outage (the breaker's
+    probe, in production) wakes every escalation that waits, so the backlog drains at once."""
+
+    class Outage(Teacher):
+        down = True
+
+        async def label(self, text):
+            self.asked.append(text)
+            if self.down:
+                raise TeacherUnavailable("error", "HTTP 500", "transient")
+            return await super().label(text)
+
+    teacher = Outage()
+    r, published = resolver(teacher, training_log, deadline_s=60.0)
+    r.retry_base_s = r.retry_max_s = 4.0
+    waiting = [asyncio.create_task(r.resolve(request(ticket_id=f"T-{i}", text=f"card {i}"))) for i in range(3)]
+    await asyncio.sleep(0.2)
+    assert len(teacher.asked) == 3 and not published  # each failed once and backs off
+    teacher.down = False
+    started = time.monotonic()
+    await r.resolve(request(ticket_id="T-probe", text="the probe"))
+    await asyncio.wait_for(asyncio.gather(*waiting), timeout=1.5)  # not the 2-4 s backoff
+    assert time.monotonic() - started < 1.5
+    assert sorted(p.ticket_id for p in published) == ["T-0", "T-1", "T-2", "T-probe"]
+    assert all(p.route.value == "teacher" for p in published)
