@@ -122,7 +122,7 @@ class Settings(BaseSettings):
     # vLLM's (ONEDNN_PRIMITIVE_CACHE_CAPACITY) and PyTorch's, which runs the LoRA deltas
     # (LRU_CACHE_CAPACITY); each only if unset. Nearly every engine step has a new shape, so
     # the default of 1024 each grew the engine worker by ~1.2 GiB over 9,000 fresh tickets;
-    # bounded, it levels off within ~2,500 at the same speed (bench/README, "Memory").
+    # bounded, it levels off within ~2,500 at the same speed (bench/README, "Engine memory").
     cpu_kernel_cache_entries: int = Field(default=64, ge=1)
     # How the student writes entity spans. "free": any text under the JSON schema, then checked
     # against the ticket (case repaired; a span not in it is dropped and the field escalates).
