@@ -59,6 +59,9 @@ class TeacherSlots:
                 else:  # leave the line: a stale entry would make newcomers queue behind nobody
                     with contextlib.suppress(ValueError):
                         self._queues[lane].remove((kind, waiter))
+                    # escalations wait only while every slot is busy, so nobody behind this one
+                    # can start now; handing over anyway keeps that from being load-bearing
+                    self._hand_over()
                 raise
         try:
             yield
