@@ -97,7 +97,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                                  **service_overrides) as (svc, results):
                 s = svc.settings
                 report["settings_used"] = {
-                    "max_batch": s.max_batch, "batch_timeout_ms": s.batch_timeout_ms,
+                    "max_batch": s.engine_max_batch, "batch_timeout_ms": s.batch_timeout_ms,
                     "partitions": s.topic_partitions, "dtype": c.served_dtype(s),
                     "enforce_eager": s.enforce_eager, "max_num_seqs": s.max_num_seqs,
                 }

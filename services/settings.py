@@ -51,10 +51,11 @@ class Settings(BaseSettings):
     # On a rebalance the student consumer first lets the batch in flight publish and commit
     # (the group waits meanwhile), else its records come again and are answered twice.
     rebalance_batch_wait_s: float = Field(default=30.0, ge=0)
-    # Largest batch handed to the engine at once, and how long to wait to fill it. 2 CPU cores,
-    # bf16, 900 tickets through Kafka: 256 ~10% faster than 128 (42.8-43.3 vs 38.8-39.1
-    # tickets/s, bench.throughput; in float32 128 was best, 0.98 of raw); a GPU wants 256+.
-    max_batch: int = Field(default=256, ge=1, le=4096)
+    # Largest batch handed to the engine at once, and how long to wait to fill it. 0 = by the
+    # served dtype (`engine_max_batch`): 2 CPU cores, 900 tickets through Kafka, bench.throughput:
+    # bf16 256 ~10% faster than 128 (42.8-43.3 vs 38.8-39.1 tickets/s); float32 on AVX2 128
+    # ~6% faster than 256 (22.8 vs 21.5); a GPU (bf16) wants 256+.
+    max_batch: int = Field(default=0, ge=0, le=4096)
     batch_timeout_ms: int = Field(default=50, ge=0)
     # Longest a fetch waits at the broker for new records. Real Kafka answers as soon as data
     # arrives; Tansu holds the whole wait, so a hop (tickets -> escalations -> results) could
@@ -286,3 +287,10 @@ class Settings(BaseSettings):
     def drift_log_path(self) -> Path:
         """One JSON line per closed drift window (`triage status` reads the last ones)."""
         return self.data_dir / "drift.jsonl"
+
+    @property
+    def engine_max_batch(self) -> int:
+        """Records per engine batch: `max_batch`, or for 0 what suits the served dtype."""
+        from services.student.hardware import batch_for, resolve_dtype
+
+        return self.max_batch or batch_for(resolve_dtype(self.dtype)[0])

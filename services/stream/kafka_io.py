@@ -102,7 +102,7 @@ def group_batch_options(settings: Settings) -> dict[str, Any]:
 
     return dict(
         batch=True,
-        max_records=settings.max_batch,
+        max_records=settings.engine_max_batch,
         batch_timeout_ms=settings.batch_timeout_ms,
         auto_offset_reset="earliest",
         session_timeout_ms=settings.session_timeout_ms,

@@ -39,6 +39,28 @@ def test_auto_picks_bf16_only_where_the_hardware_multiplies_it(monkeypatch, devi
         hardware.resolve_dtype("int4")
 
 
+@pytest.mark.parametrize("flags, dtype, native", [
+    ({"avx2", "fma"}, "bfloat16", False),  # torch's bf16 matmul is a scalar fallback there
+    ({"avx2", "avx512_bf16"}, "bfloat16", True),
+    ({"avx2", "fma"}, "float32", True),
+    ({"avx2", "avx512_bf16"}, "float16", False),
+])
+def test_bench_limits_reports_no_share_of_an_emulated_peak(monkeypatch, flags, dtype, native):
+    from bench.limits import native_on_this_cpu
+
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset(flags))
+    assert native_on_this_cpu(dtype) is native
+
+
+def test_engine_batch_follows_the_served_dtype_unless_set():
+    from services.settings import Settings
+
+    # bench.throughput, 900 tickets through Kafka on 2 cores: float32 128 > 256, bf16 256 > 128
+    assert Settings(dtype="float32").engine_max_batch == 128
+    assert Settings(dtype="bfloat16").engine_max_batch == 256
+    assert Settings(dtype="float32", max_batch=64).engine_max_batch == 64  # set explicitly: kept
+
+
 def adapter(threshold, record=None) -> AdapterRef:
     stored = None if threshold is None else {"value": threshold, **({"engine": record} if record else {})}
     meta = {"threshold": stored} if stored else {}
