@@ -79,12 +79,10 @@ def matmul_peak(dtype_name: str, seconds: float = 3.0) -> dict[str, Any]:
 def native_on_this_cpu(dtype_name: str) -> bool:
     """Whether the CPU multiplies `dtype_name` in hardware. Where it does not (bf16 on AVX2), torch's
     matmul takes a scalar fallback (1.2 GFLOP/s on an AVX2 EPYC) that is no limit of the machine:
-    vLLM's kernels convert to float32 and run 3x past it, so a share of it means nothing."""
-    from services.student.hardware import BF16_CPU_FLAGS, cpu_flags
+    vLLM's kernels convert to float32 and run ~12x past it, so a share of it means nothing."""
+    from services.student.hardware import native_bf16_flag
 
-    if dtype_name == "float32":
-        return True
-    return dtype_name == "bfloat16" and any(f in cpu_flags() for f in BF16_CPU_FLAGS)
+    return dtype_name == "float32" or (dtype_name == "bfloat16" and native_bf16_flag() is not None)
 
 
 def model_flops(model_path: Path) -> dict[str, float]:

@@ -53,8 +53,8 @@ class Settings(BaseSettings):
     rebalance_batch_wait_s: float = Field(default=30.0, ge=0)
     # Largest batch handed to the engine at once, and how long to wait to fill it. 0 = by the
     # served dtype (`engine_max_batch`): 2 CPU cores, 900 tickets through Kafka, bench.throughput:
-    # bf16 256 ~10% faster than 128 (42.8-43.3 vs 38.8-39.1 tickets/s); float32 on AVX2 128
-    # ~6% faster than 256 (22.8 vs 21.5); a GPU (bf16) wants 256+.
+    # bf16 256 ~10% faster than 128 (42.8-43.3 vs 38.8-39.1 tickets/s); float32 on AVX2 256
+    # no faster than 128 (21.5-22.1 vs 21.5-22.8), so 128 as before issue 25; a GPU wants 256+.
     max_batch: int = Field(default=0, ge=0, le=4096)
     batch_timeout_ms: int = Field(default=50, ge=0)
     # Longest a fetch waits at the broker for new records. Real Kafka answers as soon as data

@@ -53,6 +53,11 @@ def serving_device() -> str:
         return "cpu"
 
 
+def native_bf16_flag() -> str | None:
+    """The CPU flag that says bf16 matmuls run in hardware, or None (AVX2 alone: emulated)."""
+    return next((f for f in BF16_CPU_FLAGS if f in cpu_flags()), None)
+
+
 def resolve_dtype(requested: str) -> tuple[str, str]:
     """(the dtype to serve in, why): `requested` unless it is 'auto'."""
     if requested not in DTYPES:
@@ -61,13 +66,13 @@ def resolve_dtype(requested: str) -> tuple[str, str]:
         return requested, "set explicitly"
     if serving_device() == "cuda":
         return "bfloat16", "auto: GPU"
-    native = [f for f in BF16_CPU_FLAGS if f in cpu_flags()]
+    native = native_bf16_flag()
     if native:
-        return "bfloat16", f"auto: CPU has {native[0]}"
+        return "bfloat16", f"auto: CPU has {native}"
     return "float32", "auto: CPU has no native bf16 (no avx512_bf16 / amx_bf16)"
 
 
 def batch_for(dtype: str) -> int:
-    """The engine batch that served `dtype` fastest through Kafka on 2 CPU cores (settings.max_batch):
-    bf16's faster steps amortise a batch's start and drain over more records; float32's do not."""
+    """The engine batch for `dtype` through Kafka on 2 CPU cores (settings.max_batch): 256 measured
+    ~10% faster than 128 in bf16; in float32 it was no faster, so float32 keeps its earlier 128."""
     return 128 if dtype == "float32" else 256
