@@ -116,7 +116,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "(default 4000) train tickets as live traffic, then distils from that log alone")
     p.add_argument("--train-minutes", type=float, default=defaults.train_minutes,
                    help="time budget per distillation")
-    p.add_argument("--epochs", type=float, default=defaults.epochs, help="epochs per distillation")
+    p.add_argument("--epochs", type=float, default=defaults.epochs,
+                   help="epochs of the first distillation (default: 3 after the bootstrap; with "
+                        "--no-bootstrap, triage distill's own default)")
     p.add_argument("--eval-limit", type=int, default=defaults.eval_limit,
                    help="held-out rows per gate evaluation (0 = the whole slice)")
     p.add_argument("--teacher-latency-ms", type=float, default=defaults.teacher_latency_ms,

@@ -29,7 +29,9 @@ class DemoOptions:
     # Budget per distillation: the recipe below ends sooner (8 min of training with bf16 autocast,
     # ~12.6 with the frozen pass in fp32 on AVX2); 11 cut AVX2's first distil to 2 of 3 epochs.
     train_minutes: float = 15.0
-    epochs: float = 3.0  # distillation #1, from scratch
+    # Distillation #1, from scratch. None: 3 after the bootstrap (the demo's time); on a cold start
+    # the product's default (trainer.train: 4; its first log is small, ~3,400 training rows).
+    epochs: float | None = None
     epochs_warm: float = 2.0  # distillation #2 starts from #1's weights (warm start)
     eval_limit: int = 0  # held-out rows per gate evaluation (0 = the whole slice)
     teacher_latency_ms: float = 400.0  # the stand-in's answer delay while tickets stream

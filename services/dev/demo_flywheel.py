@@ -16,6 +16,8 @@ from typing import Any, Awaitable, Callable
 
 from services.dev.demo_stream import StreamReport, say
 
+BOOTSTRAP_EPOCHS = 3.0  # the bootstrap demo's first distil: its time budget, not the product's 4
+
 
 async def flywheel(
     service: Any, settings: Any, options: Any, stage: Callable[[str, int], Awaitable[StreamReport]],
@@ -55,7 +57,9 @@ async def flywheel(
             print(f"  training log: {stats['examples']} teacher-labelled tickets "
                   f"({', '.join(f'{n} {k}' for k, n in sorted(stats['by_source'].items()))}); "
                   f"sample rows are held out to evaluate, the rest train", flush=True)
-        config.train_args = {"epochs": options.epochs if round_no == 1 else options.epochs_warm}
+        first = options.epochs if options.epochs is not None else (None if options.live else BOOTSTRAP_EPOCHS)
+        epochs = first if round_no == 1 else options.epochs_warm
+        config.train_args = {"epochs": epochs} if epochs is not None else {}
         version = worker.training_log.version()
         say(f"distil #{round_no}: train a LoRA adapter on training log v{version} (teacher labels "
             f"only), calibrate its escalation threshold and gate it against the live model on the "
