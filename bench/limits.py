@@ -134,7 +134,7 @@ async def worker(args: argparse.Namespace) -> dict[str, Any]:
         report["raw_passes"] = [round(p, 2) for p in passes]
         report["raw_tickets_per_s"] = round(max(passes), 2)
         stored = AdapterRegistry(Path(args.registry)).current() if args.registry else None
-        report["answers"] = [_answer(p, getattr(stored, "threshold", None)) for p in predictions]
+        report["answers"] = [_answer(p, stored) for p in predictions]
         if kafka:
             report["kafka_passes"] = [k["tickets_per_s"] for k in kafka]
             report["kafka"] = max(kafka, key=lambda k: (k["complete"], k["tickets_per_s"]))
@@ -147,11 +147,15 @@ def _instruct() -> Any:
     return PromptStyle.instruct
 
 
-def _answer(prediction: Any, threshold: Any) -> dict[str, Any]:
+def _answer(prediction: Any, adapter: Any) -> dict[str, Any]:
+    """One answer as the service would judge it with `adapter`'s threshold and confidence maps."""
+    from services.student.confidence_map import adapter_maps, mapped
     from services.teacher.escalation import unsure_fields
 
     if not hasattr(prediction, "fields"):
         return {"rejected": getattr(prediction, "reason", "rejected")}
+    threshold = getattr(adapter, "threshold", None)
+    prediction = mapped(prediction, adapter_maps(adapter))
     labels = {n: p.label for n, p in prediction.fields.items()}
     accept = threshold is not None and not unsure_fields(prediction.scores(), threshold)
     return {"labels": labels, "confidence": round(prediction.confidence, 5), "accept": accept}

@@ -1,5 +1,6 @@
-"""What a distil writes into an adapter's metadata: its certified threshold, the engine
-configuration it was certified on, and the reports behind it.
+"""What a distil writes into an adapter's metadata: its certified threshold, the confidence
+maps it was certified through, the engine configuration it was certified on, and the reports
+behind it.
 
 The engine record (services/student/calibration_record.py) is what lets the service refuse a
 threshold certified on another dtype; the same cycle re-certifies the live adapter when it
@@ -18,17 +19,20 @@ from typing import Any
 from services.student.calibration_record import engine_record
 from services.student.registry import AdapterRef, AdapterRegistry, read_meta, write_meta
 
-REPORT_KEYS = ("data", "accuracy", "macro_f1", "ece", "epsilon", "coverage_at_epsilon",
+REPORT_KEYS = ("data", "accuracy", "macro_f1", "ece", "ece_raw", "epsilon", "coverage_at_epsilon",
                "escalation_rate_at_epsilon", "entity_f1")
 
 
 def with_certificate(meta: dict[str, Any], reports: dict[str, Any], engine: Any) -> dict[str, Any]:
     """`meta` with the threshold its certification report chose, the engine it was chosen on,
     and a summary of each report (calibration / certification / final)."""
-    chosen = reports["certification"]["threshold"]
+    certification = reports["certification"]
+    chosen = certification["threshold"]
     return {
         **meta,
-        "threshold": {"value": chosen["threshold"], **chosen, "engine": engine_record(engine)},
+        # the threshold holds for confidences mapped as they were when it was certified
+        "threshold": {"value": chosen["threshold"], **chosen, "engine": engine_record(engine),
+                      "confidence_map": certification.get("confidence_map") or {}},
         "eval": {name: {**{k: rep.get(k) for k in REPORT_KEYS},
                         "fields": {n: {k: v for k, v in f.items() if k != "reliability"}
                                    for n, f in rep["fields"].items()}}

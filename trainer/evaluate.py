@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from schemas.task import TaskSpec
+from services.student import confidence_map as confidence_maps
 from trainer import calibration as cal
 from schemas.training import DEFAULT_COLD_ROWS_UNTIL, DEFAULT_HELDOUT_FRACTION, content_hash
 from trainer.dataset import (
@@ -37,6 +38,7 @@ from trainer.dataset import (
 )
 from trainer.plots import plot
 from trainer.predictions import PredictionCache
+from trainer.report_lines import summary_line  # noqa: F401 (distill's and main's)
 from trainer.scoring import accepted_tickets, score
 
 EPSILONS = (0.01, 0.02, 0.03, 0.05, 0.10)
@@ -106,6 +108,11 @@ def served_threshold(rep: dict[str, Any]) -> float | dict[str, float]:
     return cal.threshold_from_json(stored["threshold"])
 
 
+def served_maps(rep: dict[str, Any]) -> dict[str, Any]:
+    """The confidence maps a report's confidences went through: they travel with its threshold."""
+    return confidence_maps.from_json(rep.get("confidence_map"))
+
+
 def _field_choices(fields: dict[str, dict], epsilon: float, delta: float) -> dict[str, cal.ThresholdChoice]:
     """A threshold per field at target error epsilon; with k fields each bound is tested at
     delta / k (Bonferroni), so all k guarantees hold together with probability >= 1 - delta."""
@@ -129,6 +136,7 @@ def _tickets_at(s: dict, thresholds: dict[str, float]) -> dict[str, Any]:
 def report(
     task: TaskSpec, data: HeldOut, predictions: Sequence[Any], *, adapter_id: str | None,
     epsilon: float, delta: float, threshold: float | dict[str, float] | None = None, seconds: float = 0.0,
+    confidence_map: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Metrics for one adapter on one set. threshold=None: choose one per field here
     (calibration set); given: apply it (report set) and measure what it does there.
@@ -136,8 +144,15 @@ def report(
     A one-field task reports exactly as before per-field thresholds: the field's threshold is
     the ticket's. With several fields the ticket is answered by the student alone when every
     field clears its own threshold (`coverage_at_epsilon`, what the gate compares); each field
-    the student publishes has error <= epsilon (the per-field bound)."""
-    s = score(task, data.rows, predictions)
+    the student publishes has error <= epsilon (the per-field bound).
+
+    `confidence_map` (field -> map, services/student/confidence_map.py) goes over every
+    confidence before anything is measured or chosen, as the service applies it; None on a
+    calibration set (no threshold given): fitted here on this set's rows."""
+    raw = score(task, data.rows, predictions)
+    if confidence_map is None and threshold is None:
+        confidence_map = confidence_maps.fit_fields(raw["fields"])
+    s = score(task, data.rows, predictions, confidence_map) if confidence_map else raw
     conf, ok = s["confidence"], s["correct"]
     rel = cal.reliability(conf, ok, bins=15)
     fields: dict[str, Any] = {}
@@ -164,6 +179,8 @@ def report(
         "accuracy": sum(ok) / len(ok),
         "macro_f1": sum(categorical) / len(categorical) if categorical else 0.0,
         "ece": rel["ece"],
+        "ece_raw": cal.expected_calibration_error(raw["confidence"], raw["correct"]),
+        "confidence_map": confidence_maps.to_json(confidence_map or {}),
         "fields": fields,
         "epsilon": epsilon,
         "tickets_per_s": len(ok) / seconds if seconds else None,
@@ -246,17 +263,19 @@ async def evaluate(
                          delta=delta, seconds=time.perf_counter() - started)
             results[name] = {"calibration": rep}
             if certification is not None and (certify_names is None or name in certify_names):
+                # the map fitted on the selection part; the threshold certified on mapped scores
                 started = time.perf_counter()
                 preds = await predict(clf, certification, ref, name)
                 rep = results[name]["certification"] = report(
                     task, certification, preds, adapter_id=adapter_id, epsilon=epsilon, delta=delta,
-                    seconds=time.perf_counter() - started)
+                    seconds=time.perf_counter() - started, confidence_map=served_maps(rep))
             if final is not None and (final_names is None or name in final_names):
                 started = time.perf_counter()
                 preds = await predict(clf, final, ref, name)
                 results[name]["final"] = report(
                     task, final, preds, adapter_id=adapter_id, epsilon=epsilon, delta=delta,
-                    threshold=served_threshold(rep), seconds=time.perf_counter() - started)
+                    threshold=served_threshold(rep), seconds=time.perf_counter() - started,
+                    confidence_map=served_maps(rep))
         return results
 
     if classifier is not None:
@@ -285,38 +304,6 @@ def fit_lora_rank(engine_config: Any, adapters: dict[str, Any]) -> Any:
              for a in adapters.values() if a is not None]
     need = next((r for r in (8, 16, 32, 64, 128, 256) if r >= max(ranks, default=8)), None)
     return replace(engine_config, max_lora_rank=need) if need else engine_config
-
-
-def summary_line(name: str, result: dict) -> str:
-    c = result["calibration"]
-    line = (f"{name}: {c['data']['name']} ({c['data']['n']} rows) acc {c['accuracy']:.4f} "
-            f"macro-F1 {c['macro_f1']:.4f} ECE {c['ece']:.4f}")
-    if "by_epsilon" in c:
-        shares = "/".join(f"{c['by_epsilon'][str(e)]['coverage']:.0%}" for e in (0.01, 0.03, 0.05))
-        line += f" | answered alone at 1/3/5% error: {shares}"
-    per_field = c["threshold"].get("fields")
-    if per_field:  # several fields: each its own accuracy and threshold
-        line += " | " + ", ".join(
-            f"{n} acc {c['fields'][n]['accuracy']:.3f}" + (f" F1 {c['fields'][n]['f1']:.3f}" if "f1" in c["fields"][n] else "")
-            for n in per_field)
-    t = result.get("certification", c)  # the threshold that is stored: certified where it was chosen
-    where = f" certified on {t['data']['name']} ({t['data']['n']} rows)" if t is not c else ""
-    shown = (" ".join(f"{n} {_shown(v)}" for n, v in t["threshold"]["fields"].items()) if per_field
-             else _shown(t["threshold"]["threshold"]))
-    line += (f" | eps {c['epsilon']:.0%}: threshold{'s' if per_field else ''} {shown}{where} "
-             f"escalation {t['escalation_rate_at_epsilon']:.3f}")
-    if "final" in result:
-        f = result["final"]
-        line += (f" || {f['data']['name']} acc {f['accuracy']:.4f} macro-F1 {f['macro_f1']:.4f} "
-                 f"ECE {f['ece']:.4f} escalation {f['escalation_rate_at_epsilon']:.3f} "
-                 f"error of accepted {f['error_of_accepted_tickets']:.4f}")
-        if f.get("entity_f1") is not None:
-            line += f" entity F1 {f['entity_f1']:.3f}"
-    return line
-
-
-def _shown(threshold: float | None) -> str:
-    return "none (escalate all)" if threshold is None else f"{threshold:.4f}"
 
 
 def resolve_adapter(spec: str, registry: Any) -> Any:

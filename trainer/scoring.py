@@ -10,7 +10,7 @@ every field: the service would dead-letter it.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from schemas.answer import entity_set
 from schemas.task import EntityFieldSpec, TaskSpec
@@ -42,16 +42,21 @@ def entity_prf(truth: Sequence[Any], predicted: Sequence[Any]) -> dict[str, floa
             "predicted_entities": tp + fp}
 
 
-def score(task: TaskSpec, rows: Sequence[Any], predictions: Sequence[Any]) -> dict[str, Any]:
+def score(task: TaskSpec, rows: Sequence[Any], predictions: Sequence[Any],
+          maps: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Per field: confidence, correct, metrics; per ticket: confidence (min over fields, as the
-    service's single-threshold path escalates) and correct (every labelled field right)."""
+    service's single-threshold path escalates) and correct (every labelled field right).
+    `maps`: field -> confidence map (services/student/confidence_map.py), applied to the
+    field's confidences as the service does for an adapter that carries them."""
+    maps = maps or {}
     per_row = [field_scores(p) for p in predictions]
     fields: dict[str, dict[str, Any]] = {}
     for spec in task.fields:
         idx = [i for i, r in enumerate(rows) if spec.name in r.labels]
         truth = [rows[i].labels[spec.name] for i in idx]
         got = [per_row[i][spec.name] if per_row[i] and spec.name in per_row[i] else None for i in idx]
-        conf = [g.confidence if g is not None else 0.0 for g in got]
+        remap = maps.get(spec.name) or float
+        conf = [remap(g.confidence) if g is not None else 0.0 for g in got]
         if isinstance(spec, EntityFieldSpec):
             pred = [list(g.entities) if g is not None else [] for g in got]
             ok = [g is not None and entity_set(t) == entity_set(p) for t, p, g in zip(truth, pred, got)]

@@ -21,6 +21,7 @@ from schemas.dead_letter import DeadLetter
 from schemas.escalation import Escalation
 from schemas.ticket import Ticket
 from services.student.engine import LIVE, Classifier, EngineRejection, StudentPrediction
+from services.student.confidence_map import adapter_maps, mapped
 from schemas.training import eval_sample_source
 from services.teacher.escalation import RollingRate, configured_threshold, unsure_fields
 from schemas.forwarding import Router, forwarded_result
@@ -139,12 +140,13 @@ class TicketPipeline:
                 self.metrics.observe_batch(len(valid), engine_s)
             threshold = self.threshold(adapter)
             cold = self.cold(adapter)
+            maps = adapter_maps(adapter)  # the threshold was certified on these maps' output
             for (i, ticket), prediction in zip(valid, predictions):
                 if isinstance(prediction, EngineRejection):
                     outcomes[i] = [self.dead_letter(records[i], Rejection(prediction.reason, prediction.detail),
                                                     ticket_id=ticket.id)]
                 else:
-                    outcomes[i] = self._answer(records[i], ticket, prediction, threshold, cold)
+                    outcomes[i] = self._answer(records[i], ticket, mapped(prediction, maps), threshold, cold)
         return [o for per_record in outcomes for o in per_record]
 
     def dead_letter(self, record: InboundRecord, rejection: Rejection, *, ticket_id: str | None = None) -> Outcome:

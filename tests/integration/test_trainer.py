@@ -132,7 +132,7 @@ async def test_distill_evaluates_through_the_engine_and_gates(
     correct = [p.fields["intent"].label == r.labels["intent"] for p, r in zip(preds, chosen)]
     assert selection["accuracy"] == pytest.approx(sum(correct) / len(correct))
     conf = [p.fields["intent"].confidence for p in preds]
-    assert selection["ece"] == pytest.approx(expected_calibration_error(conf, correct), abs=1e-4)
+    assert selection["ece_raw"] == pytest.approx(expected_calibration_error(conf, correct), abs=1e-4)
     # the gate is promote.decide on those numbers (no adapter live), and the registry follows it
     expected = decide(selection, None, cfg.margin, adapter_config=json.loads(
         (tiny_adapter / "adapter_config.json").read_text()), max_lora_rank=cfg.max_lora_rank)
@@ -141,7 +141,8 @@ async def test_distill_evaluates_through_the_engine_and_gates(
     meta = json.loads((run_dir / "adapter" / META_FILE).read_text())
     assert meta["threshold"] == {"value": cand["certification"]["threshold"]["threshold"],
                                  **cand["certification"]["threshold"],  # the certification report's
-                                 "engine": engine_record(student.config)}  # ... by this engine
+                                 "engine": engine_record(student.config),  # ... by this engine
+                                 "confidence_map": cand["certification"]["confidence_map"]}  # ... through these
     assert meta["threshold"]["epsilon"] == TINY_EPSILON and summary["live_at_start"] is None
     assert reg.current_id() == (summary["candidate_id"] if expected.promote else None)
     assert [a.adapter_id for a in reg.list()] == ([summary["candidate_id"]] if expected.promote else [])

@@ -3,6 +3,8 @@
 import json
 from collections import Counter
 
+import pytest
+
 from schemas.classification import Classification, FieldPrediction
 from schemas.escalation import Escalation
 from services.student.engine import StudentPrediction
@@ -215,3 +217,22 @@ async def test_an_adapter_that_certified_nothing_is_a_cold_start_too():
         assert pipeline.cold() is cold, threshold
     overridden = TicketPipeline(classifier=clf, escalation=EscalationConfig(threshold_override=1.0))
     assert not overridden.cold()
+
+
+async def test_an_adapter_with_a_confidence_map_is_judged_and_published_through_it():
+    """Its threshold was certified on mapped scores: 0.95 raw maps under 0.9 here (overconfident
+    student), so it escalates; 0.99 maps above and is published with the mapped confidence."""
+    from services.student.confidence_map import ConfidenceMap
+
+    m = ConfidenceMap(0.5, 0.0)
+    live = Ref("a-0000000000000002", 0.9)
+    live.meta = {"threshold": {"value": 0.9, "confidence_map": {"intent": m.to_json()}}}
+    assert m(0.95) < 0.9 < m(0.999)
+    pipeline = TicketPipeline(classifier=ScriptedClassifier({"hi": 0.999, "mid": 0.95}, live=live))
+    sure, unsure = await pipeline.process([record(0, ticket(0, "hi")), record(1, ticket(1, "mid"))])
+    assert sure.kind == "result" and unsure.kind == "escalation"
+    published = Classification.model_validate_json(sure.payload)
+    assert published.confidence == pytest.approx(m(0.999)) and sure.confidence == pytest.approx(m(0.999))
+    assert published.student["intent"].confidence == pytest.approx(m(0.999))
+    escalated = Escalation.model_validate_json(unsure.payload).student_result
+    assert escalated.confidence == pytest.approx(m(0.95))
