@@ -12,22 +12,12 @@ in bench/README.md, *Calibrated confidence*:
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-from schemas.classification import FieldPrediction
 from schemas.task import TaskSpec, default_task_path
 from schemas.training import content_hash
 from trainer.evaluate import HeldOut, report, served_maps
-from trainer.predictions import CachedPrediction
-
-
-def cached(path: Path) -> dict[str, CachedPrediction]:
-    out = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        row = json.loads(line)
-        out[row["h"]] = CachedPrediction({n: FieldPrediction(label=f[0], confidence=f[1]) for n, f in row["f"].items()})
-    return out
+from trainer.predictions import read_predictions
 
 
 def main() -> None:
@@ -40,7 +30,7 @@ def main() -> None:
     select, certify = HeldOut.from_log(work / "data" / "training_log.sqlite3", task).split_gate()
     print(f"held-out slice: {len(select.rows)} select, {len(certify.rows)} certify")
     for path in sorted((work / "distill" / "eval-cache").glob("*.jsonl")):
-        known = cached(path)
+        known = read_predictions(path)
 
         def scored(part: HeldOut) -> tuple[HeldOut, list]:
             rows = [r for r in part.rows if content_hash(r.text) in known]

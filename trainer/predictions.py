@@ -108,21 +108,7 @@ class PredictionCache:
         self.path = Path(folder) / f"{who}-{prediction_key(adapter, task, engine_config)}.jsonl"
 
     def load(self) -> dict[str, CachedPrediction]:
-        from schemas.classification import EntityPrediction, FieldPrediction
-
-        out: dict[str, CachedPrediction] = {}
-        if self.path.exists():
-            for line in self.path.read_text(encoding="utf-8").splitlines():
-                try:
-                    row = json.loads(line)
-                    entities = row.get("e")
-                    out[row["h"]] = CachedPrediction(
-                        {n: FieldPrediction(label=f[0], confidence=f[1]) for n, f in row["f"].items()},
-                        EntityPrediction(entities=entities[1], confidence=entities[2]) if entities else None,
-                        entities[0] if entities else None)
-                except (ValueError, KeyError, TypeError):
-                    continue  # a torn last line after a crash: recompute that text
-        return out
+        return read_predictions(self.path)
 
     def add(self, predictions: dict[str, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -134,3 +120,23 @@ class PredictionCache:
                         row["e"] = [p.entity_field, [e.model_dump() for e in p.entities.entities],
                                     p.entities.confidence]
                     f.write(json.dumps(row) + "\n")
+
+
+def read_predictions(path: str | Path) -> dict[str, CachedPrediction]:
+    """A cache file's predictions by content hash ({} when there is none)."""
+    from schemas.classification import EntityPrediction, FieldPrediction
+
+    out: dict[str, CachedPrediction] = {}
+    path = Path(path)
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+                entities = row.get("e")
+                out[row["h"]] = CachedPrediction(
+                    {n: FieldPrediction(label=f[0], confidence=f[1]) for n, f in row["f"].items()},
+                    EntityPrediction(entities=entities[1], confidence=entities[2]) if entities else None,
+                    entities[0] if entities else None)
+            except (ValueError, KeyError, TypeError):
+                continue  # a torn last line after a crash: recompute that text
+    return out

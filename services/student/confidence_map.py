@@ -42,8 +42,7 @@ class ConfidenceMap:
             return 0.0
         if confidence >= 1.0:
             return 1.0
-        z = self.a * _logit(confidence) + self.b
-        return 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
+        return _sigmoid(self.a * _logit(confidence) + self.b)
 
     def to_json(self) -> dict[str, Any]:
         return {"method": "platt", "a": self.a, "b": self.b, "rows": self.rows}
@@ -56,6 +55,10 @@ class ConfidenceMap:
 def _logit(c: float) -> float:
     c = min(1.0 - _EDGE, max(_EDGE, c))
     return math.log(c / (1.0 - c))
+
+
+def _sigmoid(z: float) -> float:
+    return 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
 
 
 def fit(confidence: Sequence[float], correct: Sequence[bool], *, prior: float = 1.0) -> ConfidenceMap | None:
@@ -72,8 +75,7 @@ def fit(confidence: Sequence[float], correct: Sequence[bool], *, prior: float = 
         ga, gb = prior * (a - 1.0), prior * b  # gradient and Hessian of loss + prior/2 * |(a,b)-(1,0)|^2
         haa, hab, hbb = prior, 0.0, prior
         for x, (_, ok) in zip(xs, pairs):
-            z = a * x + b
-            p = 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
+            p = _sigmoid(a * x + b)
             err, w = p - ok, p * (1.0 - p)
             ga, gb = ga + err * x, gb + err
             haa, hab, hbb = haa + w * x * x, hab + w * x, hbb + w
