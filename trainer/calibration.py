@@ -6,22 +6,29 @@ ticket confidence = min over fields) and correctness (all fields right).
 Threshold choice (`choose_threshold`): a ticket is accepted (answered by the student) when
 its confidence >= t, otherwise escalated. We want P(error | accepted) <= epsilon with
 probability >= 1 - delta over the draw of the calibration set. Method "clopper-pearson,
-fixed-sequence": candidate thresholds are the calibration confidences in descending order
-(coverage grows), tested on a fixed grid: first at `walk_start` accepted tickets (the smallest
-n at which THREE errors still certify epsilon: 257 for epsilon 3%, delta 5%; it depends on
-epsilon and delta only), then every 2% of the set. Each candidate is tested with the exact
-one-sided Clopper-Pearson upper bound on the error rate of the accepted tickets; the walk
-stops at the first failure and returns the last threshold that passed. Testing in a fixed
-order and stopping at the first non-rejection controls the family-wise error at delta without
-a multiplicity correction (fixed-sequence testing, as in Learn-then-Test, Angelopoulos et al.
-2021), unlike "the lowest threshold anywhere whose bound passes", which can cherry-pick a lucky
-dip. Why the start and the grid: the first tests see few tickets, where two or three confident
-mistakes make the bound fail although the error rate further down is fine; a walk starting at
-one allowed error and testing at every ticket stopped at 12% coverage on a held-out slice
-whose 5% walk reached 75% (measured, `make demo`). No threshold passing: `ESCALATE_ALL`
-(infinity: nothing is accepted, confidence 1.0 included). Assumes the calibration tickets are
-exchangeable with live traffic, and were not used to choose the model (trainer/README.md,
-"Selection and certification").
+fixed-sequence, two starts": candidate thresholds are the calibration confidences in
+descending order (coverage grows). A walk tests them on a fixed grid from a start: every 2% of
+the set; each candidate with the exact one-sided Clopper-Pearson upper bound on the error rate
+of the accepted tickets; it stops at the first failure and returns the last threshold that
+passed. Testing in a fixed order and stopping at the first non-rejection controls the
+family-wise error without a multiplicity correction (fixed-sequence testing, as in
+Learn-then-Test, Angelopoulos et al. 2021), unlike "the lowest threshold anywhere whose bound
+passes", which can cherry-pick a lucky dip.
+
+Two walks, each at delta / 2 (Bonferroni; LTT's fixed sequence with several start points):
+one starts where THREE errors still certify epsilon (293 accepted for epsilon 3%, delta 5%),
+one where TEN do (618); the larger certified coverage wins. Why: the first tests see few
+tickets, where a few confident mistakes make the bound fail although the error rate further
+down is fine, and a walk ends at its first failure. A single walk starting at one allowed error
+stopped at 12% coverage on a held-out slice whose 5% walk reached 75% (`make demo`); a single
+walk from three errors certified nothing for the ticket task's priority field, whose 200 most
+confident answers hold 5 errors while its top 1,697 hold 34 (2.0%): the walk from ten errors
+reaches those 1,697 (92%). The price of delta / 2 per walk: 1.5 to 4 points of coverage on a
+smooth ranking (`python -m bench.walks` measures both sides). A set smaller than the second
+start runs the first walk alone, at the full delta; the starts depend on epsilon, delta and
+the set's size only, never on its labels. No threshold passing: `ESCALATE_ALL` (infinity:
+nothing is accepted, confidence 1.0 included). Assumes the calibration tickets are exchangeable with live traffic, and were not
+used to choose the model (trainer/README.md, "Selection and certification").
 """
 
 from __future__ import annotations
@@ -76,8 +83,9 @@ def min_certifiable_n(epsilon: float, delta: float, errors: int = 0) -> int:
 
 
 # --- threshold --------------------------------------------------------------------------------
-START_ERRORS = 3  # errors the walk's first test can absorb (see the module docstring)
-GRID_SHARE = 0.02  # after the start, test every 2% of the calibration set
+# Each walk: (errors its first test can absorb, its share of delta); see the module docstring.
+WALKS = ((3, 0.5), (10, 0.5))
+GRID_SHARE = 0.02  # after its start, a walk tests every 2% of the calibration set
 # "Trust nothing": no confidence reaches it, 1.0 included (entity confidence is exactly 1.0 for
 # grammar-forced or float32-saturated tokens, so 1.0 would let those through). JSON has no
 # infinity: stored as null (`threshold_to_json`), read back by `threshold_from_json`.
@@ -93,8 +101,16 @@ def threshold_from_json(value: float | None) -> float:
 
 
 def walk_start(epsilon: float, delta: float) -> int:
-    """Accepted tickets at the walk's first test; fewer calibration rows certify nothing."""
-    return min_certifiable_n(epsilon, delta, errors=START_ERRORS)
+    """Accepted tickets at the first walk's first test on a set too small for the second walk
+    (then it runs alone, at the full delta): fewer calibration rows certify nothing."""
+    return min_certifiable_n(epsilon, delta, errors=WALKS[0][0])
+
+
+def walk_plan(epsilon: float, delta: float, size: int) -> tuple[tuple[int, float], ...]:
+    """(first test, delta) of each walk for a calibration set of `size` rows: every walk at its
+    share of delta when the set reaches the last start, else the first walk alone."""
+    plan = tuple((min_certifiable_n(epsilon, delta * share, errors=e), delta * share) for e, share in WALKS)
+    return plan if size >= plan[-1][0] else ((walk_start(epsilon, delta), delta),)
 
 
 @functools.lru_cache(maxsize=64)
@@ -120,35 +136,41 @@ def _allowed(n_cap: int, epsilon: float, delta: float) -> np.ndarray:
 
 def walk(conf_sorted: np.ndarray, wrong_cum: np.ndarray, usable: np.ndarray, epsilon: float,
          delta: float, sizes: np.ndarray | None = None) -> np.ndarray:
-    """The fixed-sequence walk for many calibration sets at once (rows of the 2-D arrays):
-    `conf_sorted` descending, `wrong_cum` the running count of errors in that order, `usable`
-    the positive confidences per row, `sizes` each set's size (default: the width; a smaller
-    set is padded with confidence 0 after its rows). Returns the accepted count at the last
-    test that passed (0: none did, infeasible). `choose_threshold` is this with one row; the
-    simulations of bench/selection.py call it with thousands."""
+    """The walks for many calibration sets at once (rows of the 2-D arrays): `conf_sorted`
+    descending, `wrong_cum` the running count of errors in that order, `usable` the positive
+    confidences per row, `sizes` each set's size (default: the width; a smaller set is padded
+    with confidence 0 after its rows). Returns the accepted count at the last test that passed,
+    the larger of the walks `walk_plan` gives the set (0: none passed, infeasible).
+    `choose_threshold` is this with one row; the simulations of bench/selection.py call it with
+    thousands."""
     conf_sorted, wrong_cum = np.atleast_2d(conf_sorted), np.atleast_2d(wrong_cum)
     rows, n = conf_sorted.shape
     usable = np.asarray(usable, dtype=np.int64).reshape(rows)
     sizes = np.full(rows, n) if sizes is None else np.asarray(sizes, dtype=np.int64).reshape(rows)
     best = np.zeros(rows, dtype=np.int64)
-    start = walk_start(epsilon, delta)
-    if n < start:
-        return best
-    allowed = _allowed(1 << (n - 1).bit_length(), epsilon, delta)  # cached per power of two
     # tie_end[r, j]: rows with confidence >= conf_sorted[r, j] (ties are accepted together)
     last_of_run = np.ones((rows, n), dtype=bool)
     last_of_run[:, :-1] = conf_sorted[:, :-1] != conf_sorted[:, 1:]
     ends = np.where(last_of_run, np.arange(1, n + 1), n)
     tie_end = np.minimum.accumulate(ends[:, ::-1], axis=1)[:, ::-1]
-    k = np.full(rows, start, dtype=np.int64)
     step = np.maximum(1, (sizes * GRID_SHARE).astype(np.int64))
-    live = np.nonzero(k <= usable)[0]
-    while live.size:
-        k_all = tie_end[live, k[live] - 1]
-        passed = wrong_cum[live, k_all - 1] <= allowed[k_all]  # the walk stops at the first failure
-        best[live[passed]] = k_all[passed]
-        k[live] = np.minimum(usable[live], np.maximum(k_all + 1, k[live] + step[live]))
-        live = live[passed & (k_all < usable[live])]
+    plans = [walk_plan(epsilon, delta, int(size)) for size in sizes]
+    for plan in set(plans):
+        members = np.array([p == plan for p in plans])
+        for start, share in plan:
+            if start > n:
+                continue
+            allowed = _allowed(1 << (n - 1).bit_length(), epsilon, share)  # cached per power of two
+            found = np.zeros(rows, dtype=np.int64)
+            k = np.full(rows, start, dtype=np.int64)
+            live = np.nonzero(members & (k <= usable))[0]
+            while live.size:
+                k_all = tie_end[live, k[live] - 1]
+                passed = wrong_cum[live, k_all - 1] <= allowed[k_all]  # a walk stops at its first failure
+                found[live[passed]] = k_all[passed]
+                k[live] = np.minimum(usable[live], np.maximum(k_all + 1, k[live] + step[live]))
+                live = live[passed & (k_all < usable[live])]
+            best = np.maximum(best, found)
     return best
 
 
@@ -183,7 +205,8 @@ def choose_threshold(
     # stops at the lowest positive confidence and threshold 0 is never chosen.
     usable = int((conf > 0).sum())
     accepted = int(walk(conf_sorted, wrong_cum, np.array([usable]), epsilon, delta)[0]) if n else 0
-    method = "clopper-pearson fixed-sequence (confidence-ordered, 2% grid from 3 errors), one-sided"
+    starts = " and ".join(str(start) for start, _ in walk_plan(epsilon, delta, n))
+    method = f"clopper-pearson fixed-sequence (confidence-ordered, 2% grid from {starts} accepted), one-sided"
     if not accepted:
         return ThresholdChoice(ESCALATE_ALL, epsilon, delta, method, False, n, 0, 0, 0.0, 1.0, 1.0)
     t, errors = float(conf_sorted[accepted - 1]), int(wrong_cum[accepted - 1])

@@ -190,3 +190,63 @@ def test_a_few_confident_mistakes_at_the_top_do_not_end_the_walk():
     assert choice.coverage >= 0.55, choice
     assert cal.walk_start(0.03, 0.05) == cal.min_certifiable_n(0.03, 0.05, errors=3)
     assert not cal.choose_threshold(conf[:250], correct[:250], 0.03).feasible  # below the start
+
+
+def priority_shape(rng: np.random.Generator, n: int = 1839):
+    """The shape of the ticket task's priority field (label smoothing 0.1, held-out slice of
+    1,839 rows): 5 errors among the 200 most confident answers, then 1% down to 92% coverage
+    (measured: 3 more errors to the top 689, 34 in the top 1,697), then half wrong."""
+    conf = np.linspace(1.0, 0.0, n, endpoint=False)
+    correct = np.ones(n, bool)
+    correct[[19, 119, 127, 182, 199]] = False
+    correct[np.arange(250, int(0.92 * n), 100)] = False
+    correct[int(0.92 * n):] = rng.random(n - int(0.92 * n)) < 0.5
+    return conf, correct
+
+
+def test_a_cluster_of_confident_mistakes_is_what_the_second_walk_is_for(monkeypatch):
+    """The walk from three errors fails at its first test (5 errors in the top 344 at delta/3
+    per field) and certifies nothing; the walk from ten errors (first test at 689) reaches
+    ~90%. Both walks at delta / 2, so the pair keeps the guarantee (next test)."""
+    conf, correct = priority_shape(np.random.default_rng(7))
+    delta = 0.05 / 3  # one of the ticket task's three fields
+    choice = cal.choose_threshold(conf, correct, 0.03, delta)
+    assert choice.feasible and choice.upper_bound <= 0.03 and choice.coverage >= 0.85, choice
+    assert [start for start, _ in cal.walk_plan(0.03, delta, len(conf))] == [344, 689]
+    monkeypatch.setattr(cal, "WALKS", ((3, 1.0),))  # the single walk this replaced
+    assert not cal.choose_threshold(conf, correct, 0.03, delta).feasible
+
+
+def test_a_set_too_small_for_the_second_start_walks_once_at_the_full_delta():
+    share = cal.min_certifiable_n(0.03, 0.025, errors=10)
+    assert cal.walk_plan(0.03, 0.05, share - 1) == ((cal.walk_start(0.03, 0.05), 0.05),)
+    assert cal.walk_plan(0.03, 0.05, share) == ((293, 0.025), (share, 0.025))
+    rng = np.random.default_rng(8)
+    conf, correct = synthetic(share - 1, rng)
+    single = cal.choose_threshold(conf, correct, 0.03)
+    assert single.feasible and single.method.endswith(f"from {cal.walk_start(0.03, 0.05)} accepted), one-sided")
+
+
+def test_two_walks_keep_the_guarantee_when_the_top_is_where_the_errors_are():
+    """A world whose most confident tenth errs at 4% (above epsilon), the rest at 1 - c: the
+    walks must not certify the top. Over 2,000 draws of 1,200 rows the chosen threshold's true
+    error (exact within 1e-3, a 2M-point reference sample) exceeds epsilon in at most delta of
+    the feasible draws."""
+    eps, delta, draws, n = 0.03, 0.05, 2000, 1200
+    rng = np.random.default_rng(9)
+    top = float(np.quantile(rng.beta(12, 0.6, 200_000), 0.9))
+
+    def p_error(c):
+        return np.where(c >= top, 0.04, 1 - c)
+
+    ref = np.sort(rng.beta(12, 0.6, 2_000_000))[::-1]
+    mean_error = np.cumsum(p_error(ref)) / np.arange(1, len(ref) + 1)
+    conf = np.sort(rng.beta(12, 0.6, size=(draws, n)), axis=1)[:, ::-1]
+    wrong = rng.random((draws, n)) < p_error(conf)
+    best = cal.walk(conf, np.cumsum(wrong, axis=1), (conf > 0).sum(axis=1), eps, delta)
+    feasible = best > 0
+    assert feasible.mean() >= 0.5, feasible.mean()
+    chosen = conf[np.arange(draws), np.maximum(best, 1) - 1][feasible]
+    true = mean_error[np.searchsorted(-ref, -chosen, side="right") - 1]
+    rate, se = (true > eps).mean(), math.sqrt(delta * (1 - delta) / feasible.sum())
+    assert rate <= delta + 2 * se, (rate, se)
