@@ -27,8 +27,9 @@ reaches those 1,697 (92%). The price of delta / 2 per walk: 1.5 to 4 points of c
 smooth ranking (`python -m bench.walks` measures both sides). A set smaller than the second
 start runs the first walk alone, at the full delta; the starts depend on epsilon, delta and
 the set's size only, never on its labels. No threshold passing: `ESCALATE_ALL` (infinity:
-nothing is accepted, confidence 1.0 included). Assumes the calibration tickets are exchangeable with live traffic, and were not
-used to choose the model (trainer/README.md, "Selection and certification").
+nothing is accepted, confidence 1.0 included). Assumes the calibration tickets are
+exchangeable with live traffic, and were not used to choose the model (trainer/README.md,
+"Selection and certification").
 """
 
 from __future__ import annotations
